@@ -1,0 +1,50 @@
+# Key Portal: `make run` sets up and serves the portal on SQLite; `make test` sets up and runs
+# the whole suite. Both work on a fresh machine with Python 3.11.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 2
+
+.PHONY: run test setup setup-dev serve migrate clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.run-deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# A first run writes .env from .env.example with a freshly generated SECRET_KEY.
+.env: | $(VENV)/.run-deps
+	$(BIN)/python scripts/bootstrap_env.py
+
+setup: $(VENV)/.run-deps .env migrate
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+
+migrate: $(VENV)/.run-deps .env
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py createcachetable
+
+run: setup
+	@echo ""
+	@echo "Key Portal on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
+	@echo "First staff account:  $(BIN)/python manage.py createsuperuser"
+	@echo "Point it at your proxy: CLIPROXY_URL and CLIPROXY_MANAGEMENT_KEY in .env"
+	@echo ""
+	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
+
+setup-dev: $(VENV)/.dev-deps
+
+test: setup-dev
+	bash scripts/test.sh
+
+clean:
+	rm -rf $(VENV) staticfiles .pytest_cache

@@ -1,0 +1,62 @@
+"""System checks: every missing or wrong setting named in plain words at start-up
+(`manage.py check`, and before migrate/runserver)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from django.conf import settings
+from django.core.checks import Error, Warning, register
+
+
+@register()
+def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    problems: list[Any] = []
+    url = settings.CLIPROXY_URL
+    if not url:
+        problems.append(
+            Warning(
+                "CLIPROXY_URL is not set: the portal runs, but it cannot push keys to the proxy "
+                "or read usage.",
+                hint="Set CLIPROXY_URL, e.g. http://127.0.0.1:8317.",
+                id="keyportal.W001",
+            )
+        )
+    elif urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+        problems.append(
+            Error(
+                f"CLIPROXY_URL must be an http(s) URL such as http://127.0.0.1:8317, not {url!r}.",
+                id="keyportal.E001",
+            )
+        )
+    if url and not settings.CLIPROXY_MANAGEMENT_KEY:
+        problems.append(
+            Warning(
+                "CLIPROXY_MANAGEMENT_KEY is not set: every call to the proxy's management API "
+                "will be refused.",
+                hint="Set it to the proxy's remote-management secret-key.",
+                id="keyportal.W002",
+            )
+        )
+    if settings.CLIPROXY_TIMEOUT <= 0:
+        problems.append(Error("CLIPROXY_TIMEOUT must be a positive number of seconds.", id="keyportal.E002"))
+    prefix = settings.PORTAL_KEY_PREFIX
+    if not prefix:
+        problems.append(
+            Warning(
+                "PORTAL_KEY_PREFIX is empty: the portal's keys will not be recognisable.",
+                id="keyportal.W003",
+            )
+        )
+    if prefix.lower().startswith("your-api-key"):
+        problems.append(
+            Error(
+                "PORTAL_KEY_PREFIX looks like the proxy's config template; the proxy refuses all "
+                "traffic while such keys are configured.",
+                id="keyportal.E003",
+            )
+        )
+    if settings.PORTAL_POOL_MIN < 0:
+        problems.append(Error("PORTAL_POOL_MIN cannot be negative.", id="keyportal.E004"))
+    return problems

@@ -1,0 +1,197 @@
+"""The one real settings module. Everything that differs between machines comes from the
+environment (or a `.env` file beside manage.py, read only when present); `.env.example`
+documents every variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_lazy as _
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    # Variables already set in the environment win over the file.
+    env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+
+def setting(name: str, default: str) -> str:
+    """The variable's value, or the default when unset or left empty (as in .env.example)."""
+    return env.str(name, default="") or default
+
+
+def number(name: str, default: str, kind: type = int) -> Any:
+    raw = setting(name, default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {raw!r}.") from None
+
+
+DEBUG = env.bool("DEBUG", default=False)
+
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Put a long random value in the environment or in .env "
+            "(`make run` writes one for you)."
+        )
+    SECRET_KEY = "insecure-development-only-key"  # noqa: S105 - DEBUG only
+
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django_htmx",
+    "template_partials",
+    "keyportal",
+    "accounts",
+    "pool",
+    "usage",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "keyportal.urls"
+WSGI_APPLICATION = "keyportal.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.i18n",
+            ],
+        },
+    },
+]
+
+# SQLite is the embedded default; PostgreSQL (DATABASE_URL=postgres://...) lets several
+# portal processes on several machines share one database.
+DATABASES = {
+    "default": env.db_url_config(setting("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"))
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock when a transaction starts, so two processes never
+    # deadlock upgrading a read lock; WAL lets readers go on while one process writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+else:
+    DATABASES["default"]["CONN_MAX_AGE"] = number("CONN_MAX_AGE", "60")
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# A cache every portal process shares (rate limits, the upstream refusal latch). The
+# database cache needs no extra service; `manage.py createcachetable` creates it.
+CACHES = {"default": env.cache_url_config(setting("CACHE_URL", "dbcache://keyportal_cache"))}
+
+AUTH_USER_MODEL = "accounts.User"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/login"
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", _("English")), ("zh-hans", _("Simplified Chinese"))]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = setting("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "django.contrib.staticfiles.storage.StaticFilesStorage"
+            if DEBUG
+            else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        )
+    },
+}
+
+# Email: django-environ's EMAIL_URL form (smtp+tls://user:pass@host:587); the console by
+# default, so sign-in links show up in the portal's output until SMTP is configured.
+vars().update(env.email_url_config(setting("EMAIL_URL", "consolemail://")))
+DEFAULT_FROM_EMAIL = setting("DEFAULT_FROM_EMAIL", "Key Portal <keyportal@localhost>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+
+# Behind TLS in production, turn these on; `make run` serves plain HTTP on 127.0.0.1.
+SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+if env.bool("BEHIND_TLS_PROXY", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+# --- The proxy (CLIProxyAPI) ---------------------------------------------------------------
+# Base URL of the proxy, e.g. http://127.0.0.1:8317 (the Management API lives under
+# /v0/management). Empty: the portal runs and says on its status page that no proxy is set.
+CLIPROXY_URL = setting("CLIPROXY_URL", "").rstrip("/")
+CLIPROXY_MANAGEMENT_KEY = env.str("CLIPROXY_MANAGEMENT_KEY", default="")
+CLIPROXY_TIMEOUT = number("CLIPROXY_TIMEOUT", "10", float)
+# Base URL people paste into their tools; defaults to CLIPROXY_URL.
+CLIPROXY_PUBLIC_URL = setting("CLIPROXY_PUBLIC_URL", CLIPROXY_URL).rstrip("/")
+
+# --- The key pool ---------------------------------------------------------------------------
+PORTAL_KEY_PREFIX = env.str("PORTAL_KEY_PREFIX", default="sk-kp-")  # empty is allowed
+# reconcile_keys refills the pool when fewer than PORTAL_POOL_MIN unused keys remain, up to
+# PORTAL_POOL_TARGET (default twice the minimum), so that not every sign-up causes a write.
+PORTAL_POOL_MIN = number("PORTAL_POOL_MIN", "20")
+PORTAL_POOL_TARGET = max(number("PORTAL_POOL_TARGET", str(2 * PORTAL_POOL_MIN)), PORTAL_POOL_MIN)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "keyportal.logging.RedactSecretsFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+    },
+    "root": {"handlers": ["console"], "level": setting("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # urllib3 logs whole request lines at DEBUG; a DELETE ?value=<key> would put a key
+        # in the log, so it stays at WARNING whatever LOG_LEVEL says.
+        "urllib3": {"level": "WARNING"},
+    },
+}

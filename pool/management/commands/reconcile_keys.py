@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from pool.management.commands._proxy import proxy_client
+from pool.services import keys_reconcile
+
+
+class Command(BaseCommand):
+    help = (
+        "Make the proxy's key list match the portal (pool and active keys present; revoked, "
+        "suspended and expired keys absent; foreign keys untouched; never empty) and refill "
+        "the pool below PORTAL_POOL_MIN."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--dry-run", action="store_true", help="say what would change, change nothing"
+        )
+
+    def handle(self, *args: Any, dry_run: bool, **options: Any) -> None:
+        with proxy_client() as client:
+            report = keys_reconcile(client=client, dry_run=dry_run)
+        for line in report.lines():
+            self.stdout.write(line)

@@ -1,0 +1,283 @@
+"""Writes on keys and on the proxy's key list.
+
+The proxy's list (`/api-keys`) is shared with the operator, so every write here follows three
+rules: keys the portal does not own are never removed or rewritten, the list is never left
+empty (an empty list opens the proxy), and portal processes write one at a time (the proxy's
+handlers are not safe for concurrent writes) under the `proxy-keys` lease.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from django.conf import settings
+from django.db import transaction
+from django.utils.translation import gettext as _
+
+from keyportal.locks import LeaseHeld, lease
+from pool.models import ApiKey, key_digest
+from pool.upstream import ProxyClient, UpstreamError
+
+PROXY_WRITE_LEASE = "proxy-keys"
+PROXY_WRITE_WAIT_SECONDS = 30
+CREATE_BATCH = 250
+UPDATE_CHUNK = 500  # stays under SQLite's bound-parameter limit whatever its version
+
+Progress = Callable[[int, int], None]
+State = ApiKey.ProxyState
+Status = ApiKey.Status
+
+
+class ProxyBusy(UpstreamError):
+    """Another portal process kept the proxy's key list busy for too long."""
+
+
+class KeysNotPushed(UpstreamError):
+    """Keys were created in the portal but the proxy did not take them (yet)."""
+
+
+def key_value_new() -> str:
+    """A new key: the configured prefix and 256 bits from the OS's CSPRNG."""
+    return settings.PORTAL_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def pool_keys_create(*, count: int, progress: Progress | None = None) -> list[ApiKey]:
+    """Creates `count` unissued keys, not yet at the proxy. Batches keep memory flat and let
+    long runs show progress."""
+    created: list[ApiKey] = []
+    prefix = settings.PORTAL_KEY_PREFIX
+    while len(created) < count:
+        batch = []
+        for _i in range(min(CREATE_BATCH, count - len(created))):
+            value = key_value_new()
+            batch.append(
+                ApiKey(value=value, key_hash=key_digest(value), prefix=prefix, last4=value[-4:])
+            )
+        with transaction.atomic():
+            created.extend(ApiKey.objects.bulk_create(batch))
+        if progress:
+            progress(len(created), count)
+    return created
+
+
+@contextmanager
+def _proxy_write_lease() -> Iterator[None]:
+    try:
+        with lease(PROXY_WRITE_LEASE, wait=PROXY_WRITE_WAIT_SECONDS):
+            yield
+    except LeaseHeld:
+        raise ProxyBusy(
+            _("Another portal process has been writing the proxy's key list for over %(s)d s; "
+              "try again shortly.") % {"s": PROXY_WRITE_WAIT_SECONDS}
+        ) from None
+
+
+def _set_proxy_state(ids: Iterable[int], state: str, **only: Any) -> int:
+    """Moves the given keys to `state`, skipping those already there; `only` narrows further
+    (a key revoked meanwhile must not be marked as wanted, and the other way round)."""
+    ids = list(ids)
+    changed = 0
+    for start in range(0, len(ids), UPDATE_CHUNK):
+        changed += (
+            ApiKey.objects.filter(id__in=ids[start : start + UPDATE_CHUNK], **only)
+            .exclude(proxy_state=state)
+            .update(proxy_state=state)
+        )
+    return changed
+
+
+# --- generate -------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateReport:
+    created: int
+    proxy_before: int
+    proxy_after: int
+
+    def lines(self) -> list[str]:
+        return [
+            _("Created %(n)d pool keys and pushed them to the proxy in one write.")
+            % {"n": self.created},
+            _("The proxy's list went from %(a)d to %(b)d keys; no other key was touched.")
+            % {"a": self.proxy_before, "b": self.proxy_after},
+        ]
+
+
+def pool_generate(
+    *, count: int, client: ProxyClient, progress: Progress | None = None
+) -> GenerateReport:
+    """Creates `count` pool keys and appends them to the proxy's list with a single PUT."""
+    if count < 1:
+        raise ValueError(_("The number of keys must be at least 1."))
+    # Ask first: an unreachable or refusing proxy stops us before any key exists.
+    client.list_keys()
+    keys = pool_keys_create(count=count, progress=progress)
+    try:
+        with _proxy_write_lease():
+            before = client.list_keys()
+            present = set(before)
+            after = before + [k.value for k in keys if k.value not in present]
+            client.replace_keys(after)
+    except UpstreamError as exc:
+        # The keys stay in the pool, unpushed and never handed out; the PUT may even have
+        # landed with its answer lost, and reconcile tells which by reading the list.
+        raise KeysNotPushed(
+            _("%(n)d keys were created but not pushed: %(why)s Run reconcile_keys once the "
+              "proxy answers.") % {"n": len(keys), "why": exc}
+        ) from None
+    _set_proxy_state((k.id for k in keys), State.PUSHED, status=Status.POOL)
+    return GenerateReport(created=len(keys), proxy_before=len(before), proxy_after=len(after))
+
+
+# --- reconcile ------------------------------------------------------------------------------
+
+
+class _PortalKey(NamedTuple):
+    id: int
+    status: str
+    proxy_state: str
+    value: str | None
+
+
+@dataclass
+class ReconcileReport:
+    dry_run: bool = False
+    proxy_before: int = 0
+    proxy_after: int = 0
+    foreign: int = 0
+    foreign_with_prefix: int = 0
+    pushed: int = 0
+    removed: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    refilled: int = 0
+    states_fixed: int = 0
+    pool_unused: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return any(
+            (self.pushed, self.removed, self.duplicates, self.missing, self.refilled,
+             self.states_fixed)
+        )
+
+    def lines(self) -> list[str]:
+        would = self.dry_run
+        lines = [
+            (_("Dry run: nothing was changed.") if would else None),
+            _("The proxy lists %(n)d keys; %(f)d of them are not the portal's and stay "
+              "untouched.") % {"n": self.proxy_before, "f": self.foreign},
+        ]
+        if self.foreign_with_prefix:
+            lines.append(
+                _("%(n)d keys at the proxy carry the portal's prefix but are unknown to this "
+                  "portal; they were left alone.") % {"n": self.foreign_with_prefix}
+            )
+        counts = [
+            (self.pushed, _("pool keys added to the proxy")),
+            (self.removed, _("revoked, suspended or expired keys removed from the proxy")),
+            (self.duplicates, _("duplicate copies of portal keys removed")),
+            (self.refilled, _("new pool keys created to refill the pool")),
+            (self.missing, _("issued keys found missing at the proxy (they cannot be pushed "
+                             "again: their owners must replace them)")),
+            (self.states_fixed, _("key states brought in line with the proxy")),
+        ]
+        for n, what in counts:
+            if n:
+                lines.append((_("Would change: %(n)d %(what)s.") if would else
+                              _("%(n)d %(what)s.")) % {"n": n, "what": what})
+        lines.append(
+            _("Pool: %(n)d unused keys (refill below %(min)d).")
+            % {"n": self.pool_unused, "min": settings.PORTAL_POOL_MIN}
+        )
+        if not self.changed:
+            lines.append(_("No change."))
+        elif not would:
+            lines.append(
+                _("The proxy's list now holds %(n)d keys.") % {"n": self.proxy_after}
+            )
+        return [line for line in lines if line]
+
+
+def keys_reconcile(*, client: ProxyClient, dry_run: bool = False) -> ReconcileReport:
+    """Makes the proxy's list match the portal: pool and active keys present; revoked,
+    suspended and expired keys absent; foreign keys untouched; never an empty list. Refills
+    the pool below PORTAL_POOL_MIN. Running it twice in a row changes nothing the second time.
+    """
+    report = ReconcileReport(dry_run=dry_run)
+    with _proxy_write_lease():
+        current = client.list_keys()
+        portal = {
+            row[0]: _PortalKey(*row[1:])
+            for row in ApiKey.objects.values_list("key_hash", "id", "status", "proxy_state", "value")
+        }
+        after: list[str] = []
+        seen: set[int] = set()
+        present_wanted: list[int] = []
+        removed: list[int] = []
+        for entry in current:
+            key = portal.get(key_digest(entry))
+            if key is None:
+                after.append(entry)
+                report.foreign += 1
+                report.foreign_with_prefix += entry.startswith(settings.PORTAL_KEY_PREFIX)
+            elif key.id in seen:
+                report.duplicates += 1
+            elif key.status in ApiKey.WANTED_AT_PROXY:
+                seen.add(key.id)
+                after.append(entry)
+                present_wanted.append(key.id)
+            else:
+                seen.add(key.id)
+                removed.append(key.id)
+        report.removed = len(removed)
+
+        absent = [k for k in portal.values() if k.id not in seen]
+        to_push = [k for k in absent if k.status == Status.POOL]
+        after.extend(k.value for k in to_push if k.value)
+        report.pushed = len(to_push)
+        lost = [k.id for k in absent if k.status == Status.ACTIVE and k.proxy_state != State.MISSING]
+        report.missing = len(lost)
+        gone = [k.id for k in absent if k.status not in ApiKey.WANTED_AT_PROXY]
+
+        unused = sum(1 for k in portal.values() if k.status == Status.POOL)
+        need = settings.PORTAL_POOL_TARGET - unused if unused < settings.PORTAL_POOL_MIN else 0
+        if not after and not need:
+            need = 1  # one unissued key keeps the list closed
+        report.refilled = need
+        report.pool_unused = unused + need
+        report.proxy_before = len(current)
+        report.proxy_after = len(after) + need
+        # Keys already where they belong at the proxy but filed under another state (a PUT
+        # whose answer was lost, a key removed by hand) are put right without a proxy write.
+        wanted_here = set(present_wanted)
+        gone_here = set(gone)
+        report.states_fixed = sum(
+            1
+            for k in portal.values()
+            if (k.id in wanted_here and k.proxy_state != State.PUSHED)
+            or (k.id in gone_here and k.proxy_state != State.REMOVED)
+        )
+        if dry_run:
+            return report
+
+        new_keys = pool_keys_create(count=need) if need else []
+        after.extend(k.value for k in new_keys)
+        if after != current:
+            client.replace_keys(after)
+
+    # The list is settled; record where each key now stands. Conditions on status keep a
+    # key revoked (or issued) during the run from being filed under the wrong state.
+    pushed_ids = present_wanted + [k.id for k in to_push] + [k.id for k in new_keys]
+    _set_proxy_state(pushed_ids, State.PUSHED, status__in=ApiKey.WANTED_AT_PROXY)
+    _set_proxy_state(removed + gone, State.REMOVED, status__in=_UNWANTED)
+    _set_proxy_state(lost, State.MISSING, status=Status.ACTIVE)
+    return report
+
+
+_UNWANTED = [s for s in Status.values if s not in ApiKey.WANTED_AT_PROXY]

@@ -1,0 +1,432 @@
+"""The client of CLIProxyAPI's Management API (`/v0/management`).
+
+Built to the proxy's code, not its published docs (../shared/docs/cliproxyapi-contract.md):
+- `GET /api-keys` may answer `{"api-keys": null}`; a PUT of `[]` empties the list and an empty
+  list opens the proxy to everyone, so this client refuses to send one.
+- Five failed management logins from one address ban it for 30 minutes, so a 401/403 is never
+  retried, and the refusal is remembered (in the shared cache) so that cron or a loop does not
+  walk into the ban either.
+- `/usage` (snapshot, up to 6.9.x) and `/usage-queue` (destructive pop, 6.10.8+) are both
+  spoken; `usage_mode()` tells which one without popping anything.
+
+Every call has a timeout; answers come out as dataclasses; failures are typed errors whose
+message is one plain sentence that never contains a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import requests
+from django.conf import settings
+from django.core.cache import cache
+
+MANAGEMENT_PREFIX = "/v0/management"
+REFUSAL_MEMORY_SECONDS = 30 * 60  # the proxy's ban lasts 30 minutes
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """Base of every failure talking to the proxy; str() is a sentence fit for a person."""
+
+
+class UpstreamNotConfigured(UpstreamError):
+    pass
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No answer: connection refused, DNS, or timeout."""
+
+
+class UpstreamRefused(UpstreamError):
+    """401/403: the management key is wrong, missing, or this address is not allowed."""
+
+
+class UpstreamNotFound(UpstreamError):
+    """404: the route does not exist (older proxy, or the management API is disabled)."""
+
+
+class UpstreamUnexpected(UpstreamError):
+    """An answer the contract does not allow: 5xx, 400, non-JSON, or the wrong shape."""
+
+
+class EmptyKeyListRefused(UpstreamError):
+    """The portal never empties the proxy's key list: an empty list opens the proxy."""
+
+
+# --- answers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    input: int = 0
+    output: int = 0
+    reasoning: int = 0
+    cached: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request as the proxy reports it. `api_key` is the plaintext client key: hash it,
+    never store it."""
+
+    timestamp: datetime
+    api_key: str
+    model: str
+    failed: bool
+    tokens: Tokens
+    alias: str = ""
+    endpoint: str = ""
+    provider: str = ""
+    request_id: str = ""
+    status_code: int | None = None
+    latency_ms: int = 0
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class UsageSnapshot:
+    """The old generation's cumulative snapshot (`GET /usage`)."""
+
+    total_requests: int
+    success_count: int
+    failure_count: int
+    total_tokens: int
+    apis: dict[str, Any] = field(repr=False)
+
+    def records(self) -> Iterator[UsageRecord]:
+        """Every request in the snapshot, one record each (details are never capped)."""
+        for api_key, entry in self.apis.items():
+            models = _expect(entry, dict, "usage.apis entry").get("models") or {}
+            for model, model_entry in _expect(models, dict, "usage.apis models").items():
+                details = _expect(model_entry, dict, "usage model entry").get("details") or []
+                for detail in _expect(details, list, "usage details"):
+                    yield _record_from(detail, api_key=api_key, model=model)
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def _expect(value: Any, kind: type, what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UpstreamUnexpected(
+            f"The proxy answered with a malformed {what} (expected {kind.__name__})."
+        )
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if value is None:
+        return 0
+    return _expect(value, int, what)
+
+
+def _tokens(raw: Any) -> Tokens:
+    if raw is None:
+        return Tokens()
+    raw = _expect(raw, dict, "tokens object")
+    return Tokens(
+        input=_int(raw.get("input_tokens"), "input_tokens"),
+        output=_int(raw.get("output_tokens"), "output_tokens"),
+        reasoning=_int(raw.get("reasoning_tokens"), "reasoning_tokens"),
+        cached=_int(raw.get("cached_tokens"), "cached_tokens"),
+        cache_read=_int(raw.get("cache_read_tokens"), "cache_read_tokens"),
+        cache_creation=_int(raw.get("cache_creation_tokens"), "cache_creation_tokens"),
+        total=_int(raw.get("total_tokens"), "total_tokens"),
+    )
+
+
+def _timestamp(raw: Any) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(_expect(raw, str, "timestamp"))
+    except ValueError:
+        raise UpstreamUnexpected("The proxy answered with a timestamp that is not RFC 3339.")
+    if parsed.tzinfo is None:
+        raise UpstreamUnexpected("The proxy answered with a timestamp without a time zone.")
+    return parsed
+
+
+def _record_from(raw: Any, *, api_key: str | None = None, model: str | None = None) -> UsageRecord:
+    raw = _expect(raw, dict, "usage record")
+    fail = raw.get("fail") if isinstance(raw.get("fail"), dict) else {}
+    status = fail.get("status_code")
+    return UsageRecord(
+        timestamp=_timestamp(raw.get("timestamp")),
+        api_key=api_key if api_key is not None else _expect(raw.get("api_key", ""), str, "api_key"),
+        model=model if model is not None else _expect(raw.get("model") or "", str, "model"),
+        failed=bool(raw.get("failed", False)),
+        tokens=_tokens(raw.get("tokens")),
+        alias=_text(raw, "alias"),
+        endpoint=_text(raw, "endpoint"),
+        provider=_text(raw, "provider"),
+        request_id=_text(raw, "request_id"),
+        status_code=status if isinstance(status, int) and not isinstance(status, bool) else None,
+        latency_ms=raw.get("latency_ms") if isinstance(raw.get("latency_ms"), int) else 0,
+        source=_text(raw, "source"),
+    )
+
+
+def _text(raw: dict[str, Any], name: str) -> str:
+    """An informational field: kept when it is a string, dropped otherwise (not garbage
+    enough to lose a whole batch over)."""
+    value = raw.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def parse_usage_queue(body: bytes | str) -> list[UsageRecord]:
+    """Records out of a `/usage-queue` answer body. Raises UpstreamUnexpected on garbage."""
+    try:
+        items = json.loads(body)
+    except ValueError:
+        raise UpstreamUnexpected("The proxy's usage queue answer is not JSON.")
+    return [_record_from(item) for item in _expect(items, list, "usage queue (a list)")]
+
+
+def parse_usage_snapshot(payload: Any) -> UsageSnapshot:
+    payload = _expect(payload, dict, "usage answer")
+    usage = _expect(payload.get("usage"), dict, "usage snapshot")
+    return UsageSnapshot(
+        total_requests=_int(usage.get("total_requests"), "total_requests"),
+        success_count=_int(usage.get("success_count"), "success_count"),
+        failure_count=_int(usage.get("failure_count"), "failure_count"),
+        total_tokens=_int(usage.get("total_tokens"), "total_tokens"),
+        apis=_expect(usage.get("apis") or {}, dict, "usage.apis"),
+    )
+
+
+# --- the client -----------------------------------------------------------------------------
+
+
+class ProxyClient:
+    """One `requests.Session` to one proxy. Build it with `ProxyClient.from_settings()`."""
+
+    USAGE_MODE_QUEUE = "queue"
+    USAGE_MODE_SNAPSHOT = "snapshot"
+
+    def __init__(self, *, base_url: str, management_key: str, timeout: float) -> None:
+        if not base_url:
+            raise UpstreamNotConfigured(
+                "No proxy is configured: set CLIPROXY_URL (and CLIPROXY_MANAGEMENT_KEY)."
+            )
+        if not management_key:
+            raise UpstreamNotConfigured(
+                "CLIPROXY_MANAGEMENT_KEY is not set: the portal cannot manage the proxy."
+            )
+        self.base_url = base_url.rstrip("/")
+        self._key = management_key
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {management_key}"
+        self.requests_sent = 0
+
+    @classmethod
+    def from_settings(cls) -> ProxyClient:
+        return cls(
+            base_url=settings.CLIPROXY_URL,
+            management_key=settings.CLIPROXY_MANAGEMENT_KEY,
+            timeout=settings.CLIPROXY_TIMEOUT,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> ProxyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -----------------------------------------------------------------------
+
+    @property
+    def _refusal_cache_key(self) -> str:
+        # A fingerprint of (url, key): fixing either setting lifts the pause at once.
+        digest = hashlib.sha256(f"{self.base_url}\0{self._key}".encode()).hexdigest()[:24]
+        return f"upstream:refused:{digest}"
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        remembered = cache.get(self._refusal_cache_key)
+        if remembered:
+            raise UpstreamRefused(
+                f"{remembered} Nothing was sent: the proxy refused this key less than 30 minutes "
+                "ago, and every further attempt brings its 5-failure ban closer."
+            )
+        url = f"{self.base_url}{MANAGEMENT_PREFIX}{path}"
+        self.requests_sent += 1
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout:
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} did not answer within {self.timeout:g} s "
+                "(CLIPROXY_TIMEOUT)."
+            ) from None
+        except requests.ConnectionError:
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} cannot be reached (connection failed); "
+                "check CLIPROXY_URL and that the proxy is running."
+            ) from None
+        except requests.RequestException as exc:
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} cannot be reached ({type(exc).__name__})."
+            ) from None
+        if response.status_code in (401, 403):
+            message = self._refusal_message(response)
+            cache.set(self._refusal_cache_key, message, REFUSAL_MEMORY_SECONDS)
+            raise UpstreamRefused(message)
+        if response.status_code == 404:
+            raise UpstreamNotFound(
+                f"The proxy at {self.base_url} has no {MANAGEMENT_PREFIX}{path} (404): it is an "
+                "older or newer version without this call, or its management API is disabled."
+            )
+        if response.status_code != 200:
+            raise UpstreamUnexpected(
+                f"The proxy at {self.base_url} answered {method} {path} with HTTP "
+                f"{response.status_code}: {_error_text(response)}."
+            )
+        return response
+
+    def _refusal_message(self, response: requests.Response) -> str:
+        reason = _error_text(response)
+        if response.status_code == 401:
+            return (
+                f"The proxy at {self.base_url} refused the management key ({reason}): check "
+                "CLIPROXY_MANAGEMENT_KEY. Not retrying: the proxy bans an address after 5 "
+                "failed attempts."
+            )
+        hint = "check CLIPROXY_MANAGEMENT_KEY and the proxy's remote-management settings"
+        if "banned" in reason.lower():
+            hint = "this address is banned for 30 minutes after 5 failed attempts"
+        elif "remote management disabled" in reason.lower():
+            hint = "the portal is not on the proxy's machine: turn on remote management there"
+        elif "key not set" in reason.lower():
+            hint = "the proxy has no management secret configured"
+        return f"The proxy at {self.base_url} refused the management call ({reason}): {hint}."
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise UpstreamUnexpected(
+                f"The proxy at {self.base_url} answered {method} {path} with something that is "
+                "not JSON."
+            ) from None
+
+    def _write(self, method: str, path: str, **kwargs: Any) -> None:
+        payload = self._json(method, path, **kwargs)
+        if not isinstance(payload, dict) or payload.get("status") != "ok":
+            raise UpstreamUnexpected(
+                f"The proxy at {self.base_url} did not confirm {method} {path} "
+                '(expected {"status": "ok"}).'
+            )
+
+    # -- /api-keys -----------------------------------------------------------------------
+
+    def list_keys(self) -> list[str]:
+        payload = self._json("GET", "/api-keys")
+        if not isinstance(payload, dict) or "api-keys" not in payload:
+            raise UpstreamUnexpected(
+                f'The proxy at {self.base_url} answered GET /api-keys without an "api-keys" list.'
+            )
+        keys = payload["api-keys"]
+        if keys is None:  # the proxy's way of saying "none"
+            return []
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise UpstreamUnexpected(
+                f"The proxy at {self.base_url} answered GET /api-keys with a list that is not "
+                "all strings."
+            )
+        return keys
+
+    def replace_keys(self, keys: Sequence[str]) -> None:
+        """PUT the whole list. One write, whatever its length."""
+        keys = list(keys)
+        if not keys:
+            raise EmptyKeyListRefused(
+                "Refusing to empty the proxy's key list: with no keys it lets every request in."
+            )
+        self._write("PUT", "/api-keys", json=keys)
+
+    def replace_key_at(self, *, index: int, value: str) -> None:
+        self._write("PATCH", "/api-keys", json={"index": index, "value": value})
+
+    def replace_key(self, *, old: str, new: str) -> None:
+        """Quirk: when `old` is not in the list, the proxy appends `new`."""
+        self._write("PATCH", "/api-keys", json={"old": old, "new": new})
+
+    def delete_key(self, *, value: str) -> None:
+        """Removes every entry equal to `value`; answers ok even when none matched. Callers
+        must make sure the list does not end up empty."""
+        self._write("DELETE", "/api-keys", params={"value": value})
+
+    def delete_key_at(self, *, index: int) -> None:
+        self._write("DELETE", "/api-keys", params={"index": index})
+
+    # -- usage ---------------------------------------------------------------------------
+
+    def usage_statistics_enabled(self) -> bool:
+        payload = self._json("GET", "/usage-statistics-enabled")
+        value = payload.get("usage-statistics-enabled") if isinstance(payload, dict) else None
+        if not isinstance(value, bool):
+            raise UpstreamUnexpected(
+                f"The proxy at {self.base_url} answered GET /usage-statistics-enabled without a "
+                "true/false value."
+            )
+        return value
+
+    def set_usage_statistics_enabled(self, enabled: bool) -> None:
+        self._write("PUT", "/usage-statistics-enabled", json={"value": enabled})
+
+    def usage_mode(self) -> str:
+        """`queue` or `snapshot`, found without popping anything: a count of 0 is refused
+        (400) by proxies with the queue, and unknown (404) to those without it."""
+        try:
+            self._send("GET", "/usage-queue", params={"count": 0})
+        except UpstreamNotFound:
+            # Old proxies lack the queue; a proxy whose management API is off lacks every
+            # route. The statistics switch exists in both generations and tells them apart.
+            self.usage_statistics_enabled()
+            return self.USAGE_MODE_SNAPSHOT
+        except UpstreamUnexpected as exc:
+            if "HTTP 400" in str(exc):
+                return self.USAGE_MODE_QUEUE
+            raise
+        # A proxy that answers 200 to count=0 is not one the contract describes; it has a
+        # queue, though, and that is what matters.
+        return self.USAGE_MODE_QUEUE
+
+    def usage_snapshot(self) -> UsageSnapshot:
+        return parse_usage_snapshot(self._json("GET", "/usage"))
+
+    def usage_queue_pop_raw(self, *, count: int) -> bytes:
+        """Pops up to `count` records and returns the answer body untouched, so the caller can
+        make it durable before parsing: a popped record is gone from the proxy for good."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("count must be a positive integer")
+        return self._send("GET", "/usage-queue", params={"count": count}).content
+
+    def usage_queue_pop(self, *, count: int) -> list[UsageRecord]:
+        return parse_usage_queue(self.usage_queue_pop_raw(count=count))
+
+
+def _error_text(response: requests.Response) -> str:
+    """The proxy's own error sentence, short; its answers never echo a key, but cut it anyway
+    so a misbehaving server cannot stuff a page or a log line."""
+    try:
+        payload = response.json()
+        text = payload.get("error") if isinstance(payload, dict) else None
+    except ValueError:
+        text = None
+    text = text if isinstance(text, str) and text else (response.text or response.reason or "")
+    text = " ".join(text.split())
+    return text[:200] or "no reason given"

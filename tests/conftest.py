@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from django.core.cache import cache
+
+from tests.fakes.proxy import FakeProxy
+
+MANAGEMENT_KEY = "test-management-key"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(db: None) -> Iterator[None]:
+    # The database cache survives TransactionTestCase flushes; start every test clean.
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def fake_proxy(settings) -> Iterator[FakeProxy]:
+    """A running fake proxy (queue generation) the portal's settings point at."""
+    proxy = FakeProxy(management_key=MANAGEMENT_KEY).start()
+    settings.CLIPROXY_URL = proxy.url
+    settings.CLIPROXY_MANAGEMENT_KEY = MANAGEMENT_KEY
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def snapshot_proxy(settings) -> Iterator[FakeProxy]:
+    """A running fake proxy of the old generation (`/usage` snapshot)."""
+    proxy = FakeProxy(generation="snapshot", management_key=MANAGEMENT_KEY).start()
+    settings.CLIPROXY_URL = proxy.url
+    settings.CLIPROXY_MANAGEMENT_KEY = MANAGEMENT_KEY
+    yield proxy
+    proxy.stop()

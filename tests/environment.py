@@ -1,0 +1,22 @@
+"""Loaded by pytest before Django is set up (`-p tests.environment` in pytest.ini): the
+environment every test run starts from, whatever the developer's shell or .env holds. Only
+DATABASE_URL passes through, so the same suite runs on SQLite and on PostgreSQL."""
+
+import os
+
+os.environ.update(
+    {
+        "SECRET_KEY": "test-only-secret-key-that-is-long-enough-for-django-checks",
+        "DEBUG": "false",
+        "ALLOWED_HOSTS": "testserver,127.0.0.1,localhost",
+        "CLIPROXY_URL": "",
+        "CLIPROXY_MANAGEMENT_KEY": "",
+        "CLIPROXY_TIMEOUT": "2",
+        "PORTAL_KEY_PREFIX": "sk-kp-",
+        "PORTAL_POOL_MIN": "0",
+        "EMAIL_URL": "consolemail://",
+        "TIME_ZONE": "UTC",
+        "CACHE_URL": "dbcache://keyportal_cache",
+        "LOG_LEVEL": "WARNING",
+    }
+)

@@ -1,0 +1,526 @@
+"""A fake CLIProxyAPI: a real HTTP server on 127.0.0.1 that behaves as
+../shared/docs/cliproxyapi-contract.md says the real proxy's code does, quirks included.
+
+- Management API under /v0/management: /api-keys (GET/PUT/PATCH/DELETE with every quirk),
+  /usage (snapshot generation), /usage-queue (queue generation, destructive, with
+  retention), /usage-statistics-enabled, auth order and the 5-failure ban.
+- Client API: POST /v1/chat/completions, POST /v1/messages, GET /v1/models, authenticated by
+  any of the proxy's key carriers, recording usage when statistics are on.
+- Test controls: `inject()` one-shot faults (status, body, delay), `restart()` (usage gone,
+  keys kept), `management_requests` (what the portal sent), a settable clock.
+
+Run it by hand: `python -m tests.fakes.proxy --port 8317 --management-key secret`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+MANAGEMENT = "/v0/management"
+BAN_AFTER = 5
+BAN_SECONDS = 30 * 60
+TEMPLATE_KEYS = ("your-api-key-1", "your-api-key-2", "your-api-key-3")
+
+# alias -> (upstream model, provider, input tokens, output tokens, fails upstream)
+MODELS: dict[str, tuple[str, str, int, int, bool]] = {
+    "mock-gpt": ("mock-gpt", "openai-compatible-mockoai", 11, 7, False),
+    "claude-mock": ("claude-mock-upstream", "claude", 13, 5, False),
+    "mock-fail": ("mock-fail", "openai-compatible-mockoai", 0, 0, True),
+}
+
+
+@dataclass
+class Fault:
+    path: str  # management path prefix, e.g. "/api-keys"
+    method: str | None
+    status: int
+    body: bytes
+    delay: float
+    times: int
+
+
+def _rfc3339(ts: float) -> str:
+    dt = datetime.fromtimestamp(ts, tz=timezone.utc)
+    nanos = int((ts % 1) * 1e9)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{nanos:09d}".rstrip("0") + "Z"
+
+
+class FakeProxy:
+    def __init__(
+        self,
+        *,
+        generation: str = "queue",
+        management_key: str = "test-management-key",
+        api_keys: list[str] | None = None,
+        statistics_enabled: bool = True,
+        retention_seconds: float = 60.0,
+        reload_delay: float = 0.0,
+        port: int = 0,
+    ) -> None:
+        if generation not in ("queue", "snapshot"):
+            raise ValueError("generation is 'queue' or 'snapshot'")
+        self.generation = generation
+        self.management_key = management_key
+        self.api_keys: list[str] = list(api_keys or [])
+        self.statistics_enabled = statistics_enabled
+        self.retention_seconds = retention_seconds
+        self.reload_delay = reload_delay
+        self.management_enabled = True
+        self.config_read_only = False
+        self.clock = time.time  # tests may replace it
+        self.lock = threading.RLock()
+        self.management_requests: list[tuple[str, str]] = []
+        self.faults: list[Fault] = []
+        self.failures: dict[str, int] = {}
+        self.banned_until: dict[str, float] = {}
+        self.queue: deque[tuple[float, dict[str, Any]]] = deque()
+        self.snapshot_records: list[dict[str, Any]] = []
+        self._live_keys: list[str] = list(self.api_keys)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeProxy:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def restart(self) -> None:
+        """What a real restart does: in-memory usage and bans are gone; config.yaml (the key
+        list) survives."""
+        with self.lock:
+            self.queue.clear()
+            self.snapshot_records.clear()
+            self.failures.clear()
+            self.banned_until.clear()
+            self._live_keys = list(self.api_keys)
+
+    # -- test controls ------------------------------------------------------------------
+
+    def inject(
+        self,
+        path: str,
+        *,
+        status: int = 200,
+        body: bytes | str | dict | list = b"",
+        delay: float = 0.0,
+        method: str | None = None,
+        times: int = 1,
+    ) -> None:
+        """The next `times` management requests to `path` (a prefix) answer this instead."""
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        with self.lock:
+            self.faults.append(Fault(path, method, status, body, delay, times))
+
+    def requests_to(self, path: str, method: str | None = None) -> int:
+        return sum(
+            1 for m, p in self.management_requests if p == path and (method is None or m == method)
+        )
+
+    def add_usage(
+        self,
+        api_key: str,
+        *,
+        model: str = "mock-gpt",
+        input_tokens: int = 11,
+        output_tokens: int = 7,
+        cached_tokens: int = 0,
+        cache_creation_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        failed: bool = False,
+        timestamp: float | None = None,
+        alias: str | None = None,
+        provider: str = "openai-compatible-mockoai",
+    ) -> dict[str, Any]:
+        """Records usage as if a client request had been served (statistics must be on)."""
+        ts = self.clock() if timestamp is None else timestamp
+        total = input_tokens + output_tokens + reasoning_tokens
+        record = {
+            "timestamp": _rfc3339(ts),
+            "latency_ms": 5,
+            "ttft_ms": 4,
+            "source": "upstream-dummy-key",
+            "auth_index": "2a4984ef82170838",
+            "client_ip": "127.0.0.1",
+            "tokens": {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "reasoning_tokens": reasoning_tokens,
+                "cached_tokens": cached_tokens,
+                "cache_read_tokens": cached_tokens,
+                "cache_read_tokens_present": True,
+                "cache_creation_tokens": cache_creation_tokens,
+                "total_tokens": total,
+            },
+            "failed": failed,
+            "fail": {"status_code": 500 if failed else 200, "body": "mock failure" if failed else ""},
+            "accounting_version": 2,
+            "provider": provider,
+            "model": model,
+            "alias": alias or model,
+            "endpoint": "POST /v1/chat/completions",
+            "auth_type": "apikey",
+            "api_key": api_key,
+            "request_id": uuid.uuid4().hex[:8],
+        }
+        with self.lock:
+            if not self.statistics_enabled:
+                return record
+            if self.generation == "queue":
+                self.queue.append((self.clock(), record))
+            else:
+                self.snapshot_records.append(record)
+        return record
+
+    # -- state views ---------------------------------------------------------------------
+
+    def _expire_queue(self) -> None:
+        horizon = self.clock() - self.retention_seconds
+        while self.queue and self.queue[0][0] < horizon:
+            self.queue.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            records = list(self.snapshot_records)
+        apis: dict[str, Any] = {}
+        by_day: dict[str, int] = {}
+        by_hour: dict[str, int] = {}
+        tokens_day: dict[str, int] = {}
+        tokens_hour: dict[str, int] = {}
+        total_tokens = failures = 0
+        for r in records:
+            tokens = r["tokens"]
+            detail = {
+                "timestamp": r["timestamp"],
+                "latency_ms": r["latency_ms"],
+                "source": r["source"],
+                "auth_index": r["auth_index"],
+                "tokens": {k: tokens[k] for k in (
+                    "input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens",
+                    "total_tokens")},
+                "failed": r["failed"],
+            }
+            api = apis.setdefault(r["api_key"], {"total_requests": 0, "total_tokens": 0, "models": {}})
+            model = api["models"].setdefault(
+                r["model"], {"total_requests": 0, "total_tokens": 0, "details": []}
+            )
+            for bucket in (api, model):
+                bucket["total_requests"] += 1
+                bucket["total_tokens"] += tokens["total_tokens"]
+            model["details"].append(detail)
+            day, hour = r["timestamp"][:10], r["timestamp"][11:13]
+            by_day[day] = by_day.get(day, 0) + 1
+            by_hour[hour] = by_hour.get(hour, 0) + 1
+            tokens_day[day] = tokens_day.get(day, 0) + tokens["total_tokens"]
+            tokens_hour[hour] = tokens_hour.get(hour, 0) + tokens["total_tokens"]
+            total_tokens += tokens["total_tokens"]
+            failures += r["failed"]
+        return {
+            "failed_requests": failures,
+            "usage": {
+                "total_requests": len(records),
+                "success_count": len(records) - failures,
+                "failure_count": failures,
+                "total_tokens": total_tokens,
+                "apis": apis,
+                "requests_by_day": by_day,
+                "requests_by_hour": by_hour,
+                "tokens_by_day": tokens_day,
+                "tokens_by_hour": tokens_hour,
+            },
+        }
+
+    def _set_keys(self, keys: list[str]) -> None:
+        """config.yaml is rewritten at once; the running proxy picks it up a little later."""
+        self.api_keys = keys
+        snapshot = list(keys)
+        if self.reload_delay <= 0:
+            self._live_keys = snapshot
+        else:
+            timer = threading.Timer(self.reload_delay, lambda: setattr(self, "_live_keys", snapshot))
+            timer.daemon = True
+            timer.start()
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # quiet: test output stays readable and free of keys
+
+            def do_GET(self) -> None:
+                proxy._dispatch(self, "GET")
+
+            def do_POST(self) -> None:
+                proxy._dispatch(self, "POST")
+
+            def do_PUT(self) -> None:
+                proxy._dispatch(self, "PUT")
+
+            def do_PATCH(self) -> None:
+                proxy._dispatch(self, "PATCH")
+
+            def do_DELETE(self) -> None:
+                proxy._dispatch(self, "DELETE")
+
+        return Handler
+
+    @staticmethod
+    def _reply(handler: BaseHTTPRequestHandler, status: int, body: Any, *, raw: bool = False) -> None:
+        data = body if raw else json.dumps(body).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/plain" if raw else "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        parts = urlsplit(handler.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw_body = handler.rfile.read(length) if length else b""
+        if parts.path.startswith(MANAGEMENT + "/") or parts.path == MANAGEMENT:
+            self._management(handler, method, parts.path[len(MANAGEMENT):], query, raw_body)
+        elif parts.path.startswith("/v1/") or parts.path.startswith("/v1beta/"):
+            self._client(handler, method, parts.path, query, raw_body)
+        else:
+            self._reply(handler, 404, b"404 page not found", raw=True)
+
+    # -- management ----------------------------------------------------------------------
+
+    def _management(
+        self, handler: BaseHTTPRequestHandler, method: str, path: str, query: dict[str, str],
+        raw_body: bytes,
+    ) -> None:
+        with self.lock:
+            self.management_requests.append((method, path))
+            fault = next(
+                (f for f in self.faults if path.startswith(f.path) and f.method in (None, method)),
+                None,
+            )
+            if fault:
+                fault.times -= 1
+                if fault.times <= 0:
+                    self.faults.remove(fault)
+        if not self.management_enabled:
+            return self._reply(handler, 404, b"404 page not found", raw=True)
+        refusal = self._authenticate(handler)
+        if refusal:
+            return self._reply(handler, *refusal)
+        if fault:
+            if fault.delay:
+                time.sleep(fault.delay)
+            return self._reply(handler, fault.status, fault.body, raw=True)
+        try:
+            body = json.loads(raw_body) if raw_body else None
+        except ValueError:
+            body = ValueError
+        with self.lock:
+            status, answer = self._route(method, path, query, body)
+        if isinstance(answer, bytes):
+            return self._reply(handler, status, answer, raw=True)
+        return self._reply(handler, status, answer)
+
+    def _authenticate(self, handler: BaseHTTPRequestHandler) -> tuple[int, Any] | None:
+        ip = handler.client_address[0]
+        now = self.clock()
+        with self.lock:
+            if self.banned_until.get(ip, 0) > now:
+                return 403, {"error": "IP banned due to too many failed attempts. Try again in 30m0s"}
+            if not self.management_key:
+                return 403, {"error": "remote management key not set"}
+            auth = handler.headers.get("Authorization", "")
+            sent = auth[7:] if auth.startswith("Bearer ") else handler.headers.get("X-Management-Key", "")
+            if sent == self.management_key:
+                self.failures.pop(ip, None)
+                return None
+            self.failures[ip] = self.failures.get(ip, 0) + 1
+            if self.failures[ip] >= BAN_AFTER:
+                self.banned_until[ip] = now + BAN_SECONDS
+                self.failures.pop(ip, None)
+            if not sent:
+                return 401, {"error": "missing management key"}
+            return 401, {"error": "invalid management key"}
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        if path == "/api-keys":
+            return self._api_keys(method, query, body)
+        if path == "/usage-statistics-enabled":
+            if method == "GET":
+                return 200, {"usage-statistics-enabled": self.statistics_enabled}
+            if method == "PUT":
+                if not isinstance(body, dict) or not isinstance(body.get("value"), bool):
+                    return 400, {"error": "invalid body"}
+                self.statistics_enabled = body["value"]
+                return 200, {"status": "ok"}
+        if path == "/usage" and method == "GET" and self.generation == "snapshot":
+            return 200, self.snapshot()
+        if path == "/usage-queue" and method == "GET" and self.generation == "queue":
+            raw = query.get("count", "1")
+            try:
+                count = int(raw)
+            except ValueError:
+                count = 0
+            if count <= 0:
+                return 400, {"error": "count must be a positive integer"}
+            self._expire_queue()
+            popped = [self.queue.popleft()[1] for _ in range(min(count, len(self.queue)))]
+            return 200, popped
+        return 404, b"404 page not found"
+
+    def _save(self, keys: list[str]) -> tuple[int, Any]:
+        if self.config_read_only:
+            return 500, {"error": "failed to save config: open config.yaml: read-only file system"}
+        self._set_keys(keys)
+        return 200, {"status": "ok"}
+
+    def _api_keys(self, method: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        keys = self.api_keys
+        if method == "GET":
+            return 200, {"api-keys": list(keys) if keys else None}
+        if method == "PUT":
+            items = body.get("items") if isinstance(body, dict) else body
+            if (
+                not isinstance(items, list)
+                or not all(isinstance(k, str) for k in items)
+                or (isinstance(body, dict) and not items)
+            ):
+                return 400, {"error": "invalid body"}
+            return self._save(list(items))
+        if method == "PATCH":
+            if isinstance(body, dict) and isinstance(body.get("index"), int) and isinstance(body.get("value"), str):
+                i = body["index"]
+                if not 0 <= i < len(keys):
+                    return 400, {"error": "missing fields"}
+                return self._save(keys[:i] + [body["value"]] + keys[i + 1:])
+            if isinstance(body, dict) and isinstance(body.get("old"), str) and isinstance(body.get("new"), str):
+                if body["old"] in keys:
+                    i = keys.index(body["old"])
+                    return self._save(keys[:i] + [body["new"]] + keys[i + 1:])
+                return self._save(keys + [body["new"]])  # the quirk: appends
+            return 400, {"error": "missing fields"}
+        if method == "DELETE":
+            if "index" in query:
+                try:
+                    i = int(query["index"])
+                except ValueError:
+                    return 400, {"error": "invalid index"}
+                if not 0 <= i < len(keys):
+                    return 400, {"error": "invalid index"}
+                return self._save(keys[:i] + keys[i + 1:])
+            if "value" in query:
+                return self._save([k for k in keys if k != query["value"]])
+            return 400, {"error": "missing index or value"}
+        return 404, b"404 page not found"
+
+    # -- client side ---------------------------------------------------------------------
+
+    @staticmethod
+    def _client_key(handler: BaseHTTPRequestHandler, query: dict[str, str]) -> str:
+        auth = handler.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return auth[7:]
+        return (
+            handler.headers.get("X-Api-Key")
+            or handler.headers.get("X-Goog-Api-Key")
+            or query.get("key")
+            or query.get("auth_token")
+            or ""
+        )
+
+    def _client(
+        self, handler: BaseHTTPRequestHandler, method: str, path: str, query: dict[str, str],
+        raw_body: bytes,
+    ) -> None:
+        live = self._live_keys
+        key = self._client_key(handler, query)
+        if any(k in TEMPLATE_KEYS for k in live):
+            return self._reply(handler, 403, {"error": "unsafe_example_api_key"})
+        if live and key not in live:  # an empty list lets everyone in: the open-proxy trap
+            return self._reply(handler, 401, {"error": "Invalid API key"})
+        if method == "GET" and path == "/v1/models":
+            return self._reply(
+                handler, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
+            )
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/messages"):
+            return self._reply(handler, 404, b"404 page not found", raw=True)
+        try:
+            body = json.loads(raw_body)
+            alias = body["model"]
+        except (ValueError, KeyError, TypeError):
+            return self._reply(handler, 400, {"error": "invalid request"})
+        if alias not in MODELS:
+            return self._reply(handler, 502, {"error": f"unknown provider for model {alias}"})
+        upstream, provider, tin, tout, fails = MODELS[alias]
+        record = self.add_usage(
+            key, model=upstream, alias=alias, provider=provider, input_tokens=tin,
+            output_tokens=tout, failed=fails,
+        )
+        record["endpoint"] = f"POST {path}"
+        if fails:
+            return self._reply(handler, 500, {"error": {"message": "mock upstream failure"}})
+        if path == "/v1/messages":
+            answer = {
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": upstream,
+                "content": [{"type": "text", "text": "ok"}],
+                "usage": {"input_tokens": tin, "output_tokens": tout},
+            }
+        else:
+            answer = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": upstream,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
+            }
+        return self._reply(handler, 200, answer)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake CLIProxyAPI for local runs and tests.")
+    parser.add_argument("--port", type=int, default=8317)
+    parser.add_argument("--management-key", default="test-management-key")
+    parser.add_argument("--generation", choices=["queue", "snapshot"], default="queue")
+    parser.add_argument("--key", action="append", default=[], help="a client key to start with")
+    parser.add_argument("--retention", type=float, default=60.0)
+    args = parser.parse_args()
+    proxy = FakeProxy(
+        generation=args.generation, management_key=args.management_key, api_keys=args.key,
+        retention_seconds=args.retention, port=args.port,
+    ).start()
+    print(f"fake proxy ({args.generation}) on {proxy.url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        proxy.stop()
+
+
+if __name__ == "__main__":
+    main()
