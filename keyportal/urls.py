@@ -2,14 +2,17 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from django.utils.translation import gettext_lazy as _
 from django.views.generic import RedirectView
 
-admin.site.site_header = "Key Portal"
-admin.site.site_title = "Key Portal"
-admin.site.index_title = "Administration"
+admin.site.site_header = _("Key Portal")
+admin.site.site_title = _("Key Portal")
+admin.site.index_title = _("Administration")
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("", include("accounts.urls")),
     path("", include("pool.urls")),
+    path("", include("usage.urls")),
     path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),
 ]
