@@ -18,6 +18,16 @@ def _fresh_cache(db: None) -> Iterator[None]:
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _plain_static_storage(settings) -> None:
+    # The manifest storage needs `collectstatic` first; tests serve static files from the
+    # source folders instead.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
 @pytest.fixture
 def fake_proxy(settings) -> Iterator[FakeProxy]:
     """A running fake proxy (queue generation) the portal's settings point at."""

@@ -1,0 +1,109 @@
+"""The staff admin for keys: always masked, filterable, with generate and reconcile buttons
+that call the same services as the commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from accounts.models import User
+from pool.models import ApiKey
+from pool.services import pool_keys_create
+
+pytestmark = pytest.mark.django_db
+Status, State = ApiKey.Status, ApiKey.ProxyState
+LIST = "/admin/pool/apikey/"
+
+
+def test_key_list_never_shows_a_full_key(admin_client):
+    keys = pool_keys_create(count=3)
+    page = admin_client.get(LIST).content.decode()
+    for key in keys:
+        assert key.value not in page
+        assert key.key_hash not in page
+        assert f"sk-kp-…{key.last4}" in page
+
+
+def test_key_detail_never_shows_a_full_key(admin_client):
+    [key] = pool_keys_create(count=1)
+    page = admin_client.get(f"{LIST}{key.pk}/change/").content.decode()
+    assert key.value not in page and key.key_hash not in page
+    assert key.masked in page
+
+
+def test_key_list_filters_by_status(admin_client):
+    pool_keys_create(count=2)
+    owner = User.objects.create_user("ann@example.com")
+    [issued] = pool_keys_create(count=1)
+    ApiKey.objects.filter(pk=issued.pk).update(status=Status.ACTIVE, owner=owner, value=None)
+    page = admin_client.get(LIST, {"status__exact": "active"}).content.decode()
+    assert "ann@example.com" in page
+    assert page.count("sk-kp-…") == 1
+
+
+def test_key_list_query_count_is_pinned(admin_client, django_assert_num_queries):
+    owners = [User.objects.create_user(f"p{i}@example.com") for i in range(30)]
+    for owner, key in zip(owners, pool_keys_create(count=30)):
+        ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE, owner=owner, value=None)
+    with django_assert_num_queries(7):  # session, user, pool counts, list + filters; not per row
+        assert admin_client.get(LIST).status_code == 200
+
+
+def test_keys_cannot_be_added_or_deleted_in_the_admin(admin_client):
+    [key] = pool_keys_create(count=1)
+    assert admin_client.get(f"{LIST}add/").status_code == 403
+    assert admin_client.post(f"{LIST}{key.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert ApiKey.objects.filter(pk=key.pk).exists()
+
+
+def test_generate_button_pushes_new_keys(admin_client, fake_proxy):
+    fake_proxy.api_keys = ["foreign-1", "foreign-2"]
+    response = admin_client.post(f"{LIST}generate/", {"count": "25"}, follow=True)
+    assert response.status_code == 200
+    assert "Created 25 pool keys" in response.content.decode()
+    assert len(fake_proxy.api_keys) == 27 and fake_proxy.api_keys[:2] == ["foreign-1", "foreign-2"]
+    assert ApiKey.objects.filter(proxy_state=State.PUSHED).count() == 25
+
+
+def test_generate_form_refuses_a_bad_count_and_changes_nothing(admin_client, fake_proxy):
+    response = admin_client.post(f"{LIST}generate/", {"count": "0"})
+    assert response.status_code == 200
+    assert "greater than or equal to 1" in response.content.decode()
+    assert ApiKey.objects.count() == 0 and fake_proxy.management_requests == []
+
+
+def test_reconcile_button_reports_and_changes_the_proxy(admin_client, fake_proxy):
+    fake_proxy.api_keys = ["foreign-1"]
+    pool_keys_create(count=2)  # in the portal, not yet at the proxy
+    response = admin_client.post(f"{LIST}reconcile/", follow=True)
+    page = response.content.decode()
+    assert "2 pool keys added to the proxy" in page
+    assert len(fake_proxy.api_keys) == 3
+
+
+def test_reconcile_button_shows_a_refusal_without_the_key(admin_client, fake_proxy, settings):
+    settings.CLIPROXY_MANAGEMENT_KEY = "wrong-management-key"
+    page = admin_client.post(f"{LIST}reconcile/", follow=True).content.decode()
+    assert "CLIPROXY_MANAGEMENT_KEY" in page
+    assert "wrong-management-key" not in page
+    assert len(fake_proxy.management_requests) == 1
+
+
+def test_reconcile_by_get_changes_nothing(admin_client, fake_proxy):
+    pool_keys_create(count=1)
+    admin_client.get(f"{LIST}reconcile/")
+    assert fake_proxy.management_requests == []
+
+
+def test_buttons_are_for_staff_only(client, fake_proxy):
+    person = User.objects.create_user("ann@example.com")
+    client.force_login(person)
+    client.post(f"{LIST}reconcile/")
+    client.post(f"{LIST}generate/", {"count": "5"})
+    assert fake_proxy.management_requests == [] and ApiKey.objects.count() == 0
+
+
+def test_staff_without_key_permissions_cannot_generate(client, fake_proxy):
+    clerk = User.objects.create_user("clerk@example.com", "a-long-password-1", is_staff=True)
+    client.force_login(clerk)
+    assert client.post(f"{LIST}generate/", {"count": "5"}).status_code == 403
+    assert ApiKey.objects.count() == 0

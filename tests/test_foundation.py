@@ -1,0 +1,89 @@
+"""Cross-cutting pieces: leases, system checks, log redaction."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+from django.core.checks import run_checks
+from django.utils import timezone
+
+from keyportal.locks import LeaseHeld, lease, lease_acquire, lease_release
+from keyportal.logging import RedactSecretsFilter
+from keyportal.models import Lease
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_lease_has_one_holder_at_a_time():
+    first = lease_acquire(name="job", ttl=timedelta(minutes=1))
+    assert first is not None
+    assert lease_acquire(name="job", ttl=timedelta(minutes=1)) is None
+    lease_release(name="job", holder=first)
+    assert lease_acquire(name="job", ttl=timedelta(minutes=1)) is not None
+
+
+def test_an_expired_lease_is_taken_over():
+    holder = lease_acquire(name="job", ttl=timedelta(minutes=1))
+    Lease.objects.filter(name="job").update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert lease_acquire(name="job", ttl=timedelta(minutes=1)) not in (None, holder)
+
+
+def test_only_the_holder_releases():
+    holder = lease_acquire(name="job", ttl=timedelta(minutes=1))
+    lease_release(name="job", holder="somebody-else")
+    assert lease_acquire(name="job", ttl=timedelta(minutes=1)) is None
+    lease_release(name="job", holder=holder)
+
+
+def test_lease_block_raises_when_held_and_releases_on_error():
+    with lease("job"):
+        with pytest.raises(LeaseHeld):
+            with lease("job"):
+                pass
+    with pytest.raises(RuntimeError):
+        with lease("job"):
+            raise RuntimeError("boom")
+    with lease("job"):  # released despite the error
+        pass
+
+
+def _check_ids(settings_overrides, settings) -> set[str]:
+    for name, value in settings_overrides.items():
+        setattr(settings, name, value)
+    return {m.id for m in run_checks() if m.id and m.id.startswith("keyportal.")}
+
+
+def test_checks_name_missing_proxy_settings(settings):
+    assert _check_ids({"CLIPROXY_URL": "", "CLIPROXY_MANAGEMENT_KEY": ""}, settings) == {"keyportal.W001"}
+    assert "keyportal.W002" in _check_ids(
+        {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": ""}, settings
+    )
+
+
+def test_checks_refuse_bad_values(settings):
+    ids = _check_ids(
+        {"CLIPROXY_URL": "127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+         "CLIPROXY_TIMEOUT": 0, "PORTAL_KEY_PREFIX": "your-api-key-", "PORTAL_POOL_MIN": -1},
+        settings,
+    )
+    assert {"keyportal.E001", "keyportal.E002", "keyportal.E003", "keyportal.E004"} <= ids
+
+
+def test_checks_are_quiet_when_all_is_set(settings):
+    assert _check_ids(
+        {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"}, settings
+    ) == set()
+
+
+def test_log_lines_lose_keys_and_the_management_key(settings):
+    settings.CLIPROXY_MANAGEMENT_KEY = "top-secret-mgmt"
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1,
+        "upstream said %s with %s", ("sk-kp-AbCdEfGh1234567890_-xyz", "top-secret-mgmt"), None,
+    )
+    RedactSecretsFilter().filter(record)
+    message = record.getMessage()
+    assert "AbCdEfGh" not in message and "top-secret-mgmt" not in message
+    assert "sk-kp-[redacted]" in message and "[management key]" in message
