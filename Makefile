@@ -41,7 +41,9 @@ run: setup
 	@echo ""
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 
+# The browser tests drive Debian's chromium; scripts/browser.sh installs it when missing.
 setup-dev: $(VENV)/.dev-deps
+	bash scripts/browser.sh
 
 test: setup-dev
 	bash scripts/test.sh

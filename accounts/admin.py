@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import User, normalize_email
+from accounts.models import ApiToken, User, normalize_email
+from accounts.services import api_token_new, api_tokens_revoke
 
 
 class UserCreationForm(forms.ModelForm):
@@ -73,3 +80,51 @@ class UserAdmin(BaseUserAdmin):
         (_("Dates"), {"fields": ("last_login", "date_joined")}),
     )
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "name", "is_staff", "password1")}),)
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Staff create tokens here; the token is shown once, on the page right after adding."""
+
+    list_display = ("name", "user", "masked", "created_at", "last_used_at", "revoked_at")
+    list_filter = (("revoked_at", admin.EmptyFieldListFilter),)
+    search_fields = ("name", "user__email", "last4")
+    list_select_related = ("user",)
+    fields = ("user", "name", "masked", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("masked", "created_at", "last_used_at", "revoked_at")
+    actions = ("revoke_tokens",)
+
+    @admin.display(description=_("token"))
+    def masked(self, obj: ApiToken) -> str:
+        return obj.masked if obj.last4 else "—"
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> tuple:
+        # A token's owner and purpose are fixed once it exists: revoke and make a new one.
+        return self.readonly_fields + (("user", "name") if obj else ())
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        if not change:
+            raw = api_token_new()
+            obj.set_token(raw)
+            request.new_api_token = raw  # type: ignore[attr-defined]  # for response_add only
+        super().save_model(request, obj, form, change)
+
+    def response_add(self, request: HttpRequest, obj: ApiToken, *args: Any) -> HttpResponse:
+        raw = getattr(request, "new_api_token", None)
+        if raw is None:
+            return super().response_add(request, obj, *args)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": _("API token created"),
+            "token": raw,
+            "obj": obj,
+        }
+        response = TemplateResponse(request, "accounts/admin/apitoken_created.html", context)
+        add_never_cache_headers(response)
+        return response
+
+    @admin.action(description=_("Revoke the selected tokens"))
+    def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        n = api_tokens_revoke(ids=list(queryset.values_list("id", flat=True)))
+        self.message_user(request, _("%(n)d tokens revoked.") % {"n": n}, messages.SUCCESS)

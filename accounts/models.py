@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
 from django.db import models
 from django.db.models.functions import Lower
@@ -78,3 +80,74 @@ class User(AbstractBaseUser, PermissionsMixin):
 
     def get_short_name(self) -> str:
         return self.name or self.email.split("@", 1)[0]
+
+
+def token_digest(raw: str) -> str:
+    """SHA-256 of a sign-in link's token or an API token: all the database ever holds."""
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class SignInLink(models.Model):
+    """A one-time emailed link. Only the token's hash is stored; the link works once, until
+    `expires_at`. A registration link also carries what the form asked for (name, label)."""
+
+    class Purpose(models.TextChoices):
+        LOGIN = "login", _("sign in")
+        REGISTER = "register", _("registration")
+
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    email = models.EmailField(_("email address"))
+    purpose = models.CharField(_("purpose"), max_length=16, choices=Purpose.choices)
+    name = models.CharField(_("name"), max_length=150, blank=True)
+    label = models.CharField(_("label"), max_length=100, blank=True)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    expires_at = models.DateTimeField(_("expires"))
+    used_at = models.DateTimeField(_("used"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("sign-in link")
+        verbose_name_plural = _("sign-in links")
+        indexes = [models.Index(fields=["expires_at"], name="signinlink_expires")]
+
+    def __str__(self) -> str:
+        return f"{self.get_purpose_display()} {self.email}"
+
+    @property
+    def usable(self) -> bool:
+        return self.used_at is None and self.expires_at > timezone.now()
+
+
+class ApiToken(models.Model):
+    """A staff API token for automation (`Authorization: Bearer <token>`). It acts as its
+    staff `user`; only a hash and the last 4 characters are kept, so a lost token is revoked
+    and replaced, never shown again."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("acts as"),
+        on_delete=models.CASCADE,
+        related_name="api_tokens",
+        limit_choices_to={"is_staff": True, "is_active": True},
+    )
+    name = models.CharField(_("name"), max_length=100, help_text=_("What the token is for."))
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    last4 = models.CharField(_("last 4"), max_length=4, editable=False)
+    created_at = models.DateTimeField(_("created"), default=timezone.now, editable=False)
+    last_used_at = models.DateTimeField(_("last used"), null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = _("API token")
+        verbose_name_plural = _("API tokens")
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.masked})"
+
+    @property
+    def masked(self) -> str:
+        return f"…{self.last4}"
+
+    def set_token(self, raw: str) -> None:
+        self.token_hash = token_digest(raw)
+        self.last4 = raw[-4:]

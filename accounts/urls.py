@@ -1,5 +1,12 @@
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import path
 
-urlpatterns: list[URLPattern] = []
+from accounts import views
+
+urlpatterns = [
+    path("login", views.login_view, name="login"),
+    path("login/<str:token>", views.login_link, name="login-link"),
+    path("register", views.register_view, name="register"),
+    path("logout", views.logout_view, name="logout"),
+]

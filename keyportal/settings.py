@@ -195,3 +195,35 @@ LOGGING = {
         "urllib3": {"level": "WARNING"},
     },
 }
+
+# --- Self-service (accounts) ---
+# Sign-in and registration links: how long they work (each works once).
+PORTAL_LINK_MINUTES = number("PORTAL_LINK_MINUTES", "15")
+# Only addresses at these domains may register or sign in (comma-separated; empty: any).
+PORTAL_ALLOWED_EMAIL_DOMAINS = [
+    d.strip().lower().lstrip("@") for d in env.list("PORTAL_ALLOWED_EMAIL_DOMAINS", default=[])
+    if d.strip()
+]
+# Rate limits on /login and /register, counted in the shared cache over a window: per client
+# address and per email address.
+PORTAL_RATE_WINDOW_SECONDS = number("PORTAL_RATE_WINDOW_SECONDS", "900")
+PORTAL_RATE_PER_IP = number("PORTAL_RATE_PER_IP", "20")
+PORTAL_RATE_PER_EMAIL = number("PORTAL_RATE_PER_EMAIL", "5")
+# Keys one person may add per window (the my-keys page and the API), so that a signed-in
+# person cannot drain the pool.
+PORTAL_RATE_KEYS_PER_PERSON = number("PORTAL_RATE_KEYS_PER_PERSON", "10")
+LOGIN_REDIRECT_URL = "/my-keys"
+
+# --- Usage ---
+# How sync_usage reads the proxy: "auto" asks it (queue on 6.10.8+, snapshot before), or force
+# "queue" (GET /usage-queue) or "snapshot" (GET /usage).
+CLIPROXY_USAGE_MODE = setting("CLIPROXY_USAGE_MODE", "auto").lower()
+if CLIPROXY_USAGE_MODE not in ("auto", "queue", "snapshot"):
+    raise ImproperlyConfigured(
+        f"CLIPROXY_USAGE_MODE must be auto, queue or snapshot, not {CLIPROXY_USAGE_MODE!r}."
+    )
+# Records per /usage-queue pop; each pop is committed before it is counted.
+USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "1000"), 1)
+# Seconds between passes of `sync_usage --follow`: well under the proxy's queue retention
+# (redis-usage-queue-retention-seconds, 60 s by default), or records expire unread.
+USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)

@@ -3,7 +3,8 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 from django.utils.translation import gettext_lazy as _
-from django.views.generic import RedirectView
+
+from accounts import views as accounts_views
 
 admin.site.site_header = _("Key Portal")
 admin.site.site_title = _("Key Portal")
@@ -14,5 +15,5 @@ urlpatterns = [
     path("", include("accounts.urls")),
     path("", include("pool.urls")),
     path("", include("usage.urls")),
-    path("", RedirectView.as_view(url="/admin/", permanent=False), name="home"),
+    path("", accounts_views.home, name="home"),
 ]

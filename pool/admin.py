@@ -9,6 +9,7 @@ from django.shortcuts import render
 from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 
+from keyportal.audit import client_ip
 from pool.models import ApiKey
 from pool.selectors import pool_status
 from pool.services import keys_reconcile, pool_generate
@@ -78,7 +79,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if request.method == "POST" and form.is_valid():
             try:
                 with ProxyClient.from_settings() as client:
-                    report = pool_generate(count=form.cleaned_data["count"], client=client)
+                    report = pool_generate(
+                        count=form.cleaned_data["count"], client=client, by=request.user,
+                        ip=client_ip(request),
+                    )
             except UpstreamError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
             else:
@@ -100,7 +104,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             return self._back()
         try:
             with ProxyClient.from_settings() as client:
-                report = keys_reconcile(client=client)
+                report = keys_reconcile(client=client, by=request.user, ip=client_ip(request))
         except UpstreamError as exc:
             self.message_user(request, str(exc), messages.ERROR)
         else:

@@ -8,16 +8,24 @@ handlers are not safe for concurrent writes) under the `proxy-keys` lease.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 from django.conf import settings
-from django.db import transaction
+from django.core.cache import cache
+from django.core.mail import send_mail
+from django.db import connection, transaction
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
+from accounts.models import SignInLink, User
+from accounts.services import signin_link_redeem
+from keyportal.audit import Action, audit_record
 from keyportal.locks import LeaseHeld, lease
 from pool.models import ApiKey, key_digest
 from pool.upstream import ProxyClient, UpstreamError
@@ -109,9 +117,15 @@ class GenerateReport:
 
 
 def pool_generate(
-    *, count: int, client: ProxyClient, progress: Progress | None = None
+    *,
+    count: int,
+    client: ProxyClient,
+    progress: Progress | None = None,
+    by: Any = None,
+    ip: str | None = None,
 ) -> GenerateReport:
-    """Creates `count` pool keys and appends them to the proxy's list with a single PUT."""
+    """Creates `count` pool keys and appends them to the proxy's list with a single PUT.
+    `by` is the staff member who asked (None: a command)."""
     if count < 1:
         raise ValueError(_("The number of keys must be at least 1."))
     # Ask first: an unreachable or refusing proxy stops us before any key exists.
@@ -126,11 +140,17 @@ def pool_generate(
     except UpstreamError as exc:
         # The keys stay in the pool, unpushed and never handed out; the PUT may even have
         # landed with its answer lost, and reconcile tells which by reading the list.
+        audit_record(action=Action.POOL_GENERATED, actor=by, ip=ip,
+                     after={"created": len(keys), "pushed": False}, detail=str(exc))
         raise KeysNotPushed(
             _("%(n)d keys were created but not pushed: %(why)s Run reconcile_keys once the "
               "proxy answers.") % {"n": len(keys), "why": exc}
         ) from None
-    _set_proxy_state((k.id for k in keys), State.PUSHED, status=Status.POOL)
+    with transaction.atomic():
+        _set_proxy_state((k.id for k in keys), State.PUSHED, status=Status.POOL)
+        audit_record(action=Action.POOL_GENERATED, actor=by, ip=ip,
+                     before={"proxy_keys": len(before)},
+                     after={"created": len(keys), "pushed": True, "proxy_keys": len(after)})
     return GenerateReport(created=len(keys), proxy_before=len(before), proxy_after=len(after))
 
 
@@ -204,7 +224,9 @@ class ReconcileReport:
         return [line for line in lines if line]
 
 
-def keys_reconcile(*, client: ProxyClient, dry_run: bool = False) -> ReconcileReport:
+def keys_reconcile(
+    *, client: ProxyClient, dry_run: bool = False, by: Any = None, ip: str | None = None
+) -> ReconcileReport:
     """Makes the proxy's list match the portal: pool and active keys present; revoked,
     suspended and expired keys absent; foreign keys untouched; never an empty list. Refills
     the pool below PORTAL_POOL_MIN. Running it twice in a row changes nothing the second time.
@@ -274,10 +296,127 @@ def keys_reconcile(*, client: ProxyClient, dry_run: bool = False) -> ReconcileRe
     # The list is settled; record where each key now stands. Conditions on status keep a
     # key revoked (or issued) during the run from being filed under the wrong state.
     pushed_ids = present_wanted + [k.id for k in to_push] + [k.id for k in new_keys]
-    _set_proxy_state(pushed_ids, State.PUSHED, status__in=ApiKey.WANTED_AT_PROXY)
-    _set_proxy_state(removed + gone, State.REMOVED, status__in=_UNWANTED)
-    _set_proxy_state(lost, State.MISSING, status=Status.ACTIVE)
+    with transaction.atomic():
+        _set_proxy_state(pushed_ids, State.PUSHED, status__in=ApiKey.WANTED_AT_PROXY)
+        _set_proxy_state(removed + gone, State.REMOVED, status__in=_UNWANTED)
+        _set_proxy_state(lost, State.MISSING, status=Status.ACTIVE)
+        if report.changed:  # a run that changed nothing leaves no trail
+            audit_record(
+                action=Action.RECONCILE_RUN, actor=by, ip=ip,
+                before={"proxy_keys": report.proxy_before},
+                after={"proxy_keys": report.proxy_after, "pushed": report.pushed,
+                       "removed": report.removed, "duplicates": report.duplicates,
+                       "missing": report.missing, "refilled": report.refilled,
+                       "states_fixed": report.states_fixed},
+            )
     return report
 
 
 _UNWANTED = [s for s in Status.values if s not in ApiKey.WANTED_AT_PROXY]
+
+
+# --- issue and revoke -----------------------------------------------------------------------
+# Appended for self-service (issue 3). Issuing never calls the proxy: a pool key is already
+# at the proxy (proxy_state=pushed), so it works the moment it changes hands.
+
+log = logging.getLogger(__name__)
+ASSIGN_ATTEMPTS = 10
+POOL_EMPTY_MAIL_EVERY = timedelta(minutes=30)
+
+
+class PoolEmpty(Exception):
+    """No unissued key is at the proxy right now."""
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A key just handed out, with the only copy of its full value the portal will ever
+    give: show it once, store it nowhere."""
+
+    key: ApiKey
+    value: str
+
+
+def key_assign(*, user: User, label: str) -> IssuedKey:
+    """Hands `user` an unissued pool key. Raises PoolEmpty when none is ready.
+
+    On PostgreSQL, SKIP LOCKED lets concurrent callers pick different rows without waiting
+    on each other; on every database the conditional UPDATE (still unowned, still in the
+    pool) is what guarantees that no key goes to two people: a caller whose row was taken
+    meanwhile sees a row count of 0 and tries the next one."""
+    with transaction.atomic():
+        for _attempt in range(ASSIGN_ATTEMPTS):
+            ready = ApiKey.objects.filter(
+                status=Status.POOL, proxy_state=State.PUSHED, owner__isnull=True
+            ).order_by("id")
+            if connection.features.has_select_for_update_skip_locked:
+                ready = ready.select_for_update(skip_locked=True)
+            candidate = ready.values_list("id", "value").first()
+            if candidate is None:
+                raise PoolEmpty
+            key_id, value = candidate
+            taken = ApiKey.objects.filter(
+                id=key_id, status=Status.POOL, owner__isnull=True
+            ).update(
+                owner=user, label=label, status=Status.ACTIVE, issued_at=timezone.now(),
+                value=None,
+            )
+            if taken == 1:
+                return IssuedKey(key=ApiKey.objects.get(id=key_id), value=value)
+    raise PoolEmpty
+
+
+def registration_complete(*, token: str) -> tuple[User, IssuedKey]:
+    """Uses a registration link and issues its key, all or nothing: with the pool empty the
+    link stays unused (it works again once the pool is refilled) and no person is created."""
+    with transaction.atomic():
+        user, link = signin_link_redeem(token=token, purpose=SignInLink.Purpose.REGISTER)
+        issued = key_assign(user=user, label=link.label)
+    return user, issued
+
+
+def pool_empty_notify() -> bool:
+    """Emails staff that someone found the pool empty, at most once per half hour (every
+    portal process shares the cache that says so). True when an email went out."""
+    if not cache.add("pool:empty-notified", True, POOL_EMPTY_MAIL_EVERY.total_seconds()):
+        return False
+    staff = list(
+        User.objects.filter(is_staff=True, is_active=True).values_list("email", flat=True)
+    )
+    if not staff:
+        return False
+    send_mail(
+        _("Key Portal: the key pool is empty"),
+        _("Someone just asked for an API key and none was ready. Run `manage.py "
+          "reconcile_keys` (it refills the pool when the proxy answers) or `manage.py "
+          "generate_keys --count N`, and check that the proxy is reachable."),
+        None,
+        staff,
+    )
+    return True
+
+
+def key_revoke(*, key: ApiKey, by: User) -> bool:
+    """Revokes an issued key in the portal at once: it is marked for removal at the proxy,
+    and never goes back to the pool. False when it was not live (already revoked)."""
+    with transaction.atomic():
+        changed = ApiKey.objects.filter(
+            id=key.id, status__in=[Status.ACTIVE, Status.SUSPENDED, Status.EXPIRED]
+        ).update(
+            status=Status.REVOKED, revoked_at=timezone.now(), proxy_state=State.REMOVAL_PENDING
+        )
+    key.refresh_from_db()
+    if changed:
+        log.info("Key %s (id %s) revoked by %s.", key.masked, key.id, by.pk)
+    return bool(changed)
+
+
+def keys_reconcile_quietly() -> ReconcileReport | None:
+    """Reconciles now if the proxy answers; otherwise the removal stays pending and the next
+    `reconcile_keys` run does it. Called after a revocation has been committed."""
+    try:
+        with ProxyClient.from_settings() as client:
+            return keys_reconcile(client=client)
+    except UpstreamError as exc:
+        log.warning("Reconcile after revocation postponed: %s", exc)
+        return None

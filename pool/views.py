@@ -1,9 +1,257 @@
+"""People's keys: the registration link that issues the first key, the my-keys page (add,
+revoke), and the user side of the JSON API. Staff pages live in the admin."""
+
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+from typing import Any
 
-from keyportal.api import api_view
+from django import forms
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.cache import add_never_cache_headers, patch_vary_headers
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import reswap, retarget
+
+from accounts.forms import EmailField
+from accounts.models import SignInLink, User, normalize_email
+from accounts.ratelimit import rate_limited
+from accounts.services import LinkInvalid, signin_link_peek
+from accounts.views import link_gone
+from keyportal.api import ApiError, api_token_of, api_view, json_body
+from pool.forms import KeyLabelForm, KeyRevokeForm
+from pool.models import ApiKey, key_digest
 from pool.selectors import pool_status
+from pool.services import (
+    IssuedKey,
+    PoolEmpty,
+    key_assign,
+    key_revoke,
+    keys_reconcile_quietly,
+    pool_empty_notify,
+    registration_complete,
+)
+
+
+def _proxy_urls() -> dict[str, str]:
+    base = settings.CLIPROXY_PUBLIC_URL
+    return {"base_url": base, "openai_base_url": f"{base}/v1" if base else ""}
+
+
+def _key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpResponse:
+    """The only response that ever carries a key's full value: never cached anywhere."""
+    context = {"key": issued.key, "value": issued.value, **_proxy_urls()}
+    response = render(request, template, context)
+    add_never_cache_headers(response)
+    return response
+
+
+def _pool_empty(request: HttpRequest, template: str) -> HttpResponse:
+    pool_empty_notify()
+    # htmx swaps only 2xx answers; a full page says 503 so scripts and monitors see it.
+    return render(request, template, status=200 if request.htmx else 503)
+
+
+def _my_keys(user: User) -> list[ApiKey]:
+    # The usage app adds its columns (requests, tokens, cost, limits) to this page; keep
+    # this one query and let it annotate rather than query per row.
+    return list(ApiKey.objects.filter(owner=user).order_by("-issued_at", "-id"))
+
+
+def _key_limit_reached(user: User) -> bool:
+    return rate_limited(
+        scope="key-add", ident=str(user.pk), limit=settings.PORTAL_RATE_KEYS_PER_PERSON,
+        window=settings.PORTAL_RATE_WINDOW_SECONDS,
+    )
+
+
+# --- pages ----------------------------------------------------------------------------------
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
+    """The registration link. GET only shows a button (mail scanners fetch links); POST uses
+    the link, signs the person in and shows their first key, once."""
+    if request.method == "GET":
+        link = signin_link_peek(token=token, purpose=SignInLink.Purpose.REGISTER)
+        if link is None:
+            return link_gone(request)
+        return render(request, "accounts/link_confirm.html", {"link": link})
+    try:
+        user, issued = registration_complete(token=token)
+    except LinkInvalid:
+        return link_gone(request)
+    except PoolEmpty:
+        return _pool_empty(request, "pool/pool_empty.html")
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return _key_shown(request, issued, "pool/key_shown.html")
+
+
+@login_required
+@require_GET
+def my_keys(request: HttpRequest) -> HttpResponse:
+    context = {"keys": _my_keys(request.user), "form": KeyLabelForm()}
+    template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
+    response = render(request, template, context)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@login_required
+@require_POST
+def key_add(request: HttpRequest) -> HttpResponse:
+    form = KeyLabelForm(request.POST)
+    if form.is_valid() and _key_limit_reached(request.user):
+        form.add_error(
+            "label",
+            _("You have added many keys in a short time. Please wait %(minutes)d minutes.")
+            % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
+        )
+    if not form.is_valid():
+        if request.htmx:
+            response = render(request, "pool/my_keys.html#add-form", {"form": form})
+            return reswap(retarget(response, "#add-form"), "outerHTML")
+        context = {"keys": _my_keys(request.user), "form": form}
+        return render(request, "pool/my_keys.html", context, status=400)
+    try:
+        issued = key_assign(user=request.user, label=form.cleaned_data["label"])
+    except PoolEmpty:
+        return _pool_empty(
+            request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
+        )
+    if not request.htmx:
+        return _key_shown(request, issued, "pool/key_shown.html")
+    # The new key's panel, plus the table (out of band) so it lists the new key too.
+    response = _key_shown(request, issued, "pool/key_shown.html#issued")
+    table = render_to_string(
+        "pool/my_keys.html#key-table",
+        {"keys": _my_keys(request.user), "oob": True},
+        request=request,
+    )
+    response.content += table.encode()
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET asks for confirmation (a row in place with htmx, a page without); POST revokes."""
+    key = get_object_or_404(ApiKey, pk=pk, owner=request.user)
+    if request.method == "GET":
+        template = "pool/key_revoke.html#confirm-row" if request.htmx else "pool/key_revoke.html"
+        return render(request, template, {"key": key})
+    if key_revoke(key=key, by=request.user):
+        keys_reconcile_quietly()  # committed already: a proxy failure only postpones removal
+        key.refresh_from_db()
+    if request.htmx:
+        return render(request, "pool/my_keys.html#key-row", {"key": key})
+    messages.success(request, _("Key %(key)s is revoked.") % {"key": key.masked})
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+# --- JSON API (user side) -------------------------------------------------------------------
+# A session reaches its own keys only. A staff API token acts as its staff person, or, when
+# the body names `email`, for that person (register-key creates them if new): automation
+# that onboards people. Other people's keys answer 404, exactly like keys that do not exist.
+
+
+def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = False) -> User:
+    raw = body.get("email")
+    if raw in (None, ""):
+        return request.user
+    if not isinstance(raw, str):
+        raise ApiError(_("`email` must be a string."))
+    email = normalize_email(raw)
+    if api_token_of(request) is None:
+        if email != request.user.email:
+            raise ApiError(_("You can only reach your own keys."), 403)
+        return request.user
+    if create:
+        try:
+            email = EmailField().clean(email)
+        except forms.ValidationError as exc:
+            raise ApiError(" ".join(exc.messages)) from None
+        person, _created = User.objects.get_or_create(email=email)
+        return person
+    person = User.objects.filter(email=email).first()
+    if person is None:
+        raise ApiError(_("No person uses this email address."), 404)
+    return person
+
+
+def _key_json(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "label": key.label,
+        "masked": key.masked,
+        "status": key.status,
+        "proxy_state": key.proxy_state,
+        "issued_at": key.issued_at.isoformat() if key.issued_at else None,
+        "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+def _form_error(form: forms.Form) -> ApiError:
+    fields = form.errors.get_json_data()
+    first = next(iter(fields.values()))[0]["message"]
+    return ApiError(first)
+
+
+@api_view(methods=("POST",))
+def api_register_key(request: HttpRequest) -> JsonResponse:
+    body = json_body(request)
+    form = KeyLabelForm({"label": body.get("label") or ""})
+    if not form.is_valid():
+        raise _form_error(form)
+    person = _api_person(request, body, create=True)
+    if api_token_of(request) is None and _key_limit_reached(person):
+        raise ApiError(_("Too many keys added in a short time; try again later."), 429)
+    try:
+        issued = key_assign(user=person, label=form.cleaned_data["label"])
+    except PoolEmpty:
+        pool_empty_notify()
+        raise ApiError(_("No key is available right now; staff have been told."), 503) from None
+    response = JsonResponse(
+        {**_key_json(issued.key), "key": issued.value, "email": person.email, **_proxy_urls()},
+        status=201,
+    )
+    add_never_cache_headers(response)
+    return response
+
+
+@api_view(methods=("POST",))
+def api_my_keys(request: HttpRequest) -> JsonResponse:
+    person = _api_person(request, json_body(request))
+    return JsonResponse({"email": person.email, "keys": [_key_json(k) for k in _my_keys(person)]})
+
+
+@api_view(methods=("POST",))
+def api_revoke_key(request: HttpRequest) -> JsonResponse:
+    body = json_body(request)
+    form = KeyRevokeForm({"id": body.get("id"), "key": body.get("key")})
+    if not form.is_valid():
+        raise _form_error(form)
+    person = _api_person(request, body)
+    owned = ApiKey.objects.filter(owner=person)
+    if form.cleaned_data["id"]:
+        key = owned.filter(id=form.cleaned_data["id"]).first()
+    else:
+        key = owned.filter(key_hash=key_digest(form.cleaned_data["key"])).first()
+    if key is None:
+        raise ApiError(_("No such key."), 404)
+    if key_revoke(key=key, by=request.user):
+        keys_reconcile_quietly()
+        key.refresh_from_db()
+    return JsonResponse(_key_json(key))
 
 
 @api_view(methods=("GET",), staff=True)

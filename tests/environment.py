@@ -18,5 +18,14 @@ os.environ.update(
         "TIME_ZONE": "UTC",
         "CACHE_URL": "dbcache://keyportal_cache",
         "LOG_LEVEL": "WARNING",
+        "PORTAL_ALLOWED_EMAIL_DOMAINS": "",
+        "PORTAL_LINK_MINUTES": "15",
+        "PORTAL_RATE_WINDOW_SECONDS": "900",
+        "PORTAL_RATE_PER_IP": "20",
+        "PORTAL_RATE_PER_EMAIL": "5",
+        "PORTAL_RATE_KEYS_PER_PERSON": "10",
+        "CLIPROXY_USAGE_MODE": "auto",
+        "USAGE_QUEUE_BATCH": "1000",
+        "USAGE_FOLLOW_INTERVAL": "15",
     }
 )

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.utils.translation import gettext_lazy as _
+
+from accounts.models import normalize_email
+
+
+def email_domain_allowed(email: str) -> bool:
+    allowed = settings.PORTAL_ALLOWED_EMAIL_DOMAINS
+    return not allowed or email.rsplit("@", 1)[-1] in allowed
+
+
+class EmailField(forms.EmailField):
+    """An address in its stored form, at a domain the portal accepts."""
+
+    def clean(self, value: str | None) -> str:
+        email = normalize_email(super().clean(value) or "")
+        if email and not email_domain_allowed(email):
+            raise forms.ValidationError(
+                _("Only addresses at %(domains)s can use this portal.")
+                % {"domains": ", ".join(settings.PORTAL_ALLOWED_EMAIL_DOMAINS)},
+                code="domain",
+            )
+        return email
+
+
+class LoginForm(forms.Form):
+    email = EmailField(
+        label=_("Email address"),
+        widget=forms.EmailInput(attrs={"autocomplete": "email", "autofocus": True}),
+    )
+
+
+class RegisterForm(forms.Form):
+    email = EmailField(
+        label=_("Email address"),
+        widget=forms.EmailInput(attrs={"autocomplete": "email", "autofocus": True}),
+    )
+    name = forms.CharField(
+        label=_("Your name"),
+        max_length=150,
+        required=False,
+        widget=forms.TextInput(attrs={"autocomplete": "name"}),
+    )
+    label = forms.CharField(
+        label=_("Key label"),
+        max_length=100,
+        required=False,
+        help_text=_("Where you will use the key, e.g. “laptop” or “CI”."),
+    )

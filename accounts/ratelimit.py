@@ -1,0 +1,25 @@
+"""Fixed-window counters in the shared cache, so every portal process counts the same hits."""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.core.cache import cache
+
+
+def rate_limited(*, scope: str, ident: str, limit: int, window: int) -> bool:
+    """Counts one hit for `ident` in `scope`; True once more than `limit` hits fell in the
+    current window. The identity is hashed: cache keys never hold an address in clear."""
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
+    key = f"rate:{scope}:{digest}"
+    # add() starts the window only if none is running; incr() then counts. On the database
+    # cache incr is a read and a write, so two processes may both count one less now and then:
+    # a limit a few hits loose, never a person locked out wrongly.
+    if cache.add(key, 1, timeout=window):
+        return limit < 1
+    try:
+        hits = cache.incr(key)
+    except ValueError:  # the window ended between add() and incr()
+        cache.add(key, 1, timeout=window)
+        hits = 1
+    return hits > limit

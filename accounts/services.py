@@ -1,0 +1,144 @@
+"""Writes on people: one-time sign-in links and staff API tokens."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from accounts.models import ApiToken, SignInLink, User, normalize_email, token_digest
+
+Purpose = SignInLink.Purpose
+API_TOKEN_PREFIX = "kpt_"
+# An API token's last use is written at most this often: a busy script costs no write per call.
+API_TOKEN_TOUCH_SECONDS = 60
+
+
+class LinkInvalid(Exception):
+    """The link is unknown, expired, already used, or its person may not sign in."""
+
+
+def _link_new(*, email: str, purpose: str, name: str = "", label: str = "") -> str:
+    raw = secrets.token_urlsafe(32)
+    now = timezone.now()
+    with transaction.atomic():
+        # Housekeeping: links a day past their expiry are of no use to anyone.
+        SignInLink.objects.filter(expires_at__lt=now - timedelta(days=1)).delete()
+        SignInLink.objects.create(
+            token_hash=token_digest(raw),
+            email=email,
+            purpose=purpose,
+            name=name,
+            label=label,
+            created_at=now,
+            expires_at=now + timedelta(minutes=settings.PORTAL_LINK_MINUTES),
+        )
+    return raw
+
+
+def signin_link_send(
+    *,
+    email: str,
+    purpose: str,
+    link_url: Callable[[str, str], str],
+    register_url: str,
+    name: str = "",
+    label: str = "",
+) -> None:
+    """Emails a one-time link to `email`; `link_url(purpose, token)` makes it absolute, and
+    `register_url` is the absolute address of the registration page.
+
+    The caller answers the same whatever happens here. A sign-in asked for an address with
+    no (active) account gets a note pointing at registration instead of a link, so the
+    inbox's owner learns what the page must not say."""
+    email = normalize_email(email)
+    minutes = settings.PORTAL_LINK_MINUTES
+    if purpose == Purpose.LOGIN and not User.objects.filter(email=email, is_active=True).exists():
+        template, subject, context = (
+            "accounts/email/no_account.txt",
+            _("Key Portal: no account for this address"),
+            {"register_url": register_url},
+        )
+    else:
+        token = _link_new(email=email, purpose=purpose, name=name, label=label)
+        template = f"accounts/email/{purpose}_link.txt"
+        subject = (
+            _("Key Portal: your sign-in link")
+            if purpose == Purpose.LOGIN
+            else _("Key Portal: confirm your registration")
+        )
+        context = {"url": link_url(purpose, token), "minutes": minutes}
+    send_mail(subject, render_to_string(template, context), None, [email])
+
+
+def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
+    """The usable link for `token`, without using it (e-mail scanners fetch links too)."""
+    link = SignInLink.objects.filter(token_hash=token_digest(token), purpose=purpose).first()
+    return link if link is not None and link.usable else None
+
+
+def signin_link_redeem(*, token: str, purpose: str) -> tuple[User, SignInLink]:
+    """Uses the link once and returns its person (created by a registration link).
+
+    The conditional UPDATE is the "once": of two requests racing with one link, exactly one
+    changes the row. Raised errors roll the use back, so nothing is half done."""
+    now = timezone.now()
+    digest = token_digest(token)
+    with transaction.atomic():
+        used = SignInLink.objects.filter(
+            token_hash=digest, purpose=purpose, used_at__isnull=True, expires_at__gt=now
+        ).update(used_at=now)
+        if used != 1:
+            raise LinkInvalid
+        link = SignInLink.objects.get(token_hash=digest)
+        user = User.objects.filter(email=link.email).first()
+        if user is None and purpose == Purpose.REGISTER:
+            try:
+                with transaction.atomic():
+                    user = User.objects.create_user(link.email, name=link.name)
+            except IntegrityError:  # registered by another link at the same moment
+                user = User.objects.get(email=link.email)
+        if user is None or not user.is_active:
+            raise LinkInvalid
+        if link.name and not user.name:
+            user.name = link.name
+            user.save(update_fields=["name"])
+    return user, link
+
+
+# --- API tokens -----------------------------------------------------------------------------
+
+
+def api_token_new() -> str:
+    return API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def api_token_authenticate(*, raw: str) -> ApiToken | None:
+    """The live token for `raw` (not revoked, its staff person active), or None."""
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(token_hash=token_digest(raw), revoked_at__isnull=True)
+        .first()
+    )
+    if token is None or not (token.user.is_active and token.user.is_staff):
+        return None
+    now = timezone.now()
+    if token.last_used_at is None or token.last_used_at < now - timedelta(
+        seconds=API_TOKEN_TOUCH_SECONDS
+    ):
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token
+
+
+def api_tokens_revoke(*, ids: list[int]) -> int:
+    with transaction.atomic():
+        return ApiToken.objects.filter(pk__in=ids, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )

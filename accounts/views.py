@@ -1,0 +1,120 @@
+"""Sign-in by emailed link, registration, sign-out. Issuing the first key (which needs the
+pool) happens in pool.views.register_confirm: accounts never imports pool."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth import login, logout
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from accounts.forms import LoginForm, RegisterForm
+from accounts.models import SignInLink
+from accounts.ratelimit import rate_limited
+from accounts.services import LinkInvalid, signin_link_peek, signin_link_redeem, signin_link_send
+
+Purpose = SignInLink.Purpose
+LINK_ROUTES = {Purpose.LOGIN: "login-link", Purpose.REGISTER: "register-link"}
+
+
+def client_ip(request: HttpRequest) -> str:
+    # REMOTE_ADDR only: a header the client sets could dodge the limit. Behind a reverse
+    # proxy, that proxy should rate-limit too (or pass the address as REMOTE_ADDR).
+    return request.META.get("REMOTE_ADDR", "")
+
+
+def too_many(request: HttpRequest, email: str, form_name: str) -> bool:
+    """Counts this submission per address and per email (both always, so one cannot be
+    spent to save the other); True when either is over its limit."""
+    window = settings.PORTAL_RATE_WINDOW_SECONDS
+    by_ip = rate_limited(
+        scope=f"{form_name}:ip", ident=client_ip(request),
+        limit=settings.PORTAL_RATE_PER_IP, window=window,
+    )
+    by_email = rate_limited(
+        scope=f"{form_name}:email", ident=email, limit=settings.PORTAL_RATE_PER_EMAIL,
+        window=window,
+    )
+    return by_ip or by_email
+
+
+def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -> None:
+    def link_url(purpose: str, token: str) -> str:
+        return request.build_absolute_uri(reverse(LINK_ROUTES[purpose], args=[token]))
+
+    signin_link_send(
+        email=email, purpose=purpose, link_url=link_url,
+        register_url=request.build_absolute_uri(reverse("register")), **extra,
+    )
+
+
+def _link_form(
+    request: HttpRequest, form: LoginForm | RegisterForm, *, purpose: str, template: str
+) -> HttpResponse:
+    if request.method == "POST" and form.is_valid():
+        email = form.cleaned_data["email"]
+        if too_many(request, email, purpose):
+            form.add_error(
+                "email",
+                _("Too many attempts. Please wait %(minutes)d minutes and try again.")
+                % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
+            )
+            return render(request, template, {"form": form}, status=429)
+        send_link(request, purpose=purpose, **form.cleaned_data)
+        # The same page whether or not the address is known: nothing to probe.
+        return render(
+            request, "accounts/check_inbox.html",
+            {"email": email, "minutes": settings.PORTAL_LINK_MINUTES},
+        )
+    status = 400 if form.is_bound else 200
+    return render(request, template, {"form": form}, status=status)
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    return redirect("my-keys" if request.user.is_authenticated else "login")
+
+
+@require_http_methods(["GET", "POST"])
+def login_view(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET" and request.user.is_authenticated:
+        return redirect("my-keys")
+    form = LoginForm(request.POST if request.method == "POST" else None)
+    return _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
+
+
+@require_http_methods(["GET", "POST"])
+def register_view(request: HttpRequest) -> HttpResponse:
+    form = RegisterForm(request.POST if request.method == "POST" else None)
+    return _link_form(request, form, purpose=Purpose.REGISTER, template="accounts/register.html")
+
+
+def link_gone(request: HttpRequest) -> HttpResponse:
+    return render(request, "accounts/link_invalid.html", status=410)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def login_link(request: HttpRequest, token: str) -> HttpResponse:
+    """GET shows a button and uses nothing (mail scanners fetch links); POST signs in."""
+    if request.method == "GET":
+        link = signin_link_peek(token=token, purpose=Purpose.LOGIN)
+        if link is None:
+            return link_gone(request)
+        return render(request, "accounts/link_confirm.html", {"link": link})
+    try:
+        user, _link = signin_link_redeem(token=token, purpose=Purpose.LOGIN)
+    except LinkInvalid:
+        return link_gone(request)
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+@require_POST
+def logout_view(request: HttpRequest) -> HttpResponse:
+    logout(request)
+    return HttpResponseRedirect(reverse("login"), status=303)

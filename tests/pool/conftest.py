@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from accounts.models import User
+from pool.models import ApiKey
+from pool.services import pool_keys_create
+
+
+def _make_ready_keys(count: int) -> list[ApiKey]:
+    keys = pool_keys_create(count=count)
+    ApiKey.objects.filter(pk__in=[k.pk for k in keys]).update(
+        proxy_state=ApiKey.ProxyState.PUSHED
+    )
+    return keys
+
+
+@pytest.fixture
+def make_ready_keys(db) -> Callable[[int], list[ApiKey]]:
+    """Makes pool keys as generate_keys leaves them: unissued and already at the proxy."""
+    return _make_ready_keys
+
+
+@pytest.fixture
+def ready_keys(make_ready_keys) -> list[ApiKey]:
+    return make_ready_keys(5)
+
+
+@pytest.fixture
+def proxy_accepts(fake_proxy) -> Callable[[str], bool]:
+    """Whether the fake proxy serves a client request made with this key."""
+
+    def accepts(value: str) -> bool:
+        answer = requests.post(
+            f"{fake_proxy.url}/v1/chat/completions",
+            json={"model": "mock-gpt", "messages": []},
+            headers={"Authorization": f"Bearer {value}"},
+            timeout=5,
+        )
+        return answer.status_code == 200
+
+    return accepts
+
+
+@pytest.fixture
+def ann(db) -> User:
+    return User.objects.create_user("ann@example.com", name="Ann")
+
+
+@pytest.fixture
+def bob(db) -> User:
+    return User.objects.create_user("bob@example.com", name="Bob")
+
+
+@pytest.fixture
+def proxy_keys(fake_proxy) -> list[str]:
+    """Three pool keys generated and pushed to the fake proxy; returns their values."""
+    from pool.services import pool_generate
+    from pool.upstream import ProxyClient
+
+    fake_proxy.api_keys = ["operator-own-key"]
+    with ProxyClient.from_settings() as client:
+        pool_generate(count=3, client=client)
+    return fake_proxy.api_keys[1:]

@@ -1,0 +1,222 @@
+"""/my-keys: list, add and revoke, as the owner, as someone else and anonymously; with and
+without htmx."""
+
+from __future__ import annotations
+
+import pytest
+from django.core import mail
+
+from pool.models import ApiKey, key_digest
+from pool.services import key_assign
+
+pytestmark = pytest.mark.django_db
+Status, State = ApiKey.Status, ApiKey.ProxyState
+HTMX = {"HX-Request": "true"}
+
+
+def shown_value(content: bytes) -> str:
+    return content.decode().split('id="key-value">', 1)[1].split("<", 1)[0]
+
+
+# --- the list -------------------------------------------------------------------------------
+
+
+def test_anonymous_visitors_are_sent_to_sign_in(client):
+    response = client.get("/my-keys")
+    assert response.status_code == 302 and response["Location"].startswith("/login?next=")
+
+
+def test_owner_sees_their_keys_masked_and_nobody_elses(client, ann, bob, ready_keys):
+    mine = key_assign(user=ann, label="laptop")
+    theirs = key_assign(user=bob, label="bobs-secret-label")
+    client.force_login(ann)
+
+    page = client.get("/my-keys").content.decode()
+
+    assert "laptop" in page and mine.key.masked in page
+    assert mine.value not in page
+    assert "bobs-secret-label" not in page and theirs.key.masked not in page
+    assert 'action="/my-keys/add"' in page  # the add form works without JavaScript
+
+
+def test_htmx_gets_only_the_table(client, ann, ready_keys):
+    key_assign(user=ann, label="laptop")
+    client.force_login(ann)
+    response = client.get("/my-keys", headers=HTMX)
+    body = response.content.decode()
+    assert response.status_code == 200
+    assert body.lstrip().startswith('<div id="key-table"') and "<html" not in body
+    assert "laptop" in body
+    assert "HX-Request" in response["Vary"]
+    full = client.get("/my-keys")
+    assert b"<html" in full.content and "HX-Request" in full["Vary"]
+
+
+def test_someone_without_keys_is_told_how_to_get_one(client, ann):
+    client.force_login(ann)
+    assert b"You have no keys yet" in client.get("/my-keys").content
+
+
+@pytest.mark.parametrize("count", [1, 12])
+def test_the_list_costs_the_same_queries_however_many_keys(
+    client, ann, django_assert_num_queries, make_ready_keys, count
+):
+    make_ready_keys(count)
+    for n in range(count):
+        key_assign(user=ann, label=f"k{n}")
+    client.force_login(ann)
+    with django_assert_num_queries(3):  # session, person, keys
+        response = client.get("/my-keys")
+    assert response.content.count(b'<tr id="key-') == count
+
+
+# --- add ------------------------------------------------------------------------------------
+
+
+def test_adding_a_key_shows_it_once_without_htmx(client, ann, ready_keys):
+    client.force_login(ann)
+    response = client.post("/my-keys/add", {"label": "  ci  "})
+    assert response.status_code == 200
+    assert "no-store" in response["Cache-Control"]
+    key = ApiKey.objects.get(owner=ann)
+    assert key.label == "ci" and key_digest(shown_value(response.content)) == key.key_hash
+    assert shown_value(response.content) not in client.get("/my-keys").content.decode()
+
+
+def test_adding_a_key_with_htmx_swaps_in_the_key_and_the_table(client, ann, ready_keys):
+    client.force_login(ann)
+    response = client.post("/my-keys/add", {"label": "ci"}, headers=HTMX)
+    body = response.content.decode()
+    assert response.status_code == 200 and "<html" not in body
+    assert "no-store" in response["Cache-Control"]
+    assert 'id="key-value"' in body
+    assert '<div id="key-table" class="table-wrap" hx-swap-oob="true">' in body
+    assert ApiKey.objects.filter(owner=ann).count() == 1
+
+
+def test_a_bad_label_is_refused_on_the_field_and_changes_nothing(client, ann, ready_keys):
+    client.force_login(ann)
+    response = client.post("/my-keys/add", {"label": "x" * 101})
+    assert response.status_code == 400 and b'class="errorlist' in response.content
+    htmx = client.post("/my-keys/add", {"label": "x" * 101}, headers=HTMX)
+    assert htmx["HX-Retarget"] == "#add-form" and htmx["HX-Reswap"] == "outerHTML"
+    assert b'class="errorlist' in htmx.content and b"<html" not in htmx.content
+    assert ApiKey.objects.filter(owner=ann).count() == 0
+
+
+def test_adding_keys_is_rate_limited_per_person(client, ann, settings, make_ready_keys):
+    settings.PORTAL_RATE_KEYS_PER_PERSON = 2
+    make_ready_keys(3)
+    client.force_login(ann)
+    assert client.post("/my-keys/add", {"label": "a"}).status_code == 200
+    assert client.post("/my-keys/add", {"label": "b"}).status_code == 200
+    refused = client.post("/my-keys/add", {"label": "c"})
+    assert refused.status_code == 400 and b"Please wait" in refused.content
+    assert ApiKey.objects.filter(owner=ann).count() == 2
+
+
+def test_an_empty_pool_is_said_plainly_and_staff_are_told(client, ann, django_user_model):
+    django_user_model.objects.create_user("staff@example.com", password="x" * 12, is_staff=True)
+    client.force_login(ann)
+    response = client.post("/my-keys/add", {"label": "ci"})
+    assert response.status_code == 503 and b"No key is available right now" in response.content
+    htmx = client.post("/my-keys/add", {"label": "ci"}, headers=HTMX)
+    assert htmx.status_code == 200 and b"No key is available" in htmx.content
+    assert b"<html" not in htmx.content
+    assert [m.to for m in mail.outbox] == [["staff@example.com"]]
+    assert ApiKey.objects.count() == 0
+
+
+def test_anonymous_cannot_add(client, ready_keys):
+    response = client.post("/my-keys/add", {"label": "ci"})
+    assert response.status_code == 302 and response["Location"].startswith("/login")
+    assert ApiKey.objects.filter(status=Status.POOL).count() == 5
+    assert client.get("/my-keys/add").status_code == 302
+
+
+# --- revoke ---------------------------------------------------------------------------------
+
+
+def test_revoke_asks_first(client, ann, ready_keys):
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(ann)
+    page = client.get(f"/my-keys/{key.pk}/revoke")
+    assert page.status_code == 200 and b"cannot be brought back" in page.content
+    assert f'action="/my-keys/{key.pk}/revoke"'.encode() in page.content
+    row = client.get(f"/my-keys/{key.pk}/revoke", headers=HTMX)
+    assert row.content.lstrip().startswith(f'<tr id="key-{key.pk}" class="confirm">'.encode())
+    assert ApiKey.objects.get(pk=key.pk).status == Status.ACTIVE
+
+
+def test_revoke_kills_the_key_and_removes_it_from_the_proxy(
+    client, ann, proxy_keys, fake_proxy, proxy_accepts
+):
+    issued = key_assign(user=ann, label="laptop")
+    assert proxy_accepts(issued.value)
+    client.force_login(ann)
+
+    response = client.post(f"/my-keys/{issued.key.pk}/revoke")
+
+    assert response.status_code == 303 and response["Location"] == "/my-keys"
+    key = ApiKey.objects.get(pk=issued.key.pk)
+    assert key.status == Status.REVOKED and key.revoked_at is not None
+    assert key.proxy_state == State.REMOVED
+    assert issued.value not in fake_proxy.api_keys and "operator-own-key" in fake_proxy.api_keys
+    assert not proxy_accepts(issued.value)
+    assert b"is revoked" in client.get("/my-keys").content
+
+
+def test_revoke_with_htmx_answers_the_new_row(client, ann, proxy_keys):
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(ann)
+    row = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX)
+    body = row.content.decode().lstrip()
+    assert row.status_code == 200 and body.startswith(f'<tr id="key-{key.pk}">')
+    assert "status-revoked" in body and "Revoke" not in body
+
+
+def test_revoke_while_the_proxy_is_down_leaves_removal_pending(client, ann, ready_keys, settings):
+    settings.CLIPROXY_URL, settings.CLIPROXY_MANAGEMENT_KEY = "http://127.0.0.1:9", "k"
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(ann)
+    row = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX)
+    assert row.status_code == 200 and b"removal from the proxy pending" in row.content
+    key.refresh_from_db()
+    assert (key.status, key.proxy_state) == (Status.REVOKED, State.REMOVAL_PENDING)
+
+
+def test_revoked_keys_are_never_handed_out_again(client, ann, bob, ready_keys):
+    keys = [key_assign(user=ann, label=str(n)).key for n in range(5)]
+    client.force_login(ann)
+    for key in keys:
+        client.post(f"/my-keys/{key.pk}/revoke")
+    from pool.services import PoolEmpty
+
+    with pytest.raises(PoolEmpty):
+        key_assign(user=bob, label="")
+
+
+def test_someone_else_cannot_see_or_revoke_my_key(client, ann, bob, ready_keys):
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(bob)
+    assert client.get(f"/my-keys/{key.pk}/revoke").status_code == 404
+    assert client.post(f"/my-keys/{key.pk}/revoke").status_code == 404
+    assert client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX).status_code == 404
+    assert ApiKey.objects.get(pk=key.pk).status == Status.ACTIVE
+
+
+def test_anonymous_cannot_revoke(client, ann, ready_keys):
+    key = key_assign(user=ann, label="laptop").key
+    for response in (client.get(f"/my-keys/{key.pk}/revoke"), client.post(f"/my-keys/{key.pk}/revoke")):
+        assert response.status_code == 302 and response["Location"].startswith("/login")
+    assert ApiKey.objects.get(pk=key.pk).status == Status.ACTIVE
+
+
+def test_revoking_twice_is_harmless(client, ann, ready_keys, settings):
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(ann)
+    client.post(f"/my-keys/{key.pk}/revoke")
+    first = ApiKey.objects.get(pk=key.pk).revoked_at
+    assert client.post(f"/my-keys/{key.pk}/revoke").status_code == 303
+    assert ApiKey.objects.get(pk=key.pk).revoked_at == first
+    assert b"already revoked" in client.get(f"/my-keys/{key.pk}/revoke").content

@@ -1,0 +1,72 @@
+"""The audit log: one row per change, written by the services; read-only in the admin."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+
+from keyportal.models import AuditEvent
+
+pytestmark = pytest.mark.django_db
+Action = AuditEvent.Action
+LIST = "/admin/keyportal/auditevent/"
+
+
+def run(*args: str) -> None:
+    call_command(*args, stdout=StringIO())
+
+
+def test_generating_from_a_command_leaves_one_system_row(fake_proxy):
+    run("generate_keys", "--count", "4")
+    [event] = AuditEvent.objects.all()
+    assert (event.action, event.actor_kind, event.actor) == (Action.POOL_GENERATED, "system", None)
+    assert event.after == {"created": 4, "pushed": True, "proxy_keys": 4}
+
+
+def test_generating_from_the_admin_names_the_staff_member_and_address(admin_client, admin_user, fake_proxy):
+    admin_client.post("/admin/pool/apikey/generate/", {"count": "3"}, REMOTE_ADDR="10.1.2.3")
+    [event] = AuditEvent.objects.all()
+    assert event.actor == admin_user and event.actor_kind == "staff"
+    assert event.ip == "10.1.2.3" and event.actor_label == admin_user.email
+
+
+def test_a_failed_push_is_recorded_too(fake_proxy):
+    fake_proxy.config_read_only = True
+    with pytest.raises(Exception):
+        run("generate_keys", "--count", "2")
+    [event] = AuditEvent.objects.all()
+    assert event.after == {"created": 2, "pushed": False}
+    assert "read-only" in event.detail
+
+
+def test_reconcile_leaves_a_row_only_when_it_changed_something(fake_proxy):
+    run("generate_keys", "--count", "2")
+    run("reconcile_keys")
+    assert not AuditEvent.objects.filter(action=Action.RECONCILE_RUN).exists()
+    fake_proxy.api_keys = fake_proxy.api_keys[:1]
+    run("reconcile_keys")
+    [event] = AuditEvent.objects.filter(action=Action.RECONCILE_RUN)
+    assert event.after["pushed"] == 1 and event.before == {"proxy_keys": 1}
+
+
+def test_dry_run_leaves_no_row(fake_proxy):
+    run("generate_keys", "--count", "2")
+    fake_proxy.api_keys = fake_proxy.api_keys[:1]
+    run("reconcile_keys", "--dry-run")
+    assert not AuditEvent.objects.filter(action=Action.RECONCILE_RUN).exists()
+
+
+def test_staff_read_and_search_the_log_but_cannot_change_it(admin_client, fake_proxy):
+    run("generate_keys", "--count", "1")
+    event = AuditEvent.objects.get()
+    assert admin_client.get(LIST).status_code == 200
+    assert "pool keys generated" in admin_client.get(LIST, {"q": "system"}).content.decode()
+    assert admin_client.get(f"{LIST}add/").status_code == 403
+    assert admin_client.post(f"{LIST}{event.pk}/delete/", {"post": "yes"}).status_code == 403
+    admin_client.post(f"{LIST}{event.pk}/change/", {"detail": "rewritten"})
+    event.refresh_from_db()
+    assert event.detail == ""
+    page = admin_client.get(f"{LIST}{event.pk}/change/").content.decode()
+    assert 'name="detail"' not in page  # shown, not editable
