@@ -14,6 +14,7 @@ from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiToken, User, normalize_email
 from accounts.services import api_token_new, api_tokens_revoke
+from keyportal.audit import Action, audit_record, client_ip
 
 
 class UserCreationForm(forms.ModelForm):
@@ -108,6 +109,9 @@ class ApiTokenAdmin(admin.ModelAdmin):
             obj.set_token(raw)
             request.new_api_token = raw  # type: ignore[attr-defined]  # for response_add only
         super().save_model(request, obj, form, change)
+        if not change:  # the admin's add view runs in one transaction: row and audit together
+            audit_record(action=Action.TOKEN_CREATED, actor=request.user, target=obj,
+                         ip=client_ip(request), after={"for": obj.user.email})
 
     def response_add(self, request: HttpRequest, obj: ApiToken, *args: Any) -> HttpResponse:
         raw = getattr(request, "new_api_token", None)
@@ -126,5 +130,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
     @admin.action(description=_("Revoke the selected tokens"))
     def revoke_tokens(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
-        n = api_tokens_revoke(ids=list(queryset.values_list("id", flat=True)))
+        n = api_tokens_revoke(
+            ids=list(queryset.values_list("id", flat=True)), by=request.user, ip=client_ip(request)
+        )
         self.message_user(request, _("%(n)d tokens revoked.") % {"n": n}, messages.SUCCESS)

@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts.models import ApiToken, SignInLink, User, normalize_email, token_digest
+from keyportal.audit import Action, audit_record
 
 Purpose = SignInLink.Purpose
 API_TOKEN_PREFIX = "kpt_"
@@ -84,7 +85,9 @@ def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
     return link if link is not None and link.usable else None
 
 
-def signin_link_redeem(*, token: str, purpose: str) -> tuple[User, SignInLink]:
+def signin_link_redeem(
+    *, token: str, purpose: str, ip: str | None = None
+) -> tuple[User, SignInLink]:
     """Uses the link once and returns its person (created by a registration link).
 
     The conditional UPDATE is the "once": of two requests racing with one link, exactly one
@@ -110,6 +113,8 @@ def signin_link_redeem(*, token: str, purpose: str) -> tuple[User, SignInLink]:
         if link.name and not user.name:
             user.name = link.name
             user.save(update_fields=["name"])
+        audit_record(action=Action.SIGN_IN, actor=user, target=user, ip=ip,
+                     detail=f"{link.purpose} link")
     return user, link
 
 
@@ -137,8 +142,10 @@ def api_token_authenticate(*, raw: str) -> ApiToken | None:
     return token
 
 
-def api_tokens_revoke(*, ids: list[int]) -> int:
+def api_tokens_revoke(*, ids: list[int], by: User | None = None, ip: str | None = None) -> int:
     with transaction.atomic():
-        return ApiToken.objects.filter(pk__in=ids, revoked_at__isnull=True).update(
-            revoked_at=timezone.now()
-        )
+        live = list(ApiToken.objects.select_for_update().filter(pk__in=ids, revoked_at__isnull=True))
+        ApiToken.objects.filter(pk__in=[t.pk for t in live]).update(revoked_at=timezone.now())
+        for token in live:
+            audit_record(action=Action.TOKEN_REVOKED, actor=by, target=token, ip=ip)
+        return len(live)

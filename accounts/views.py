@@ -16,15 +16,10 @@ from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
 from accounts.ratelimit import rate_limited
 from accounts.services import LinkInvalid, signin_link_peek, signin_link_redeem, signin_link_send
+from keyportal.audit import client_ip
 
 Purpose = SignInLink.Purpose
 LINK_ROUTES = {Purpose.LOGIN: "login-link", Purpose.REGISTER: "register-link"}
-
-
-def client_ip(request: HttpRequest) -> str:
-    # REMOTE_ADDR only: a header the client sets could dodge the limit. Behind a reverse
-    # proxy, that proxy should rate-limit too (or pass the address as REMOTE_ADDR).
-    return request.META.get("REMOTE_ADDR", "")
 
 
 def too_many(request: HttpRequest, email: str, form_name: str) -> bool:
@@ -32,7 +27,7 @@ def too_many(request: HttpRequest, email: str, form_name: str) -> bool:
     spent to save the other); True when either is over its limit."""
     window = settings.PORTAL_RATE_WINDOW_SECONDS
     by_ip = rate_limited(
-        scope=f"{form_name}:ip", ident=client_ip(request),
+        scope=f"{form_name}:ip", ident=client_ip(request) or "",
         limit=settings.PORTAL_RATE_PER_IP, window=window,
     )
     by_email = rate_limited(
@@ -107,7 +102,7 @@ def login_link(request: HttpRequest, token: str) -> HttpResponse:
             return link_gone(request)
         return render(request, "accounts/link_confirm.html", {"link": link})
     try:
-        user, _link = signin_link_redeem(token=token, purpose=Purpose.LOGIN)
+        user, _link = signin_link_redeem(token=token, purpose=Purpose.LOGIN, ip=client_ip(request))
     except LinkInvalid:
         return link_gone(request)
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")

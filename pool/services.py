@@ -337,7 +337,9 @@ class IssuedKey:
     value: str
 
 
-def key_assign(*, user: User, label: str) -> IssuedKey:
+def key_assign(
+    *, user: User, label: str, by: User | None = None, ip: str | None = None
+) -> IssuedKey:
     """Hands `user` an unissued pool key. Raises PoolEmpty when none is ready.
 
     On PostgreSQL, SKIP LOCKED lets concurrent callers pick different rows without waiting
@@ -362,16 +364,19 @@ def key_assign(*, user: User, label: str) -> IssuedKey:
                 value=None,
             )
             if taken == 1:
-                return IssuedKey(key=ApiKey.objects.get(id=key_id), value=value)
+                key = ApiKey.objects.get(id=key_id)
+                audit_record(action=Action.KEY_ISSUED, actor=by or user, target=key, ip=ip,
+                             after={"owner": user.email, "label": label})
+                return IssuedKey(key=key, value=value)
     raise PoolEmpty
 
 
-def registration_complete(*, token: str) -> tuple[User, IssuedKey]:
+def registration_complete(*, token: str, ip: str | None = None) -> tuple[User, IssuedKey]:
     """Uses a registration link and issues its key, all or nothing: with the pool empty the
     link stays unused (it works again once the pool is refilled) and no person is created."""
     with transaction.atomic():
-        user, link = signin_link_redeem(token=token, purpose=SignInLink.Purpose.REGISTER)
-        issued = key_assign(user=user, label=link.label)
+        user, link = signin_link_redeem(token=token, purpose=SignInLink.Purpose.REGISTER, ip=ip)
+        issued = key_assign(user=user, label=link.label, ip=ip)
     return user, issued
 
 
@@ -396,15 +401,19 @@ def pool_empty_notify() -> bool:
     return True
 
 
-def key_revoke(*, key: ApiKey, by: User) -> bool:
+def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
     """Revokes an issued key in the portal at once: it is marked for removal at the proxy,
     and never goes back to the pool. False when it was not live (already revoked)."""
     with transaction.atomic():
+        before = ApiKey.objects.filter(id=key.id).values_list("status", flat=True).first()
         changed = ApiKey.objects.filter(
             id=key.id, status__in=[Status.ACTIVE, Status.SUSPENDED, Status.EXPIRED]
         ).update(
             status=Status.REVOKED, revoked_at=timezone.now(), proxy_state=State.REMOVAL_PENDING
         )
+        if changed:
+            audit_record(action=Action.KEY_REVOKED, actor=by, target=key, ip=ip,
+                         before={"status": before}, after={"status": Status.REVOKED})
     key.refresh_from_db()
     if changed:
         log.info("Key %s (id %s) revoked by %s.", key.masked, key.id, by.pk)

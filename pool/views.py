@@ -26,6 +26,7 @@ from accounts.ratelimit import rate_limited
 from accounts.services import LinkInvalid, signin_link_peek
 from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, json_body
+from keyportal.audit import client_ip
 from pool.forms import KeyLabelForm, KeyRevokeForm
 from pool.models import ApiKey, key_digest
 from pool.selectors import pool_status
@@ -86,7 +87,7 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
             return link_gone(request)
         return render(request, "accounts/link_confirm.html", {"link": link})
     try:
-        user, issued = registration_complete(token=token)
+        user, issued = registration_complete(token=token, ip=client_ip(request))
     except LinkInvalid:
         return link_gone(request)
     except PoolEmpty:
@@ -122,7 +123,9 @@ def key_add(request: HttpRequest) -> HttpResponse:
         context = {"keys": _my_keys(request.user), "form": form}
         return render(request, "pool/my_keys.html", context, status=400)
     try:
-        issued = key_assign(user=request.user, label=form.cleaned_data["label"])
+        issued = key_assign(
+            user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
+        )
     except PoolEmpty:
         return _pool_empty(
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
@@ -148,7 +151,7 @@ def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "GET":
         template = "pool/key_revoke.html#confirm-row" if request.htmx else "pool/key_revoke.html"
         return render(request, template, {"key": key})
-    if key_revoke(key=key, by=request.user):
+    if key_revoke(key=key, by=request.user, ip=client_ip(request)):
         keys_reconcile_quietly()  # committed already: a proxy failure only postpones removal
         key.refresh_from_db()
     if request.htmx:
@@ -216,7 +219,9 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     if api_token_of(request) is None and _key_limit_reached(person):
         raise ApiError(_("Too many keys added in a short time; try again later."), 429)
     try:
-        issued = key_assign(user=person, label=form.cleaned_data["label"])
+        issued = key_assign(
+            user=person, label=form.cleaned_data["label"], by=request.user, ip=client_ip(request)
+        )
     except PoolEmpty:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None
@@ -248,7 +253,7 @@ def api_revoke_key(request: HttpRequest) -> JsonResponse:
         key = owned.filter(key_hash=key_digest(form.cleaned_data["key"])).first()
     if key is None:
         raise ApiError(_("No such key."), 404)
-    if key_revoke(key=key, by=request.user):
+    if key_revoke(key=key, by=request.user, ip=client_ip(request)):
         keys_reconcile_quietly()
         key.refresh_from_db()
     return JsonResponse(_key_json(key))

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 from django.core.cache import cache
+
+from accounts.models import User
 
 from tests.fakes.proxy import FakeProxy
 
@@ -46,3 +49,29 @@ def snapshot_proxy(settings) -> Iterator[FakeProxy]:
     settings.CLIPROXY_MANAGEMENT_KEY = MANAGEMENT_KEY
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def proxy_accepts(fake_proxy) -> Callable[[str], bool]:
+    """Whether the fake proxy serves a client request made with this key."""
+
+    def accepts(value: str) -> bool:
+        answer = requests.post(
+            f"{fake_proxy.url}/v1/chat/completions",
+            json={"model": "mock-gpt", "messages": []},
+            headers={"Authorization": f"Bearer {value}"},
+            timeout=5,
+        )
+        return answer.status_code == 200
+
+    return accepts
+
+
+@pytest.fixture
+def ann(db) -> User:
+    return User.objects.create_user("ann@example.com", name="Ann")
+
+
+@pytest.fixture
+def bob(db) -> User:
+    return User.objects.create_user("bob@example.com", name="Bob")

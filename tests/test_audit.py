@@ -70,3 +70,63 @@ def test_staff_read_and_search_the_log_but_cannot_change_it(admin_client, fake_p
     assert event.detail == ""
     page = admin_client.get(f"{LIST}{event.pk}/change/").content.decode()
     assert 'name="detail"' not in page  # shown, not editable
+
+
+# --- self-service actions -------------------------------------------------------------------
+
+
+def _ready_key() -> None:
+    from pool.services import pool_keys_create
+    from pool.models import ApiKey
+
+    keys = pool_keys_create(count=2)
+    ApiKey.objects.filter(pk__in=[k.pk for k in keys]).update(proxy_state=ApiKey.ProxyState.PUSHED)
+
+
+def test_registration_leaves_a_sign_in_and_a_key_issued_row(client):
+    from tests.accounts.mailbox import emailed_path
+
+    _ready_key()
+    client.post("/register", {"email": "new@example.com", "name": "New", "label": "laptop"})
+    assert not AuditEvent.objects.exists()  # asking for a link changes nothing yet
+    client.post(emailed_path(), REMOTE_ADDR="10.9.8.7")
+    events = {e.action: e for e in AuditEvent.objects.all()}
+    assert set(events) == {Action.SIGN_IN, Action.KEY_ISSUED}
+    issued = events[Action.KEY_ISSUED]
+    assert issued.actor_label == "new@example.com" and issued.actor_kind == "person"
+    assert issued.ip == "10.9.8.7" and issued.after == {"owner": "new@example.com", "label": "laptop"}
+    assert issued.target_label.startswith("sk-kp-…")
+
+
+def test_sign_in_by_link_leaves_one_row(client, ann):
+    from tests.accounts.mailbox import emailed_path
+
+    client.post("/login", {"email": "ann@example.com"})
+    client.post(emailed_path())
+    [event] = AuditEvent.objects.all()
+    assert (event.action, event.actor) == (Action.SIGN_IN, ann)
+
+
+def test_revoking_leaves_one_row_and_a_second_revoke_none(client, ann):
+    _ready_key()
+    client.force_login(ann)
+    client.post("/my-keys/add", {"label": "x"})
+    key = ann.api_keys.get()
+    client.post(f"/my-keys/{key.pk}/revoke")
+    client.post(f"/my-keys/{key.pk}/revoke")
+    [event] = AuditEvent.objects.filter(action=Action.KEY_REVOKED)
+    assert event.before == {"status": "active"} and event.after == {"status": "revoked"}
+    assert event.actor == ann
+
+
+def test_api_tokens_created_and_revoked_in_the_admin_leave_rows(admin_client, admin_user):
+    from accounts.models import ApiToken
+
+    admin_client.post("/admin/accounts/apitoken/add/", {"user": admin_user.pk, "name": "ci"})
+    token = ApiToken.objects.get()
+    admin_client.post("/admin/accounts/apitoken/", {
+        "action": "revoke_tokens", "_selected_action": [token.pk]})
+    admin_client.post("/admin/accounts/apitoken/", {
+        "action": "revoke_tokens", "_selected_action": [token.pk]})
+    actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
+    assert actions == [Action.TOKEN_CREATED, Action.TOKEN_REVOKED]

@@ -3,9 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import requests
 
-from accounts.models import User
 from pool.models import ApiKey
 from pool.services import pool_keys_create
 
@@ -27,32 +25,6 @@ def make_ready_keys(db) -> Callable[[int], list[ApiKey]]:
 @pytest.fixture
 def ready_keys(make_ready_keys) -> list[ApiKey]:
     return make_ready_keys(5)
-
-
-@pytest.fixture
-def proxy_accepts(fake_proxy) -> Callable[[str], bool]:
-    """Whether the fake proxy serves a client request made with this key."""
-
-    def accepts(value: str) -> bool:
-        answer = requests.post(
-            f"{fake_proxy.url}/v1/chat/completions",
-            json={"model": "mock-gpt", "messages": []},
-            headers={"Authorization": f"Bearer {value}"},
-            timeout=5,
-        )
-        return answer.status_code == 200
-
-    return accepts
-
-
-@pytest.fixture
-def ann(db) -> User:
-    return User.objects.create_user("ann@example.com", name="Ann")
-
-
-@pytest.fixture
-def bob(db) -> User:
-    return User.objects.create_user("bob@example.com", name="Bob")
 
 
 @pytest.fixture
