@@ -7,14 +7,15 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import ApiToken, User, normalize_email
+from accounts.models import ApiToken, LimitDefaults, Limits, User, normalize_email
 from accounts.services import api_token_new, api_tokens_revoke
-from keyportal.audit import Action, audit_record, client_ip
+from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 
 
 class UserCreationForm(forms.ModelForm):
@@ -45,6 +46,8 @@ class UserCreationForm(forms.ModelForm):
 
     def save(self, commit: bool = True) -> User:
         user = super().save(commit=False)
+        for name, value in LimitDefaults.for_new_person().items():
+            setattr(user, name, value)
         if self.cleaned_data.get("password1"):
             user.set_password(self.cleaned_data["password1"])
         else:
@@ -74,12 +77,18 @@ class UserAdmin(BaseUserAdmin):
     readonly_fields = ("date_joined", "last_login")
     fieldsets = (
         (None, {"fields": ("email", "name", "password")}),
+        (_("Limits (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
         (
             _("Permissions"),
             {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")},
         ),
         (_("Dates"), {"fields": ("last_login", "date_joined")}),
     )
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change:
+            audit_form_changes(request=request, obj=obj, form=form, fields=Limits.LIMIT_FIELDS)
+
     add_fieldsets = ((None, {"classes": ("wide",), "fields": ("email", "name", "is_staff", "password1")}),)
 
 
@@ -134,3 +143,31 @@ class ApiTokenAdmin(admin.ModelAdmin):
             ids=list(queryset.values_list("id", flat=True)), by=request.user, ip=client_ip(request)
         )
         self.message_user(request, _("%(n)d tokens revoked.") % {"n": n}, messages.SUCCESS)
+
+
+@admin.register(LimitDefaults)
+class LimitDefaultsAdmin(admin.ModelAdmin):
+    """One row: the limits and key lifetime every new person starts with."""
+
+    fieldsets = (
+        (_("Limits for new people (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
+        (_("Keys"), {"fields": ("key_valid_days",)}),
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: LimitDefaults, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_form_changes(
+            request=request, obj=obj, form=form, fields=(*Limits.LIMIT_FIELDS, "key_valid_days")
+        )
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        defaults = LimitDefaults.current()
+        return HttpResponseRedirect(
+            reverse("admin:accounts_limitdefaults_change", args=[defaults.pk])
+        )

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -21,12 +22,46 @@ def normalize_email(raw: str) -> str:
     return raw.strip().lower()
 
 
+class Limits(models.Model):
+    """Usage limits: tokens and cost per day and per month, each optional (empty: no limit).
+    People, keys and the defaults for new people all carry them; day and month follow the
+    portal's TIME_ZONE."""
+
+    limit_tokens_day = models.PositiveBigIntegerField(
+        _("tokens per day"), null=True, blank=True
+    )
+    limit_tokens_month = models.PositiveBigIntegerField(
+        _("tokens per month"), null=True, blank=True
+    )
+    limit_cost_day = models.DecimalField(
+        _("cost per day (USD)"), max_digits=12, decimal_places=2, null=True, blank=True,
+        validators=[MinValueValidator(0)],
+    )
+    limit_cost_month = models.DecimalField(
+        _("cost per month (USD)"), max_digits=12, decimal_places=2, null=True, blank=True,
+        validators=[MinValueValidator(0)],
+    )
+
+    LIMIT_FIELDS = ("limit_tokens_day", "limit_tokens_month", "limit_cost_day", "limit_cost_month")
+
+    class Meta:
+        abstract = True
+
+    def limits(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.LIMIT_FIELDS}
+
+    @property
+    def has_limits(self) -> bool:
+        return any(v is not None for v in self.limits().values())
+
+
 class UserManager(BaseUserManager["User"]):
     use_in_migrations = True
 
     def create_user(self, email: str, password: str | None = None, **extra: Any) -> User:
         if not email or not email.strip():
             raise ValueError("An email address is required.")
+        extra = {**LimitDefaults.for_new_person(), **extra}
         user = self.model(email=normalize_email(email), **extra)
         if password:
             user.set_password(password)
@@ -43,7 +78,7 @@ class UserManager(BaseUserManager["User"]):
         return self.get(email=normalize_email(username or ""))
 
 
-class User(AbstractBaseUser, PermissionsMixin):
+class User(AbstractBaseUser, PermissionsMixin, Limits):
     email = models.EmailField(_("email address"), unique=True)
     name = models.CharField(_("name"), max_length=150, blank=True)
     is_active = models.BooleanField(_("active"), default=True)
@@ -151,3 +186,32 @@ class ApiToken(models.Model):
     def set_token(self, raw: str) -> None:
         self.token_hash = token_digest(raw)
         self.last4 = raw[-4:]
+
+
+class LimitDefaults(Limits):
+    """What new people start with, set by staff in the admin (one row)."""
+
+    key_valid_days = models.PositiveIntegerField(
+        _("new keys expire after (days)"), null=True, blank=True,
+        help_text=_("Empty: new keys do not expire."),
+    )
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("limits for new people")
+        verbose_name_plural = _("limits for new people")
+        constraints = [
+            models.CheckConstraint(condition=models.Q(id=1), name="limitdefaults_single_row")
+        ]
+
+    def __str__(self) -> str:
+        return str(_("Limits for new people"))
+
+    @classmethod
+    def current(cls) -> LimitDefaults:
+        return cls.objects.get_or_create(id=1)[0]
+
+    @classmethod
+    def for_new_person(cls) -> dict[str, Any]:
+        defaults = cls.objects.filter(id=1).first()
+        return defaults.limits() if defaults else {}

@@ -85,6 +85,20 @@ def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
     return link if link is not None and link.usable else None
 
 
+def person_get_or_create(*, email: str, name: str = "") -> User:
+    """The person with this address, created (with the staff's defaults for new people) when
+    there is none; safe when two requests create the same person at the same moment."""
+    email = normalize_email(email)
+    user = User.objects.filter(email=email).first()
+    if user is not None:
+        return user
+    try:
+        with transaction.atomic():
+            return User.objects.create_user(email, name=name)
+    except IntegrityError:  # created by a concurrent request a moment ago
+        return User.objects.get(email=email)
+
+
 def signin_link_redeem(
     *, token: str, purpose: str, ip: str | None = None
 ) -> tuple[User, SignInLink]:
@@ -101,13 +115,10 @@ def signin_link_redeem(
         if used != 1:
             raise LinkInvalid
         link = SignInLink.objects.get(token_hash=digest)
-        user = User.objects.filter(email=link.email).first()
-        if user is None and purpose == Purpose.REGISTER:
-            try:
-                with transaction.atomic():
-                    user = User.objects.create_user(link.email, name=link.name)
-            except IntegrityError:  # registered by another link at the same moment
-                user = User.objects.get(email=link.email)
+        if purpose == Purpose.REGISTER:
+            user = person_get_or_create(email=link.email, name=link.name)
+        else:
+            user = User.objects.filter(email=link.email).first()
         if user is None or not user.is_active:
             raise LinkInvalid
         if link.name and not user.name:

@@ -54,3 +54,25 @@ def audit_record(
             ip=ip,
             detail=detail[:2000],
         )
+
+
+def audit_form_changes(
+    *, request: HttpRequest, obj: models.Model, form: Any, fields: tuple[str, ...],
+    action: str = Action.LIMITS_CHANGED,
+) -> AuditEvent | None:
+    """One audit row for a staff edit in the admin that changed any of `fields`, with the
+    old and new values; nothing when none of them changed. The admin saves in a transaction,
+    so the row commits with the edit."""
+    changed = [name for name in fields if name in form.changed_data]
+    if not changed:
+        return None
+    return audit_record(
+        action=action, actor=request.user, target=obj, ip=client_ip(request),
+        before={name: _plain(form.initial.get(name)) for name in changed},
+        after={name: _plain(form.cleaned_data.get(name)) for name in changed},
+    )
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly: decimals and dates as text, numbers and None as they are."""
+    return value if value is None or isinstance(value, (int, str, bool)) else str(value)

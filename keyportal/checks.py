@@ -57,6 +57,19 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="keyportal.E003",
             )
         )
+    if settings.PORTAL_ESCROW_KEY:
+        from cryptography.fernet import Fernet
+
+        try:
+            Fernet(settings.PORTAL_ESCROW_KEY.encode())
+        except ValueError:
+            problems.append(
+                Error(
+                    "PORTAL_ESCROW_KEY is not a Fernet key (32 url-safe base64-encoded bytes).",
+                    hint="Generate one with Fernet.generate_key(), or leave it empty.",
+                    id="keyportal.E005",
+                )
+            )
     if settings.PORTAL_POOL_MIN < 0:
         problems.append(Error("PORTAL_POOL_MIN cannot be negative.", id="keyportal.E004"))
     return problems

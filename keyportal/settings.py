@@ -179,6 +179,10 @@ PORTAL_KEY_PREFIX = env.str("PORTAL_KEY_PREFIX", default="sk-kp-")  # empty is a
 # PORTAL_POOL_TARGET (default twice the minimum), so that not every sign-up causes a write.
 PORTAL_POOL_MIN = number("PORTAL_POOL_MIN", "20")
 PORTAL_POOL_TARGET = max(number("PORTAL_POOL_TARGET", str(2 * PORTAL_POOL_MIN)), PORTAL_POOL_MIN)
+# Encrypts the values of suspended and expired keys while they are off the proxy, so they can
+# come back on their own (pool/escrow.py). A Fernet key (`python -c "from cryptography.fernet
+# import Fernet; print(Fernet.generate_key().decode())"`); empty: derived from SECRET_KEY.
+PORTAL_ESCROW_KEY = env.str("PORTAL_ESCROW_KEY", default="")
 
 LOGGING = {
     "version": 1,

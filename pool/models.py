@@ -9,6 +9,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
+from accounts.models import Limits
+
 
 def key_digest(value: str) -> str:
     """SHA-256 of a key's full value: what the portal keeps once the key is handed out, and
@@ -16,7 +18,7 @@ def key_digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-class ApiKey(models.Model):
+class ApiKey(Limits):
     class Status(models.TextChoices):
         POOL = "pool", _("in the pool")
         ACTIVE = "active", _("active")
@@ -31,8 +33,21 @@ class ApiKey(models.Model):
         REMOVED = "removed", _("removed from the proxy")
         MISSING = "missing", _("missing at the proxy")
 
+    class SuspendedFor(models.TextChoices):
+        KEY_TOKENS_DAY = "key_tokens_day", _("this key's daily token limit")
+        KEY_TOKENS_MONTH = "key_tokens_month", _("this key's monthly token limit")
+        KEY_COST_DAY = "key_cost_day", _("this key's daily cost limit")
+        KEY_COST_MONTH = "key_cost_month", _("this key's monthly cost limit")
+        PERSON_TOKENS_DAY = "person_tokens_day", _("your daily token limit")
+        PERSON_TOKENS_MONTH = "person_tokens_month", _("your monthly token limit")
+        PERSON_COST_DAY = "person_cost_day", _("your daily cost limit")
+        PERSON_COST_MONTH = "person_cost_month", _("your monthly cost limit")
+        STAFF = "staff", _("staff")
+
     # The statuses whose keys belong in the proxy's list; every other key must be absent.
     WANTED_AT_PROXY = (Status.POOL, Status.ACTIVE)
+    # Keys that may come back on their own (a limit window resets, staff extend an expiry).
+    RETURNABLE = (Status.SUSPENDED, Status.EXPIRED)
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -58,6 +73,22 @@ class ApiKey(models.Model):
     issued_at = models.DateTimeField(_("issued"), null=True, blank=True)
     last_used_at = models.DateTimeField(_("last used"), null=True, blank=True)
     revoked_at = models.DateTimeField(_("revoked"), null=True, blank=True)
+    expires_at = models.DateTimeField(
+        _("expires"), null=True, blank=True, help_text=_("Empty: the key does not expire.")
+    )
+    expiry_notified_at = models.DateTimeField(null=True, blank=True, editable=False)
+    suspended_for = models.CharField(
+        _("suspended for"), max_length=24, choices=SuspendedFor.choices, blank=True
+    )
+    suspended_until = models.DateTimeField(
+        _("suspended until"), null=True, blank=True,
+        help_text=_("When the limit's window resets and the key comes back on its own."),
+    )
+    # While a key is suspended or expired it is off the proxy; to bring it back the portal
+    # needs its value, which it keeps only as a hash. Reconcile reads the value from the
+    # proxy's own list as it removes the key and keeps it here encrypted (pool/escrow.py,
+    # a key that is not in the database) until the key returns or is revoked.
+    escrow = models.TextField(null=True, blank=True, editable=False)
 
     class Meta:
         verbose_name = _("API key")
@@ -77,6 +108,11 @@ class ApiKey(models.Model):
                 condition=~Q(status__in=["active", "suspended", "expired"])
                 | Q(owner__isnull=False),
                 name="apikey_issued_keys_have_an_owner",
+            ),
+            models.CheckConstraint(
+                # Kept while off the proxy, and while a restored key waits to be pushed back.
+                condition=Q(escrow__isnull=True) | Q(status__in=["active", "suspended", "expired"]),
+                name="apikey_escrow_only_for_issued_keys",
             ),
         ]
 

@@ -27,8 +27,11 @@ from accounts.models import SignInLink, User
 from accounts.services import signin_link_redeem
 from keyportal.audit import Action, audit_record
 from keyportal.locks import LeaseHeld, lease
+from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ApiKey, key_digest
 from pool.upstream import ProxyClient, UpstreamError
+
+log = logging.getLogger(__name__)
 
 PROXY_WRITE_LEASE = "proxy-keys"
 PROXY_WRITE_WAIT_SECONDS = 30
@@ -158,10 +161,12 @@ def pool_generate(
 
 
 class _PortalKey(NamedTuple):
+    key_hash: str
     id: int
     status: str
     proxy_state: str
     value: str | None
+    escrow: str | None
 
 
 @dataclass
@@ -172,6 +177,7 @@ class ReconcileReport:
     foreign: int = 0
     foreign_with_prefix: int = 0
     pushed: int = 0
+    restored: int = 0
     removed: int = 0
     duplicates: int = 0
     missing: int = 0
@@ -182,8 +188,8 @@ class ReconcileReport:
     @property
     def changed(self) -> bool:
         return any(
-            (self.pushed, self.removed, self.duplicates, self.missing, self.refilled,
-             self.states_fixed)
+            (self.pushed, self.restored, self.removed, self.duplicates, self.missing,
+             self.refilled, self.states_fixed)
         )
 
     def lines(self) -> list[str]:
@@ -200,6 +206,7 @@ class ReconcileReport:
             )
         counts = [
             (self.pushed, _("pool keys added to the proxy")),
+            (self.restored, _("suspended or expired keys back at the proxy")),
             (self.removed, _("revoked, suspended or expired keys removed from the proxy")),
             (self.duplicates, _("duplicate copies of portal keys removed")),
             (self.refilled, _("new pool keys created to refill the pool")),
@@ -235,13 +242,17 @@ def keys_reconcile(
     with _proxy_write_lease():
         current = client.list_keys()
         portal = {
-            row[0]: _PortalKey(*row[1:])
-            for row in ApiKey.objects.values_list("key_hash", "id", "status", "proxy_state", "value")
+            row[0]: _PortalKey(*row)
+            for row in ApiKey.objects.values_list(
+                "key_hash", "id", "status", "proxy_state", "value", "escrow"
+            )
         }
         after: list[str] = []
         seen: set[int] = set()
         present_wanted: list[int] = []
         removed: list[int] = []
+        to_escrow: list[tuple[int, str]] = []
+        stale_escrow: list[int] = []
         for entry in current:
             key = portal.get(key_digest(entry))
             if key is None:
@@ -254,16 +265,26 @@ def keys_reconcile(
                 seen.add(key.id)
                 after.append(entry)
                 present_wanted.append(key.id)
+                if key.escrow:
+                    stale_escrow.append(key.id)
             else:
                 seen.add(key.id)
                 removed.append(key.id)
+                if key.status in ApiKey.RETURNABLE and not key.escrow:
+                    to_escrow.append((key.id, entry))
         report.removed = len(removed)
 
         absent = [k for k in portal.values() if k.id not in seen]
         to_push = [k for k in absent if k.status == Status.POOL]
         after.extend(k.value for k in to_push if k.value)
         report.pushed = len(to_push)
-        lost = [k.id for k in absent if k.status == Status.ACTIVE and k.proxy_state != State.MISSING]
+        returning = _escrowed_values(k for k in absent if k.status == Status.ACTIVE and k.escrow)
+        after.extend(returning.values())
+        report.restored = len(returning)
+        lost = [
+            k.id for k in absent
+            if k.status == Status.ACTIVE and k.id not in returning and k.proxy_state != State.MISSING
+        ]
         report.missing = len(lost)
         gone = [k.id for k in absent if k.status not in ApiKey.WANTED_AT_PROXY]
 
@@ -290,14 +311,27 @@ def keys_reconcile(
 
         new_keys = pool_keys_create(count=need) if need else []
         after.extend(k.value for k in new_keys)
+        # A suspended or expired key leaves the proxy only once its value is safely kept,
+        # so that it can come back; the escrow is written before the list is.
+        with transaction.atomic():
+            for key_id, value in to_escrow:
+                ApiKey.objects.filter(id=key_id, status__in=ApiKey.RETURNABLE).update(
+                    escrow=escrow_seal(value)
+                )
         if after != current:
             client.replace_keys(after)
 
     # The list is settled; record where each key now stands. Conditions on status keep a
     # key revoked (or issued) during the run from being filed under the wrong state.
     pushed_ids = present_wanted + [k.id for k in to_push] + [k.id for k in new_keys]
+    pushed_ids += list(returning)
     with transaction.atomic():
         _set_proxy_state(pushed_ids, State.PUSHED, status__in=ApiKey.WANTED_AT_PROXY)
+        # Back at the proxy: the encrypted copy has done its job.
+        ApiKey.objects.filter(
+            id__in=[*returning, *stale_escrow],
+            status=Status.ACTIVE,
+        ).update(escrow=None)
         _set_proxy_state(removed + gone, State.REMOVED, status__in=_UNWANTED)
         _set_proxy_state(lost, State.MISSING, status=Status.ACTIVE)
         if report.changed:  # a run that changed nothing leaves no trail
@@ -315,11 +349,25 @@ def keys_reconcile(
 _UNWANTED = [s for s in Status.values if s not in ApiKey.WANTED_AT_PROXY]
 
 
+def _escrowed_values(keys: Iterable[_PortalKey]) -> dict[int, str]:
+    """The values of restored keys, from their escrow; a key whose escrow cannot be read
+    (the escrow key changed) or does not match its hash is left out, and counts as missing."""
+    values = {}
+    for key in keys:
+        try:
+            value = escrow_open(key.escrow or "")
+        except EscrowUnreadable:
+            log.warning("Escrow of key %s cannot be read; it is reported missing.", key.id)
+            continue
+        if key_digest(value) == key.key_hash:
+            values[key.id] = value
+    return values
+
+
 # --- issue and revoke -----------------------------------------------------------------------
 # Appended for self-service (issue 3). Issuing never calls the proxy: a pool key is already
 # at the proxy (proxy_state=pushed), so it works the moment it changes hands.
 
-log = logging.getLogger(__name__)
 ASSIGN_ATTEMPTS = 10
 POOL_EMPTY_MAIL_EVERY = timedelta(minutes=30)
 
@@ -409,7 +457,8 @@ def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
         changed = ApiKey.objects.filter(
             id=key.id, status__in=[Status.ACTIVE, Status.SUSPENDED, Status.EXPIRED]
         ).update(
-            status=Status.REVOKED, revoked_at=timezone.now(), proxy_state=State.REMOVAL_PENDING
+            status=Status.REVOKED, revoked_at=timezone.now(), proxy_state=State.REMOVAL_PENDING,
+            escrow=None,
         )
         if changed:
             audit_record(action=Action.KEY_REVOKED, actor=by, target=key, ip=ip,

@@ -23,7 +23,7 @@ from django_htmx.http import reswap, retarget
 from accounts.forms import EmailField
 from accounts.models import SignInLink, User, normalize_email
 from accounts.ratelimit import rate_limited
-from accounts.services import LinkInvalid, signin_link_peek
+from accounts.services import LinkInvalid, person_get_or_create, signin_link_peek
 from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, json_body
 from keyportal.audit import client_ip
@@ -182,8 +182,7 @@ def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = Fa
             email = EmailField().clean(email)
         except forms.ValidationError as exc:
             raise ApiError(" ".join(exc.messages)) from None
-        person, _created = User.objects.get_or_create(email=email)
-        return person
+        return person_get_or_create(email=email)
     person = User.objects.filter(email=email).first()
     if person is None:
         raise ApiError(_("No person uses this email address."), 404)

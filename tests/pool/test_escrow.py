@@ -1,0 +1,122 @@
+"""Suspended and expired keys leave the proxy and come back on their own: reconcile keeps
+their value encrypted while they are away, and the database never holds one in clear."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.db import IntegrityError, connection, transaction
+
+from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
+from pool.models import ApiKey, key_digest
+
+pytestmark = pytest.mark.django_db
+Status, State = ApiKey.Status, ApiKey.ProxyState
+
+
+def reconcile() -> str:
+    out = StringIO()
+    call_command("reconcile_keys", stdout=out)
+    return out.getvalue()
+
+
+@pytest.fixture
+def issued(fake_proxy, ann):
+    """Ann's active key, pushed to the proxy next to an operator's key; returns (key, value)."""
+    fake_proxy.api_keys = ["operator-own-key"]
+    call_command("generate_keys", "--count", "2", stdout=StringIO())
+    key = ApiKey.objects.order_by("id").first()
+    value = key.value
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE, owner=ann, value=None)
+    key.refresh_from_db()
+    return key, value
+
+
+def database_holds(value: str) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM pool_apikey WHERE value = %s OR escrow LIKE %s",
+                       [value, f"%{value}%"])
+        return cursor.fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("status", [Status.SUSPENDED, Status.EXPIRED])
+def test_a_key_taken_off_the_proxy_comes_back_on_its_own(fake_proxy, issued, proxy_accepts, status):
+    key, value = issued
+    ApiKey.objects.filter(pk=key.pk).update(status=status, proxy_state=State.REMOVAL_PENDING)
+
+    reconcile()
+
+    key.refresh_from_db()
+    assert value not in fake_proxy.api_keys and not proxy_accepts(value)
+    assert key.proxy_state == State.REMOVED and key.escrow
+    assert not database_holds(value)
+    assert escrow_open(key.escrow) == value
+
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE)
+    out = reconcile()
+
+    key.refresh_from_db()
+    assert "1 suspended or expired keys back at the proxy" in out
+    assert value in fake_proxy.api_keys and proxy_accepts(value)
+    assert (key.proxy_state, key.escrow) == (State.PUSHED, None)
+    assert fake_proxy.api_keys[0] == "operator-own-key"
+    assert "No change." in reconcile()
+
+
+def test_revoking_a_suspended_key_drops_its_escrow(issued, client, ann):
+    key, _value = issued
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
+    reconcile()
+    client.force_login(ann)
+    client.post(f"/my-keys/{key.pk}/revoke")
+    key.refresh_from_db()
+    assert key.status == Status.REVOKED and key.escrow is None
+
+
+def test_an_unreadable_escrow_makes_the_key_missing(issued, settings, fake_proxy):
+    key, value = issued
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
+    reconcile()
+    settings.SECRET_KEY = "rotated-" + settings.SECRET_KEY  # the derived escrow key changes
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE)
+
+    out = reconcile()
+
+    key.refresh_from_db()
+    assert key.proxy_state == State.MISSING and value not in fake_proxy.api_keys
+    assert "1 issued keys found missing" in out
+
+
+def test_escrow_with_a_configured_key_and_a_wrong_one(settings):
+    from cryptography.fernet import Fernet
+
+    settings.PORTAL_ESCROW_KEY = Fernet.generate_key().decode()
+    sealed = escrow_seal("sk-kp-secret")
+    assert "sk-kp-secret" not in sealed and escrow_open(sealed) == "sk-kp-secret"
+    settings.PORTAL_ESCROW_KEY = Fernet.generate_key().decode()
+    with pytest.raises(EscrowUnreadable):
+        escrow_open(sealed)
+
+
+def test_the_database_refuses_an_escrow_on_a_pool_or_revoked_key(issued):
+    key, _value = issued
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ApiKey.objects.filter(pk=key.pk).update(status=Status.REVOKED, escrow="x")
+    pool_key = ApiKey.objects.filter(status=Status.POOL).first()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        ApiKey.objects.filter(pk=pool_key.pk).update(escrow="x")
+
+
+def test_escrow_is_written_before_the_key_leaves_the_proxy(issued, fake_proxy):
+    """If the PUT fails, the key is still at the proxy and its escrow already safe."""
+    key, value = issued
+    ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
+    fake_proxy.config_read_only = True
+    with pytest.raises(Exception):
+        reconcile()
+    key.refresh_from_db()
+    assert value in fake_proxy.api_keys
+    assert escrow_open(key.escrow) == value and key.proxy_state == State.REMOVAL_PENDING
+    assert key_digest(value) == key.key_hash
