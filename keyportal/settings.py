@@ -184,6 +184,14 @@ PORTAL_POOL_TARGET = max(number("PORTAL_POOL_TARGET", str(2 * PORTAL_POOL_MIN)),
 # import Fernet; print(Fernet.generate_key().decode())"`); empty: derived from SECRET_KEY.
 PORTAL_ESCROW_KEY = env.str("PORTAL_ESCROW_KEY", default="")
 
+# --- Alerts and limits ----------------------------------------------------------------------
+# Staff alerts (pool empty, an unissued key used, ...) go to every active staff member by
+# email and, when set, as a JSON POST to this URL.
+PORTAL_STAFF_WEBHOOK_URL = setting("PORTAL_STAFF_WEBHOOK_URL", "")
+PORTAL_WEBHOOK_TIMEOUT = number("PORTAL_WEBHOOK_TIMEOUT", "5", float)
+# Owners are emailed this many days before a key expires (once per key).
+PORTAL_EXPIRY_WARNING_DAYS = number("PORTAL_EXPIRY_WARNING_DAYS", "7")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
@@ -231,3 +239,5 @@ USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "1000"), 1)
 # Seconds between passes of `sync_usage --follow`: well under the proxy's queue retention
 # (redis-usage-queue-retention-seconds, 60 s by default), or records expire unread.
 USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
+# Days a counted queue batch (hashed keys only) is kept for inspection before it is dropped.
+USAGE_BATCH_KEEP_DAYS = number("USAGE_BATCH_KEEP_DAYS", "7")

@@ -13,20 +13,21 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.core.cache import cache
-from django.core.mail import send_mail
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts.models import SignInLink, User
+from accounts.models import LimitDefaults, SignInLink, User
 from accounts.services import signin_link_redeem
 from keyportal.audit import Action, audit_record
 from keyportal.locks import LeaseHeld, lease
+from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ApiKey, key_digest
 from pool.upstream import ProxyClient, UpstreamError
@@ -184,18 +185,20 @@ class ReconcileReport:
     refilled: int = 0
     states_fixed: int = 0
     pool_unused: int = 0
+    lifecycle: LifecycleReport | None = None
 
     @property
     def changed(self) -> bool:
         return any(
             (self.pushed, self.restored, self.removed, self.duplicates, self.missing,
-             self.refilled, self.states_fixed)
+             self.refilled, self.states_fixed, self.lifecycle and self.lifecycle.lines())
         )
 
     def lines(self) -> list[str]:
         would = self.dry_run
         lines = [
             (_("Dry run: nothing was changed.") if would else None),
+            *(self.lifecycle.lines() if self.lifecycle else []),
             _("The proxy lists %(n)d keys; %(f)d of them are not the portal's and stay "
               "untouched.") % {"n": self.proxy_before, "f": self.foreign},
         ]
@@ -240,6 +243,10 @@ def keys_reconcile(
     """
     report = ReconcileReport(dry_run=dry_run)
     with _proxy_write_lease():
+        if not dry_run:
+            # First, and whether or not the proxy answers: an expired key stops counting as
+            # live in the portal at once, and leaves the proxy as soon as it can be reached.
+            report.lifecycle = keys_lifecycle(now=timezone.now())
         current = client.list_keys()
         portal = {
             row[0]: _PortalKey(*row)
@@ -394,6 +401,7 @@ def key_assign(
     on each other; on every database the conditional UPDATE (still unowned, still in the
     pool) is what guarantees that no key goes to two people: a caller whose row was taken
     meanwhile sees a row count of 0 and tries the next one."""
+    now = timezone.now()
     with transaction.atomic():
         for _attempt in range(ASSIGN_ATTEMPTS):
             ready = ApiKey.objects.filter(
@@ -408,8 +416,8 @@ def key_assign(
             taken = ApiKey.objects.filter(
                 id=key_id, status=Status.POOL, owner__isnull=True
             ).update(
-                owner=user, label=label, status=Status.ACTIVE, issued_at=timezone.now(),
-                value=None,
+                owner=user, label=label, status=Status.ACTIVE, issued_at=now,
+                value=None, expires_at=_default_expiry(now),
             )
             if taken == 1:
                 key = ApiKey.objects.get(id=key_id)
@@ -417,6 +425,11 @@ def key_assign(
                              after={"owner": user.email, "label": label})
                 return IssuedKey(key=key, value=value)
     raise PoolEmpty
+
+
+def _default_expiry(now: datetime) -> datetime | None:
+    days = LimitDefaults.objects.filter(id=1).values_list("key_valid_days", flat=True).first()
+    return now + timedelta(days=days) if days else None
 
 
 def registration_complete(*, token: str, ip: str | None = None) -> tuple[User, IssuedKey]:
@@ -433,20 +446,13 @@ def pool_empty_notify() -> bool:
     portal process shares the cache that says so). True when an email went out."""
     if not cache.add("pool:empty-notified", True, POOL_EMPTY_MAIL_EVERY.total_seconds()):
         return False
-    staff = list(
-        User.objects.filter(is_staff=True, is_active=True).values_list("email", flat=True)
+    return staff_alert(
+        event="pool_empty",
+        subject=_("Key Portal: the key pool is empty"),
+        body=_("Someone just asked for an API key and none was ready. Run `manage.py "
+               "reconcile_keys` (it refills the pool when the proxy answers) or `manage.py "
+               "generate_keys --count N`, and check that the proxy is reachable."),
     )
-    if not staff:
-        return False
-    send_mail(
-        _("Key Portal: the key pool is empty"),
-        _("Someone just asked for an API key and none was ready. Run `manage.py "
-          "reconcile_keys` (it refills the pool when the proxy answers) or `manage.py "
-          "generate_keys --count N`, and check that the proxy is reachable."),
-        None,
-        staff,
-    )
-    return True
 
 
 def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
@@ -478,3 +484,92 @@ def keys_reconcile_quietly() -> ReconcileReport | None:
     except UpstreamError as exc:
         log.warning("Reconcile after revocation postponed: %s", exc)
         return None
+
+
+# --- time-driven changes: expiry, and keys coming back -------------------------------------
+
+
+@dataclass
+class LifecycleReport:
+    expired: int = 0
+    unexpired: int = 0
+    restored: int = 0
+    warned: int = 0
+
+    def lines(self) -> list[str]:
+        counts = [
+            (self.expired, _("keys expired")),
+            (self.unexpired, _("expired keys active again (their expiry was extended)")),
+            (self.restored, _("suspended keys active again (their limit's window reset)")),
+            (self.warned, _("owners told that a key expires soon")),
+        ]
+        return [_("%(n)d %(what)s.") % {"n": n, "what": what} for n, what in counts if n]
+
+
+def _move_key(key: ApiKey, *, frm: str, action: str, detail: str = "", **changes: Any) -> bool:
+    """One key from status `frm` to new values, if nobody moved it meanwhile; one audit row
+    when it moved."""
+    with transaction.atomic():
+        moved = ApiKey.objects.filter(id=key.id, status=frm).update(**changes)
+        if moved:
+            audit_record(action=action, target=key, before={"status": frm},
+                         after={"status": changes.get("status", frm)}, detail=detail)
+    return bool(moved)
+
+
+def keys_lifecycle(*, now: datetime) -> LifecycleReport:
+    """Applies what the clock decides: active keys past their expiry become expired (and
+    leave the proxy at the reconcile that follows); expired keys whose expiry staff moved
+    into the future, and keys suspended by a limit whose window has reset, become active
+    again (and return to the proxy from escrow). Owners of keys that expire within
+    PORTAL_EXPIRY_WARNING_DAYS are told once."""
+    report = LifecycleReport()
+    for key in ApiKey.objects.filter(status=Status.ACTIVE, expires_at__lte=now):
+        report.expired += _move_key(
+            key, frm=Status.ACTIVE, action=Action.KEY_EXPIRED,
+            status=Status.EXPIRED, proxy_state=State.REMOVAL_PENDING,
+        )
+    extended = ApiKey.objects.filter(status=Status.EXPIRED).filter(
+        Q(expires_at__isnull=True) | Q(expires_at__gt=now)
+    )
+    for key in extended:
+        report.unexpired += _move_key(
+            key, frm=Status.EXPIRED, action=Action.KEY_RESTORED, detail="expiry extended",
+            status=Status.ACTIVE,
+        )
+    window_reset = ApiKey.objects.filter(
+        status=Status.SUSPENDED, suspended_until__lte=now
+    ).exclude(suspended_for=ApiKey.SuspendedFor.STAFF)
+    for key in window_reset:
+        report.restored += _move_key(
+            key, frm=Status.SUSPENDED, action=Action.KEY_RESTORED,
+            detail=f"{key.suspended_for} window reset",
+            status=Status.ACTIVE, suspended_for="", suspended_until=None,
+        )
+    report.warned = _expiry_warnings(now=now)
+    return report
+
+
+def _expiry_warnings(*, now: datetime) -> int:
+    horizon = now + timedelta(days=settings.PORTAL_EXPIRY_WARNING_DAYS)
+    due = ApiKey.objects.select_related("owner").filter(
+        status=Status.ACTIVE, expires_at__gt=now, expires_at__lte=horizon,
+        expiry_notified_at__isnull=True,
+    )
+    warned = 0
+    for key in due:
+        # Claim the warning first: two processes never both send it.
+        if not ApiKey.objects.filter(id=key.id, expiry_notified_at__isnull=True).update(
+            expiry_notified_at=now
+        ):
+            continue
+        person_email(
+            to=key.owner.email,
+            subject=_("Your Key Portal key %(key)s expires soon") % {"key": key.masked},
+            body=_("Your key \"%(label)s\" (%(key)s) expires on %(when)s. After that it stops "
+                   "working; add a new key on your keys page before then.")
+            % {"label": key.label, "key": key.masked,
+               "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z")},
+        )
+        warned += 1
+    return warned

@@ -27,5 +27,6 @@ os.environ.update(
         "CLIPROXY_USAGE_MODE": "auto",
         "USAGE_QUEUE_BATCH": "1000",
         "USAGE_FOLLOW_INTERVAL": "15",
+        "USAGE_BATCH_KEEP_DAYS": "7",
     }
 )

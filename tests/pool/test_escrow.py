@@ -3,11 +3,13 @@ their value encrypted while they are away, and the database never holds one in c
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ApiKey, key_digest
@@ -41,10 +43,23 @@ def database_holds(value: str) -> bool:
         return cursor.fetchone()[0] > 0
 
 
-@pytest.mark.parametrize("status", [Status.SUSPENDED, Status.EXPIRED])
-def test_a_key_taken_off_the_proxy_comes_back_on_its_own(fake_proxy, issued, proxy_accepts, status):
+PAST, FUTURE = timezone.now() - timedelta(hours=1), timezone.now() + timedelta(days=30)
+
+
+@pytest.mark.parametrize(
+    "away, back",
+    [
+        ({"status": Status.SUSPENDED, "suspended_for": "key_tokens_day"}, {"suspended_until": PAST}),
+        ({"status": Status.SUSPENDED, "suspended_for": "staff"}, {"status": Status.ACTIVE}),
+        ({"status": Status.EXPIRED, "expires_at": PAST}, {"expires_at": FUTURE}),
+    ],
+    ids=["limit-window-resets", "staff-resume", "expiry-extended"],
+)
+def test_a_key_taken_off_the_proxy_comes_back_on_its_own(
+    fake_proxy, issued, proxy_accepts, away, back
+):
     key, value = issued
-    ApiKey.objects.filter(pk=key.pk).update(status=status, proxy_state=State.REMOVAL_PENDING)
+    ApiKey.objects.filter(pk=key.pk).update(proxy_state=State.REMOVAL_PENDING, **away)
 
     reconcile()
 
@@ -54,10 +69,12 @@ def test_a_key_taken_off_the_proxy_comes_back_on_its_own(fake_proxy, issued, pro
     assert not database_holds(value)
     assert escrow_open(key.escrow) == value
 
-    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE)
+    assert "No change." in reconcile()  # still away: nothing brings it back early
+    ApiKey.objects.filter(pk=key.pk).update(**back)
     out = reconcile()
 
     key.refresh_from_db()
+    assert key.status == Status.ACTIVE
     assert "1 suspended or expired keys back at the proxy" in out
     assert value in fake_proxy.api_keys and proxy_accepts(value)
     assert (key.proxy_state, key.escrow) == (State.PUSHED, None)
