@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -9,10 +11,18 @@ from django.shortcuts import render
 from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 
-from keyportal.audit import client_ip
+from accounts.models import Limits
+from keyportal.audit import audit_form_changes, client_ip
 from pool.models import ApiKey
 from pool.selectors import pool_status
-from pool.services import keys_reconcile, pool_generate
+from pool.services import (
+    key_resume,
+    key_revoke,
+    key_suspend,
+    keys_reconcile,
+    keys_reconcile_quietly,
+    pool_generate,
+)
 from pool.upstream import ProxyClient, UpstreamError
 
 
@@ -35,14 +45,20 @@ class ApiKeyAdmin(admin.ModelAdmin):
     search_fields = ("owner__email", "owner__name", "label", "last4")
     list_select_related = ("owner",)
     date_hierarchy = "created_at"
-    fields = (
-        "masked", "owner", "label", "status", "proxy_state", "created_at", "issued_at",
-        "last_used_at", "revoked_at",
+    fieldsets = (
+        (None, {"fields": (
+            "masked", "owner", "label", "status", "suspended_for", "suspended_until",
+            "proxy_state", "created_at", "issued_at", "last_used_at", "revoked_at",
+        )}),
+        (_("Expiry and limits of this key (empty: none)"), {
+            "fields": ("expires_at", *Limits.LIMIT_FIELDS),
+        }),
     )
     readonly_fields = (
-        "masked", "owner", "status", "proxy_state", "created_at", "issued_at", "last_used_at",
-        "revoked_at",
+        "masked", "owner", "status", "suspended_for", "suspended_until", "proxy_state",
+        "created_at", "issued_at", "last_used_at", "revoked_at",
     )
+    actions = ("revoke_keys", "suspend_keys", "resume_keys")
     show_full_result_count = False
 
     @admin.display(description=_("key"), ordering="last4")
@@ -114,4 +130,37 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return self._back()
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
-        return super().get_queryset(request).defer("value")
+        return super().get_queryset(request).defer("value", "escrow")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_form_changes(
+            request=request, obj=obj, form=form, fields=("expires_at", *Limits.LIMIT_FIELDS)
+        )
+
+    def _each(self, request: HttpRequest, queryset: QuerySet[ApiKey], change: Any, done: str) -> None:
+        moved = sum(bool(change(key)) for key in queryset)
+        if moved:
+            keys_reconcile_quietly()  # the proxy follows now if it answers, else at the next run
+        self.message_user(request, done % {"n": moved}, messages.SUCCESS if moved else messages.INFO)
+
+    @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        ip = client_ip(request)
+        self._each(request, queryset, lambda k: key_revoke(key=k, by=request.user, ip=ip),
+                   _("%(n)d keys revoked."))
+
+    @admin.action(description=_("Suspend the selected keys (until resumed)"), permissions=["change"])
+    def suspend_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        ip = client_ip(request)
+        self._each(
+            request, queryset,
+            lambda k: key_suspend(key=k, reason=ApiKey.SuspendedFor.STAFF, by=request.user, ip=ip),
+            _("%(n)d keys suspended."),
+        )
+
+    @admin.action(description=_("Resume the selected suspended keys"), permissions=["change"])
+    def resume_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        ip = client_ip(request)
+        self._each(request, queryset, lambda k: key_resume(key=k, by=request.user, ip=ip),
+                   _("%(n)d keys resumed."))

@@ -506,13 +506,16 @@ class LifecycleReport:
         return [_("%(n)d %(what)s.") % {"n": n, "what": what} for n, what in counts if n]
 
 
-def _move_key(key: ApiKey, *, frm: str, action: str, detail: str = "", **changes: Any) -> bool:
+def _move_key(
+    key: ApiKey, *, frm: str, action: str, detail: str = "", actor: User | None = None,
+    ip: str | None = None, **changes: Any,
+) -> bool:
     """One key from status `frm` to new values, if nobody moved it meanwhile; one audit row
     when it moved."""
     with transaction.atomic():
         moved = ApiKey.objects.filter(id=key.id, status=frm).update(**changes)
         if moved:
-            audit_record(action=action, target=key, before={"status": frm},
+            audit_record(action=action, actor=actor, target=key, ip=ip, before={"status": frm},
                          after={"status": changes.get("status", frm)}, detail=detail)
     return bool(moved)
 
@@ -573,3 +576,34 @@ def _expiry_warnings(*, now: datetime) -> int:
         )
         warned += 1
     return warned
+
+
+# --- suspension ----------------------------------------------------------------------------
+
+
+def key_suspend(
+    *,
+    key: ApiKey,
+    reason: str,
+    until: datetime | None = None,
+    by: User | None = None,
+    ip: str | None = None,
+    detail: str = "",
+) -> bool:
+    """Suspends an active key: it leaves the proxy at the next reconcile (its value kept in
+    escrow) and comes back at `until` on its own, or when staff resume it. False when the
+    key was not active."""
+    return _move_key(
+        key, frm=Status.ACTIVE, action=Action.KEY_SUSPENDED, actor=by, ip=ip,
+        detail=detail or reason,
+        status=Status.SUSPENDED, suspended_for=reason, suspended_until=until,
+        proxy_state=State.REMOVAL_PENDING,
+    )
+
+
+def key_resume(*, key: ApiKey, by: User | None = None, ip: str | None = None) -> bool:
+    """Staff bring a suspended key back now (it returns to the proxy at the next reconcile)."""
+    return _move_key(
+        key, frm=Status.SUSPENDED, action=Action.KEY_RESTORED, actor=by, ip=ip,
+        detail="resumed by staff", status=Status.ACTIVE, suspended_for="", suspended_until=None,
+    )
