@@ -75,3 +75,22 @@ def ann(db) -> User:
 @pytest.fixture
 def bob(db) -> User:
     return User.objects.create_user("bob@example.com", name="Bob")
+
+
+@pytest.fixture
+def live_key(fake_proxy, ann):
+    """Ann's active key, pushed to the fake proxy next to an operator's own key (and one
+    unissued pool key); returns (key, its full value)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from pool.models import ApiKey
+
+    fake_proxy.api_keys = ["operator-own-key"]
+    call_command("generate_keys", "--count", "2", stdout=StringIO())
+    key = ApiKey.objects.order_by("id").first()
+    value = key.value
+    ApiKey.objects.filter(pk=key.pk).update(status=ApiKey.Status.ACTIVE, owner=ann, value=None)
+    key.refresh_from_db()
+    return key, value

@@ -112,21 +112,6 @@ def test_staff_without_key_permissions_cannot_generate(client, fake_proxy):
 # --- staff actions on issued keys -----------------------------------------------------------
 
 
-@pytest.fixture
-def live_key(fake_proxy, ann):
-    """Ann's active key at the fake proxy; returns (key, value)."""
-    from io import StringIO
-
-    from django.core.management import call_command
-
-    fake_proxy.api_keys = ["operator-own-key"]
-    call_command("generate_keys", "--count", "2", stdout=StringIO())
-    key = ApiKey.objects.order_by("id").first()
-    value = key.value
-    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE, owner=ann, value=None)
-    return key, value
-
-
 def act(admin_client, action: str, key: ApiKey):
     return admin_client.post(LIST, {"action": action, "_selected_action": [key.pk]}, follow=True)
 

@@ -24,18 +24,6 @@ def reconcile() -> str:
     return out.getvalue()
 
 
-@pytest.fixture
-def issued(fake_proxy, ann):
-    """Ann's active key, pushed to the proxy next to an operator's key; returns (key, value)."""
-    fake_proxy.api_keys = ["operator-own-key"]
-    call_command("generate_keys", "--count", "2", stdout=StringIO())
-    key = ApiKey.objects.order_by("id").first()
-    value = key.value
-    ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE, owner=ann, value=None)
-    key.refresh_from_db()
-    return key, value
-
-
 def database_holds(value: str) -> bool:
     with connection.cursor() as cursor:
         cursor.execute("SELECT COUNT(*) FROM pool_apikey WHERE value = %s OR escrow LIKE %s",
@@ -56,9 +44,9 @@ PAST, FUTURE = timezone.now() - timedelta(hours=1), timezone.now() + timedelta(d
     ids=["limit-window-resets", "staff-resume", "expiry-extended"],
 )
 def test_a_key_taken_off_the_proxy_comes_back_on_its_own(
-    fake_proxy, issued, proxy_accepts, away, back
+    fake_proxy, live_key, proxy_accepts, away, back
 ):
-    key, value = issued
+    key, value = live_key
     ApiKey.objects.filter(pk=key.pk).update(proxy_state=State.REMOVAL_PENDING, **away)
 
     reconcile()
@@ -82,8 +70,8 @@ def test_a_key_taken_off_the_proxy_comes_back_on_its_own(
     assert "No change." in reconcile()
 
 
-def test_revoking_a_suspended_key_drops_its_escrow(issued, client, ann):
-    key, _value = issued
+def test_revoking_a_suspended_key_drops_its_escrow(live_key, client, ann):
+    key, _value = live_key
     ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
     reconcile()
     client.force_login(ann)
@@ -92,8 +80,8 @@ def test_revoking_a_suspended_key_drops_its_escrow(issued, client, ann):
     assert key.status == Status.REVOKED and key.escrow is None
 
 
-def test_an_unreadable_escrow_makes_the_key_missing(issued, settings, fake_proxy):
-    key, value = issued
+def test_an_unreadable_escrow_makes_the_key_missing(live_key, settings, fake_proxy):
+    key, value = live_key
     ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
     reconcile()
     settings.SECRET_KEY = "rotated-" + settings.SECRET_KEY  # the derived escrow key changes
@@ -117,8 +105,8 @@ def test_escrow_with_a_configured_key_and_a_wrong_one(settings):
         escrow_open(sealed)
 
 
-def test_the_database_refuses_an_escrow_on_a_pool_or_revoked_key(issued):
-    key, _value = issued
+def test_the_database_refuses_an_escrow_on_a_pool_or_revoked_key(live_key):
+    key, _value = live_key
     with pytest.raises(IntegrityError), transaction.atomic():
         ApiKey.objects.filter(pk=key.pk).update(status=Status.REVOKED, escrow="x")
     pool_key = ApiKey.objects.filter(status=Status.POOL).first()
@@ -126,9 +114,9 @@ def test_the_database_refuses_an_escrow_on_a_pool_or_revoked_key(issued):
         ApiKey.objects.filter(pk=pool_key.pk).update(escrow="x")
 
 
-def test_escrow_is_written_before_the_key_leaves_the_proxy(issued, fake_proxy):
+def test_escrow_is_written_before_the_key_leaves_the_proxy(live_key, fake_proxy):
     """If the PUT fails, the key is still at the proxy and its escrow already safe."""
-    key, value = issued
+    key, value = live_key
     ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
     fake_proxy.config_read_only = True
     with pytest.raises(Exception):
