@@ -1,0 +1,181 @@
+"""What keys did at the proxy: hourly counters per key and model, prices, and the bookkeeping
+that makes `sync_usage` durable (queue batches) and idempotent (snapshot cursors)."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
+
+from pool.models import ApiKey
+
+COST_DIGITS = 20
+COST_PLACES = 8  # a single cheap request costs a few millionths of a dollar
+
+
+class UsageSnapshot(models.Model):
+    """One key's use of one model during one UTC hour. Rows only ever grow: sync_usage adds
+    to them with an upsert (`INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n`)."""
+
+    api_key = models.ForeignKey(
+        ApiKey, verbose_name=_("key"), on_delete=models.PROTECT, related_name="usage"
+    )
+    model = models.CharField(_("model"), max_length=200)
+    hour = models.DateTimeField(_("hour (UTC)"))
+    requests = models.PositiveBigIntegerField(_("requests"), default=0)
+    failures = models.PositiveBigIntegerField(_("failures"), default=0)
+    input_tokens = models.PositiveBigIntegerField(_("input tokens"), default=0)
+    output_tokens = models.PositiveBigIntegerField(_("output tokens"), default=0)
+    reasoning_tokens = models.PositiveBigIntegerField(_("reasoning tokens"), default=0)
+    cached_tokens = models.PositiveBigIntegerField(_("cached tokens"), default=0)
+    cache_creation_tokens = models.PositiveBigIntegerField(_("cache-creation tokens"), default=0)
+    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
+    # NULL means "no price known for this model", which is not the same as free.
+    cost = models.DecimalField(
+        _("cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, null=True,
+        blank=True,
+    )
+
+    class Meta:
+        verbose_name = _("usage (key × model × hour)")
+        verbose_name_plural = _("usage (key × model × hour)")
+        ordering = ["-hour", "api_key_id", "model"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["api_key", "model", "hour"], name="usagesnapshot_one_row_per_key_model_hour"
+            ),
+        ]
+        indexes = [models.Index(fields=["hour"], name="usagesnapshot_hour")]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id} {self.model} {self.hour:%Y-%m-%d %H:00}"
+
+
+class ModelPrice(models.Model):
+    """USD per million tokens for a model name.
+
+    Matching: `model` is an exact upstream model name (`gpt-5-mini`), or a prefix ending in
+    `*` (`claude-sonnet-4-5*` for every dated release of it). An exact entry wins over any
+    prefix; among prefixes the longest wins. Comparison ignores case. There is deliberately
+    no catch-all: an unmatched model has an unknown cost rather than a wrong one."""
+
+    model = models.CharField(
+        _("model name or prefix*"), max_length=200, unique=True,
+        help_text=_("An exact upstream model name, or a prefix ending in * "
+                    "(e.g. claude-sonnet-4-5*). Exact names win, then the longest prefix."),
+    )
+    input = models.DecimalField(_("input / 1M"), max_digits=12, decimal_places=6)
+    output = models.DecimalField(_("output / 1M"), max_digits=12, decimal_places=6)
+    cache_read = models.DecimalField(_("cache read / 1M"), max_digits=12, decimal_places=6)
+    cache_write = models.DecimalField(_("cache write / 1M"), max_digits=12, decimal_places=6)
+    source = models.CharField(_("source"), max_length=300, blank=True)
+    taken_on = models.DateField(_("price taken on"), null=True, blank=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("model price")
+        verbose_name_plural = _("model prices")
+        ordering = ["model"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(input__gte=0) & Q(output__gte=0) & Q(cache_read__gte=0)
+                & Q(cache_write__gte=0),
+                name="modelprice_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.model
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.model.endswith("*")
+
+
+class UsageBatch(models.Model):
+    """What one `/usage-queue` pop returned, committed before it is counted: the proxy forgets
+    a record once popped, so this row is the only copy until `applied_at` is set (in the same
+    transaction that adds its counts).
+
+    `rows` is the popped body reduced to the fields the portal counts, with every client key
+    replaced by its SHA-256: the plaintext key never reaches the database."""
+
+    created_at = models.DateTimeField(_("popped"), auto_now_add=True)
+    record_count = models.PositiveIntegerField(_("records"))
+    rows = models.JSONField(_("records (keys hashed)"))
+    applied_at = models.DateTimeField(_("applied"), null=True, blank=True)
+    error = models.TextField(_("error"), blank=True)
+
+    class Meta:
+        verbose_name = _("usage queue batch")
+        verbose_name_plural = _("usage queue batches")
+        ordering = ["id"]
+        indexes = [
+            models.Index(
+                fields=["id"], condition=Q(applied_at__isnull=True), name="usagebatch_pending"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} ({self.record_count})"
+
+
+class SnapshotCursor(models.Model):
+    """How far sync_usage has read one (key, model) list of details in the old generation's
+    cumulative `/usage` snapshot. Between proxy restarts a list only grows, and details carry
+    nanosecond timestamps: when the detail at position `seen - 1` still has `last_timestamp`,
+    the list grew and only the tail is new; otherwise the proxy restarted and it is all new.
+
+    Keyed by the SHA-256 of whatever the proxy keyed the entry by (a client key, or an
+    endpoint or provider name for requests without one), so foreign entries are not counted
+    again in every report either."""
+
+    key_hash = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)
+    seen = models.PositiveBigIntegerField(default=0)
+    last_timestamp = models.CharField(max_length=64, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["key_hash", "model"], name="snapshotcursor_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key_hash[:12]} {self.model} @{self.seen}"
+
+
+class UnissuedKeyUsage(models.Model):
+    """Usage showed up on a pool key nobody has been given: staff are told once per key."""
+
+    api_key = models.OneToOneField(ApiKey, on_delete=models.PROTECT, related_name="+")
+    flagged_at = models.DateTimeField(auto_now_add=True)
+    # Set once the email went out; a sync that died in between sends it on its next pass.
+    notified_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return str(self.api_key)
+
+
+class SyncRun(models.Model):
+    """The outcome of one sync_usage run (one pass of --follow), for the status page."""
+
+    started_at = models.DateTimeField(_("started"))
+    finished_at = models.DateTimeField(_("finished"))
+    ok = models.BooleanField(_("ok"))
+    mode = models.CharField(_("mode"), max_length=16, blank=True)
+    message = models.TextField(_("message"), blank=True)
+    records_read = models.PositiveBigIntegerField(_("read"), default=0)
+    records_stored = models.PositiveBigIntegerField(_("stored"), default=0)
+    records_foreign = models.PositiveBigIntegerField(_("foreign"), default=0)
+    records_unissued = models.PositiveBigIntegerField(_("on unissued keys"), default=0)
+    people = models.PositiveIntegerField(_("people touched"), default=0)
+    duration_ms = models.PositiveIntegerField(_("duration (ms)"), default=0)
+
+    class Meta:
+        verbose_name = _("usage sync")
+        verbose_name_plural = _("usage syncs")
+        ordering = ["-started_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.started_at:%Y-%m-%d %H:%M:%S} {'ok' if self.ok else 'error'}"

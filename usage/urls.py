@@ -1,5 +1,11 @@
 from __future__ import annotations
 
-from django.urls import URLPattern
+from django.urls import path
 
-urlpatterns: list[URLPattern] = []
+from usage import views
+
+urlpatterns = [
+    path("api/user-stats/<str:email>", views.api_user_stats, name="api-user-stats"),
+    path("api/all-users-stats", views.api_all_users_stats, name="api-all-users-stats"),
+    path("api/sync-usage", views.api_sync_usage, name="api-sync-usage"),
+]

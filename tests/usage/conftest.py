@@ -1,0 +1,55 @@
+"""Usage test helpers: issued keys whose plaintext the test keeps, and a command runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+
+from accounts.models import User
+from pool.models import ApiKey
+from pool.services import pool_keys_create
+from usage.models import UsageSnapshot
+
+
+@dataclass
+class Held:
+    key: ApiKey
+    value: str  # the plaintext, kept by the test only, to send usage with
+
+
+def issue(count: int, emails: list[str]) -> list[Held]:
+    """`count` pool keys handed to `emails` (cycled), the way issuing does it."""
+    held = []
+    for i, key in enumerate(pool_keys_create(count=count)):
+        value = key.value
+        owner, _ = User.objects.get_or_create(email=emails[i % len(emails)])
+        ApiKey.objects.filter(pk=key.pk).update(status="active", owner=owner, value=None)
+        key.refresh_from_db()
+        held.append(Held(key, value))
+    return held
+
+
+@pytest.fixture
+def people_keys(db) -> list[Held]:
+    """Ann holds two keys, Bob one."""
+    return issue(3, ["ann@example.com", "ann@example.com", "bob@example.com"])
+
+
+def sync(*args: str) -> str:
+    out = StringIO()
+    call_command("sync_usage", *args, stdout=out)
+    return out.getvalue()
+
+
+def table() -> list[tuple]:
+    """The whole usage table, as comparable tuples (ids left out)."""
+    return list(
+        UsageSnapshot.objects.order_by("api_key_id", "model", "hour").values_list(
+            "api_key_id", "model", "hour", "requests", "failures", "input_tokens",
+            "output_tokens", "reasoning_tokens", "cached_tokens", "cache_creation_tokens",
+            "total_tokens", "cost",
+        )
+    )

@@ -1,0 +1,104 @@
+"""`manage.py sync_usage [--follow]`: file what the proxy served under keys, models and hours."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils.translation import gettext as _
+
+from pool.upstream import UpstreamRefused
+from usage.services import SyncFailed, SyncReport, sync_lease, usage_sync, usage_sync_pass
+
+RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
+
+
+class Command(BaseCommand):
+    help = _(
+        "Reads usage from the proxy (queue or snapshot generation) into the portal. Run it "
+        "from cron, or once with --follow. When draining the queue from cron, raise the "
+        "proxy's redis-usage-queue-retention-seconds to 3600 so records wait for the next run."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--mode", choices=["auto", "queue", "snapshot"], default=None,
+            help=_("Force a usage generation (default: CLIPROXY_USAGE_MODE, normally auto)."),
+        )
+        parser.add_argument(
+            "--follow", action="store_true",
+            help=_("Keep syncing every --interval seconds until SIGTERM or Ctrl-C."),
+        )
+        parser.add_argument(
+            "--interval", type=float, default=None,
+            help=_("Seconds between passes with --follow (default: USAGE_FOLLOW_INTERVAL)."),
+        )
+
+    def handle(self, *args: Any, mode: str | None, follow: bool, interval: float | None,
+               **options: Any) -> None:
+        if not follow:
+            try:
+                report = usage_sync(mode=mode)
+            except SyncFailed as exc:
+                raise CommandError(str(exc)) from None
+            self._write(report)
+            if not report.ok:
+                raise CommandError(report.message)
+            return
+        self._follow(mode, interval if interval is not None else settings.USAGE_FOLLOW_INTERVAL)
+
+    def _follow(self, mode: str | None, interval: float) -> None:
+        if interval <= 0:
+            raise CommandError(_("--interval must be a positive number of seconds."))
+        if interval >= RETENTION_DEFAULT:
+            self.stderr.write(_(
+                "Warning: an interval of %(s)g s is not shorter than the proxy's default queue "
+                "retention (60 s); raise redis-usage-queue-retention-seconds or records expire "
+                "unread."
+            ) % {"s": interval})
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stop.set()  # finish the pass in progress (its batch commits), then leave
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with sync_lease() as renew:
+                self.stdout.write(_("Following the proxy every %(s)g s; stop with SIGTERM or "
+                                    "Ctrl-C.") % {"s": interval})
+                while not stop.is_set():
+                    renew()
+                    try:
+                        report = usage_sync_pass(mode=mode)
+                        self._write(report)
+                        if not report.ok:
+                            self.stderr.write(report.message)
+                    except SyncFailed as exc:
+                        if isinstance(exc.__cause__, UpstreamRefused):
+                            # Retrying walks into the proxy's 5-failure ban.
+                            raise CommandError(str(exc)) from None
+                        self.stderr.write(str(exc))
+                    stop.wait(interval)
+        except SyncFailed as exc:  # the lease is held by another sync
+            raise CommandError(str(exc)) from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        self.stdout.write(_("Stopped."))
+
+    def _write(self, report: SyncReport) -> None:
+        r = report.result
+        line = _(
+            "%(mode)s: read %(read)d, stored %(stored)d, foreign %(foreign)d, on unissued keys "
+            "%(unissued)d, people touched %(people)d, in %(secs).2f s."
+        ) % {
+            "mode": report.mode, "read": r.read, "stored": r.stored, "foreign": r.foreign,
+            "unissued": r.unissued, "people": len(r.people), "secs": report.duration,
+        }
+        self.stdout.write(line)
+        if r.flagged:
+            self.stdout.write(_("%(n)d pool key(s) nobody was given have usage; staff are "
+                                "told by email.") % {"n": len(r.flagged)})
