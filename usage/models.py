@@ -179,3 +179,28 @@ class SyncRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.started_at:%Y-%m-%d %H:%M:%S} {'ok' if self.ok else 'error'}"
+
+
+class LimitNotice(models.Model):
+    """One row per limit email: subject (a person or a key), limit, window and threshold.
+    Inserting the row is how a sender claims the email, so it goes out once per window even
+    with several sync processes."""
+
+    subject = models.CharField(_("person or key"), max_length=40)  # "person:12" / "key:34"
+    limit = models.CharField(_("limit"), max_length=24)  # e.g. "tokens_day", "cost_month"
+    window_start = models.DateTimeField(_("window start"))
+    threshold = models.PositiveSmallIntegerField(_("threshold (%)"))
+    sent_at = models.DateTimeField(_("sent"), auto_now_add=True)
+
+    class Meta:
+        verbose_name = _("limit notice")
+        verbose_name_plural = _("limit notices")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subject", "limit", "window_start", "threshold"],
+                name="limitnotice_once_per_window",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject} {self.limit} {self.threshold}% {self.window_start:%Y-%m-%d}"
