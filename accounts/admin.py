@@ -6,7 +6,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -66,14 +66,35 @@ class UserChangeForm(BaseUserChangeForm):
         return normalize_email(self.cleaned_data["email"])
 
 
+class HasLimitsFilter(admin.SimpleListFilter):
+    """People or keys with at least one limit set, or none at all."""
+
+    title = _("limits")
+    parameter_name = "limits"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("yes", _("some limit set")), ("no", _("no limit"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        any_limit = Q()
+        for name in Limits.LIMIT_FIELDS:
+            any_limit |= Q(**{f"{name}__isnull": False})
+        if self.value() == "yes":
+            return queryset.filter(any_limit)
+        if self.value() == "no":
+            return queryset.exclude(any_limit)
+        return queryset
+
+
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     form = UserChangeForm
     add_form = UserCreationForm
     ordering = ("email",)
     list_display = ("email", "name", "is_staff", "is_active", "date_joined", "last_login")
-    list_filter = ("is_staff", "is_superuser", "is_active")
+    list_filter = ("is_staff", "is_superuser", "is_active", HasLimitsFilter, "date_joined")
     search_fields = ("email", "name")
+    show_full_result_count = False
     readonly_fields = ("date_joined", "last_login")
     fieldsets = (
         (None, {"fields": ("email", "name", "password")}),

@@ -11,8 +11,8 @@ class AuditEventAdmin(admin.ModelAdmin):
     """Read-only: staff search and filter the trail; nobody edits or deletes it here."""
 
     list_display = ("at", "actor_kind", "actor_label", "action", "target_label", "ip")
-    list_filter = ("action", "actor_kind", "at")
-    search_fields = ("actor_label", "target_label", "detail", "ip")
+    list_filter = ("action", "actor_kind", "target_type", "at")
+    search_fields = ("actor_label", "target_label", "target_id", "detail", "ip")
     date_hierarchy = "at"
     list_select_related = ()
     show_full_result_count = False

@@ -11,6 +11,7 @@ from django.shortcuts import render
 from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 
+from accounts.admin import HasLimitsFilter
 from accounts.models import Limits
 from keyportal.audit import audit_form_changes, client_ip
 from pool.models import ApiKey
@@ -38,10 +39,13 @@ class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are always shown masked: the full value of a pool key never reaches a page."""
 
     list_display = (
-        "masked", "owner", "label", "status", "proxy_state", "created_at", "issued_at",
-        "last_used_at",
+        "masked", "owner", "label", "status", "suspended_for", "proxy_state", "created_at",
+        "issued_at", "last_used_at",
     )
-    list_filter = ("status", "proxy_state")
+    list_filter = (
+        "status", "proxy_state", "suspended_for", HasLimitsFilter,
+        ("expires_at", admin.EmptyFieldListFilter), ("owner", admin.EmptyFieldListFilter),
+    )
     search_fields = ("owner__email", "owner__name", "label", "last4")
     list_select_related = ("owner",)
     date_hierarchy = "created_at"

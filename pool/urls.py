@@ -6,9 +6,6 @@ from pool import views
 
 urlpatterns = [
     path("register/<str:token>", views.register_confirm, name="register-link"),
-    path("my-keys", views.my_keys, name="my-keys"),
-    path("my-keys/add", views.key_add, name="key-add"),
-    path("my-keys/<int:pk>/revoke", views.key_revoke_view, name="key-revoke"),
     path("api/register-key", views.api_register_key, name="api-register-key"),
     path("api/my-keys", views.api_my_keys, name="api-my-keys"),
     path("api/revoke-key", views.api_revoke_key, name="api-revoke-key"),

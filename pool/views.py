@@ -1,5 +1,6 @@
-"""People's keys: the registration link that issues the first key, the my-keys page (add,
-revoke), and the user side of the JSON API. Staff pages live in the admin."""
+"""People's keys: the registration link that issues the first key and the user side of the
+JSON API. The /my-keys pages show usage, so they live in the usage app (usage/pages.py) and
+reuse the helpers here (`key_shown`, `pool_empty`, `key_limit_reached`)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,13 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.contrib import messages
 from django.contrib.auth import login
-from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
-from django.shortcuts import get_object_or_404, render
-from django.template.loader import render_to_string
-from django.urls import reverse
-from django.utils.cache import add_never_cache_headers, patch_vary_headers
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import reswap, retarget
+from django.views.decorators.http import require_http_methods
 
 from accounts.forms import EmailField
 from accounts.models import SignInLink, User, normalize_email
@@ -46,7 +42,7 @@ def _proxy_urls() -> dict[str, str]:
     return {"base_url": base, "openai_base_url": f"{base}/v1" if base else ""}
 
 
-def _key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpResponse:
+def key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpResponse:
     """The only response that ever carries a key's full value: never cached anywhere."""
     context = {"key": issued.key, "value": issued.value, **_proxy_urls()}
     response = render(request, template, context)
@@ -54,26 +50,24 @@ def _key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpRe
     return response
 
 
-def _pool_empty(request: HttpRequest, template: str) -> HttpResponse:
+def pool_empty(request: HttpRequest, template: str) -> HttpResponse:
     pool_empty_notify()
     # htmx swaps only 2xx answers; a full page says 503 so scripts and monitors see it.
     return render(request, template, status=200 if request.htmx else 503)
 
 
 def _my_keys(user: User) -> list[ApiKey]:
-    # The usage app adds its columns (requests, tokens, cost, limits) to this page; keep
-    # this one query and let it annotate rather than query per row.
     return list(ApiKey.objects.filter(owner=user).order_by("-issued_at", "-id"))
 
 
-def _key_limit_reached(user: User) -> bool:
+def key_limit_reached(user: User) -> bool:
     return rate_limited(
         scope="key-add", ident=str(user.pk), limit=settings.PORTAL_RATE_KEYS_PER_PERSON,
         window=settings.PORTAL_RATE_WINDOW_SECONDS,
     )
 
 
-# --- pages ----------------------------------------------------------------------------------
+# --- the registration page ------------------------------------------------------------------
 
 
 @never_cache
@@ -91,73 +85,9 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
     except LinkInvalid:
         return link_gone(request)
     except PoolEmpty:
-        return _pool_empty(request, "pool/pool_empty.html")
+        return pool_empty(request, "pool/pool_empty.html")
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
-    return _key_shown(request, issued, "pool/key_shown.html")
-
-
-@login_required
-@require_GET
-def my_keys(request: HttpRequest) -> HttpResponse:
-    context = {"keys": _my_keys(request.user), "form": KeyLabelForm()}
-    template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
-    response = render(request, template, context)
-    patch_vary_headers(response, ["HX-Request"])
-    return response
-
-
-@login_required
-@require_POST
-def key_add(request: HttpRequest) -> HttpResponse:
-    form = KeyLabelForm(request.POST)
-    if form.is_valid() and _key_limit_reached(request.user):
-        form.add_error(
-            "label",
-            _("You have added many keys in a short time. Please wait %(minutes)d minutes.")
-            % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
-        )
-    if not form.is_valid():
-        if request.htmx:
-            response = render(request, "pool/my_keys.html#add-form", {"form": form})
-            return reswap(retarget(response, "#add-form"), "outerHTML")
-        context = {"keys": _my_keys(request.user), "form": form}
-        return render(request, "pool/my_keys.html", context, status=400)
-    try:
-        issued = key_assign(
-            user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
-        )
-    except PoolEmpty:
-        return _pool_empty(
-            request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
-        )
-    if not request.htmx:
-        return _key_shown(request, issued, "pool/key_shown.html")
-    # The new key's panel, plus the table (out of band) so it lists the new key too.
-    response = _key_shown(request, issued, "pool/key_shown.html#issued")
-    table = render_to_string(
-        "pool/my_keys.html#key-table",
-        {"keys": _my_keys(request.user), "oob": True},
-        request=request,
-    )
-    response.content += table.encode()
-    return response
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
-    """GET asks for confirmation (a row in place with htmx, a page without); POST revokes."""
-    key = get_object_or_404(ApiKey, pk=pk, owner=request.user)
-    if request.method == "GET":
-        template = "pool/key_revoke.html#confirm-row" if request.htmx else "pool/key_revoke.html"
-        return render(request, template, {"key": key})
-    if key_revoke(key=key, by=request.user, ip=client_ip(request)):
-        keys_reconcile_quietly()  # committed already: a proxy failure only postpones removal
-        key.refresh_from_db()
-    if request.htmx:
-        return render(request, "pool/my_keys.html#key-row", {"key": key})
-    messages.success(request, _("Key %(key)s is revoked.") % {"key": key.masked})
-    return HttpResponseRedirect(reverse("my-keys"), status=303)
+    return key_shown(request, issued, "pool/key_shown.html")
 
 
 # --- JSON API (user side) -------------------------------------------------------------------
@@ -215,7 +145,7 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     if not form.is_valid():
         raise _form_error(form)
     person = _api_person(request, body, create=True)
-    if api_token_of(request) is None and _key_limit_reached(person):
+    if api_token_of(request) is None and key_limit_reached(person):
         raise ApiError(_("Too many keys added in a short time; try again later."), 429)
     try:
         issued = key_assign(

@@ -1,14 +1,21 @@
 from __future__ import annotations
 
+from decimal import Decimal
+
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from usage.models import ModelPrice, SyncRun, UsageSnapshot
+from accounts.admin import UserAdmin
+from accounts.models import User
+from pool.admin import ApiKeyAdmin
+from pool.models import ApiKey
+from usage.models import LimitNotice, ModelPrice, SyncRun, UsageSnapshot
 from usage.selectors import usage_totals
-from usage.services import usage_cost_recompute
+from usage.services import SyncFailed, usage_cost_recompute, usage_sync
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -96,4 +103,99 @@ class SyncRunAdmin(ReadOnlyAdmin):
         "records_unissued", "people", "duration_ms", "message",
     )
     list_filter = ("ok", "mode")
+    search_fields = ("message",)
     date_hierarchy = "started_at"
+    show_full_result_count = False
+
+    def get_urls(self) -> list[URLPattern]:
+        sync = path("sync/", self.admin_site.admin_view(self.sync_view), name="usage_syncrun_sync")
+        return [sync, *super().get_urls()]
+
+    def sync_view(self, request: HttpRequest) -> HttpResponse:
+        """"Sync now": the same service as `manage.py sync_usage`, limits included."""
+        if request.method == "POST":  # admin_view has let staff only in
+            try:
+                report = usage_sync()
+            except SyncFailed as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+            else:
+                level = messages.SUCCESS if report.ok else messages.WARNING
+                self.message_user(
+                    request,
+                    _("Read %(read)d usage records, stored %(stored)d.")
+                    % {"read": report.result.read, "stored": report.result.stored}, level,
+                )
+                if report.message:
+                    self.message_user(request, report.message, level)
+                for line in report.limits.lines() if report.limits else []:
+                    self.message_user(request, line, messages.INFO)
+        return HttpResponseRedirect(reverse("admin:usage_syncrun_changelist"))
+
+
+@admin.register(LimitNotice)
+class LimitNoticeAdmin(ReadOnlyAdmin):
+    """The 80 % / 100 % emails that went out, one row per subject, limit, window, threshold."""
+
+    list_display = ("sent_at", "subject", "limit", "threshold", "window_start")
+    list_filter = ("limit", "threshold", ("sent_at", admin.DateFieldListFilter))
+    search_fields = ("subject", "limit")
+    date_hierarchy = "sent_at"
+    show_full_result_count = False
+
+
+# --- people and keys, with their usage -------------------------------------------------------
+# accounts and pool register their admins without usage (dependencies run usage -> pool ->
+# accounts); usage re-registers them here with totals. Each total is a correlated subquery,
+# computed for the rows of the page only, and no GROUP BY reaches the count query.
+
+
+def _usage_of(**owner: object) -> dict[str, Subquery]:
+    rows = UsageSnapshot.objects.filter(**owner).order_by().values(*owner)
+    return {
+        "tokens_total": Subquery(rows.annotate(s=Sum("total_tokens")).values("s")),
+        "cost_known": Subquery(rows.annotate(s=Sum("cost")).values("s")),
+    }
+
+
+class UsageColumns:
+    """The `tokens` and `cost` columns of a list annotated by `_usage_of`."""
+
+    @admin.display(description=_("tokens"), ordering="tokens_total")
+    def tokens(self, obj: object) -> int:
+        return getattr(obj, "tokens_total", None) or 0
+
+    @admin.display(description=_("known cost (USD)"), ordering="cost_known")
+    def cost(self, obj: object) -> str:
+        cost: Decimal | None = getattr(obj, "cost_known", None)
+        return "—" if cost is None else f"{cost:.2f}"
+
+
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class PersonAdmin(UsageColumns, UserAdmin):
+    list_display = (*UserAdmin.list_display[:2], "key_count", "tokens", "cost",
+                    *UserAdmin.list_display[2:])
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
+        keys = ApiKey.objects.filter(owner=OuterRef("pk")).order_by().values("owner")
+        return super().get_queryset(request).annotate(
+            key_count=Subquery(keys.annotate(n=Count("pk")).values("n")),
+            **_usage_of(api_key__owner=OuterRef("pk")),
+        )
+
+    @admin.display(description=_("keys"), ordering="key_count")
+    def key_count(self, obj: User) -> int:
+        return getattr(obj, "key_count", None) or 0
+
+
+admin.site.unregister(ApiKey)
+
+
+@admin.register(ApiKey)
+class KeyAdmin(UsageColumns, ApiKeyAdmin):
+    list_display = (*ApiKeyAdmin.list_display, "tokens", "cost")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        return super().get_queryset(request).annotate(**_usage_of(api_key=OuterRef("pk")))

@@ -3,6 +3,7 @@ that makes `sync_usage` durable (queue batches) and idempotent (snapshot cursors
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
@@ -204,3 +205,48 @@ class LimitNotice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subject} {self.limit} {self.threshold}% {self.window_start:%Y-%m-%d}"
+
+
+_DAY_SUMS = ["total_tokens", "requests", "cost", "unpriced_requests"]
+
+
+class UsageDay(models.Model):
+    """One person's usage on one day of the portal's TIME_ZONE: a rollup of UsageSnapshot
+    kept by the same upsert that adds to it (usage/services.py `_ingest_rows`), so the
+    leaderboard sums thousands of rows instead of millions. Usage on keys nobody holds is
+    not in it. `cost` is the known part only; `unpriced_requests` says how much is missing.
+    Rebuilt from UsageSnapshot by `usage.rollups.usage_days_rebuild()` (after a price
+    recompute or a TIME_ZONE change)."""
+
+    person = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("person"), on_delete=models.CASCADE,
+        related_name="usage_days",
+        # The unique (person, day) index serves lookups by person; a second index on person
+        # alone made SQLite's planner scan every row for a one-day leaderboard.
+        db_index=False,
+    )
+    day = models.DateField(_("day"))
+    requests = models.PositiveBigIntegerField(_("requests"), default=0)
+    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
+    cost = models.DecimalField(
+        _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
+    )
+    unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
+
+    class Meta:
+        verbose_name = _("usage (person × day)")
+        verbose_name_plural = _("usage (person × day)")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["person", "day"], name="usageday_one_row_per_person_day"
+            ),
+        ]
+        # Covering, so the leaderboard reads indexes only: grouped by person (long periods,
+        # no sort for the GROUP BY) or a range of days first (short periods).
+        indexes = [
+            models.Index(fields=["person", "day", *_DAY_SUMS], name="usageday_by_person"),
+            models.Index(fields=["day", "person", *_DAY_SUMS], name="usageday_by_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.person_id} {self.day}"

@@ -1,15 +1,20 @@
-"""Reads on usage shared by the API, the admin and (later) the pages."""
+"""Reads on usage shared by the API, the admin, the pages and the benchmark."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
+from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, ExtractHour, TruncDate
+from django.utils import timezone
 
 from accounts.models import User
 from pool.models import ApiKey
-from usage.models import SyncRun, UsageSnapshot
+from usage.models import SyncRun, UsageDay, UsageSnapshot
 
 _ZERO = 0
 
@@ -64,3 +69,183 @@ def keys_with_usage(*, owner: User) -> QuerySet[ApiKey]:
 
 def last_sync() -> SyncRun | None:
     return SyncRun.objects.order_by("-started_at", "-id").first()
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Sums shown on top of a page. `cost` is the known part; `unpriced_requests` > 0 means
+    some usage has no price, so the cost shown is a lower bound (or unknown when nothing is
+    priced)."""
+
+    requests: int = 0
+    tokens: int = 0
+    cost: Decimal = Decimal(0)
+    unpriced_requests: int = 0
+
+    @property
+    def cost_status(self) -> str:
+        """"known", "partial" (some usage has no price) or "unknown" (none has one)."""
+        if not self.unpriced_requests:
+            return "known"
+        return "unknown" if self.unpriced_requests >= self.requests else "partial"
+
+
+def totals_of_keys(keys: list[ApiKey]) -> Totals:
+    """The totals of a keys_with_usage() list, added up in Python: no second query."""
+    return Totals(
+        requests=sum(k.total_requests for k in keys),
+        tokens=sum(k.total_tokens for k in keys),
+        cost=sum((k.total_cost or Decimal(0) for k in keys), Decimal(0)),
+        unpriced_requests=sum(k.unpriced_requests for k in keys),
+    )
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One row of a chart: a label, its totals, and its length relative to the largest."""
+
+    label: Any
+    totals: Totals
+    percent: float
+
+
+def _bars(rows: list[tuple[Any, Totals]], *, by: str = "tokens") -> list[Bar]:
+    top = max((getattr(t, by) for _l, t in rows), default=0)
+    return [Bar(label, t, round(100 * getattr(t, by) / top, 1) if top else 0.0)
+            for label, t in rows]
+
+
+_SUMS = {
+    "r": Coalesce(Sum("requests"), _ZERO),
+    "t": Coalesce(Sum("total_tokens"), _ZERO),
+    "c": Sum("cost"),
+    "u": Coalesce(Sum("requests", filter=Q(cost__isnull=True)), _ZERO),
+}
+
+
+def _totals(row: dict[str, Any]) -> Totals:
+    return Totals(row["r"], row["t"], row["c"] or Decimal(0), row["u"])
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    totals: Totals
+    by_day: list[Bar]  # every day of the window, oldest first, empty days included
+    by_hour: list[Bar]  # hours of the day 0-23 in TIME_ZONE, over the same window
+    by_model: list[Bar]  # all time, biggest first
+    recent: list[UsageSnapshot]  # the latest hourly rows
+    since: date
+
+
+def key_usage(*, key: ApiKey, days: int = 30, recent: int = 24) -> KeyUsage:
+    """One key's usage for its page, in five queries whatever its history: day and hour of
+    day are computed by the database in the portal's time zone."""
+    tz = timezone.get_current_timezone()
+    today = timezone.localdate()
+    since = today - timedelta(days=days - 1)
+    start = datetime.combine(since, time.min, tzinfo=tz)
+    rows = UsageSnapshot.objects.filter(api_key=key)
+    window = rows.filter(hour__gte=start)
+    per_day = {
+        r["d"]: _totals(r)
+        for r in window.annotate(d=TruncDate("hour", tzinfo=tz)).values("d").annotate(**_SUMS)
+        .order_by()
+    }
+    per_hour = {
+        r["h"]: _totals(r)
+        for r in window.annotate(h=ExtractHour("hour", tzinfo=tz)).values("h")
+        .annotate(**_SUMS).order_by()
+    }
+    per_model = [
+        (r["model"], _totals(r))
+        for r in rows.values("model").annotate(**_SUMS).order_by("-t", "model")
+    ]
+    return KeyUsage(
+        totals=_totals(rows.aggregate(**_SUMS)),
+        by_day=_bars([(since + timedelta(days=n), per_day.get(since + timedelta(days=n), Totals()))
+                      for n in range(days)]),
+        by_hour=_bars([(h, per_hour.get(h, Totals())) for h in range(24)]),
+        by_model=_bars(per_model),
+        recent=list(rows.order_by("-hour", "model")[:recent]),
+        since=since,
+    )
+
+
+# --- the leaderboard ----------------------------------------------------------------------------
+
+PERIODS: dict[str, int | None] = {"today": 1, "7d": 7, "30d": 30, "all": None}
+RANKINGS = ("tokens", "requests", "cost")
+_HELD = (ApiKey.Status.ACTIVE, ApiKey.Status.SUSPENDED, ApiKey.Status.EXPIRED)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    person: User
+    totals: Totals
+    share: float  # of the period's total by the ranking measure, in percent
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    period: str
+    by: str
+    since: date | None
+    totals: Totals  # over everyone active in the period, not only the rows shown
+    active_people: int
+    people_with_keys: int  # ever given a key
+    keys_held: int  # active, suspended or expired: revoked keys and the pool left out
+    rows: list[Ranked]
+
+
+_BOARD_ORDER = {"tokens": "t", "requests": "r", "cost": "c"}
+
+
+def _decimal(value: Any) -> Decimal:
+    # SQLite sums decimals as floats: back to the 8 places cost is stored with.
+    return Decimal(0) if value is None else Decimal(str(value)).quantize(Decimal("1e-8"))
+
+
+def leaderboard(*, period: str, by: str, limit: int = 100) -> Leaderboard:
+    """People ranked for a period, from the person × day rollup (UsageDay), never the hourly
+    table. One pass over the rollup gives the top rows and, through window functions over
+    the grouped rows (evaluated before LIMIT), the totals and head count of everyone."""
+    if period not in PERIODS or by not in RANKINGS:
+        raise ValueError(f"unknown period {period!r} or ranking {by!r}")
+    days = PERIODS[period]
+    since = timezone.localdate() - timedelta(days=days - 1) if days else None
+    q = connection.ops.quote_name
+    where, params = ("", []) if since is None else (
+        f"WHERE {q('day')} >= %s", [connection.ops.adapt_datefield_value(since)])
+    sql = (
+        f"SELECT {q('person_id')}, SUM({q('requests')}) AS r, SUM({q('total_tokens')}) AS t, "
+        f"SUM({q('cost')}) AS c, SUM({q('unpriced_requests')}) AS u, COUNT(*) OVER () AS n, "
+        f"SUM(SUM({q('requests')})) OVER (), SUM(SUM({q('total_tokens')})) OVER (), "
+        f"SUM(SUM({q('cost')})) OVER (), SUM(SUM({q('unpriced_requests')})) OVER () "
+        f"FROM {q(UsageDay._meta.db_table)} {where} GROUP BY {q('person_id')} "
+        f"ORDER BY {_BOARD_ORDER[by]} DESC, {q('person_id')} LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, limit])
+        top = cursor.fetchall()
+    first = top[0] if top else (None, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    # int(): PostgreSQL sums bigints as numeric.
+    active, totals = first[5], Totals(int(first[6] or 0), int(first[7] or 0),
+                                      _decimal(first[8]), int(first[9] or 0))
+    # Two small counts, each answered from an index alone (owner; status) rather than one
+    # pass over the whole key table.
+    given = ApiKey.objects.filter(owner__isnull=False).aggregate(n=Count("owner", distinct=True))
+    held = ApiKey.objects.filter(status__in=_HELD).count()
+    people = User.objects.in_bulk([row[0] for row in top])
+    whole = getattr(totals, by)
+    rows = []
+    for person_id, requests, tokens, cost, unpriced, *_rest in top:
+        mine = Totals(int(requests), int(tokens), _decimal(cost), int(unpriced))
+        share = round(float(100 * getattr(mine, by) / whole), 1) if whole else 0.0
+        rows.append(Ranked(person=people[person_id], totals=mine, share=share))
+    return Leaderboard(
+        period=period, by=by, since=since, totals=totals, active_people=active,
+        people_with_keys=given["n"], keys_held=held, rows=rows,
+    )

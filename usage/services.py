@@ -19,23 +19,27 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.core.mail import send_mail
 from django.db import connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from accounts.models import User
 from keyportal.locks import LeaseHeld, lease, lease_renew
+from keyportal.notify import staff_alert
 from pool.models import ApiKey
 from pool.upstream import ProxyClient, UpstreamError
 from usage import records as R
-from usage.models import SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageSnapshot
+from usage.models import (
+    SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay, UsageSnapshot,
+)
+from usage.limits import LimitsReport, limits_enforce
 from usage.pricing import PriceBook, cost_of
+from usage.rollups import local_day_of
 
 SYNC_LEASE = "usage-sync"
 SYNC_LEASE_TTL = timedelta(minutes=10)
@@ -86,6 +90,7 @@ class SyncReport:
     message: str
     result: IngestResult
     duration: float
+    limits: LimitsReport | None = None  # what enforcement did after the pass
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +99,7 @@ class SyncReport:
             "records_foreign": self.result.foreign, "records_unissued": self.result.unissued,
             "records_unreadable": self.result.unreadable,
             "people_touched": len(self.result.people), "duration_seconds": round(self.duration, 3),
+            "keys_suspended": self.limits.suspended if self.limits else 0,
         }
 
 
@@ -119,6 +125,19 @@ def _upsert_sql() -> str:
     return (
         f"INSERT INTO {table} ({columns}) VALUES ({values}) "
         f"ON CONFLICT ({conflict}) DO UPDATE SET {adds}"
+    )
+
+
+def _day_upsert_sql() -> str:
+    """The UsageDay twin of `_upsert_sql`: add a person's hour to their local day."""
+    q = connection.ops.quote_name
+    table = q(UsageDay._meta.db_table)
+    columns = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests")
+    adds = ", ".join(f"{q(c)} = {table}.{q(c)} + excluded.{q(c)}" for c in columns[2:])
+    return (
+        f"INSERT INTO {table} ({', '.join(q(c) for c in columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({q('person_id')}, {q('day')}) DO UPDATE SET {adds}"
     )
 
 
@@ -186,6 +205,9 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
     ops = connection.ops
     hour_values: dict[str, Any] = {}
     params = []
+    # The person × day rollup moves in the same transaction as the rows it sums.
+    days: dict[tuple[int, date], list[Any]] = {}
+    local_days: dict[str, date] = {}
     for (key_hash, model, hour), c in groups.items():
         key = keys.get(key_hash)
         if key is None:  # not the portal's key: counted, never stored against anyone
@@ -201,14 +223,32 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
         if hour_value is None:
             hour_dt = datetime.fromisoformat(hour + ":00:00+00:00")
             hour_value = hour_values[hour] = ops.adapt_datetimefield_value(hour_dt)
+            local_days[hour] = local_day_of(hour_dt)
         cost = cost_of(
             books.prices.price_for(model), input_tokens=c[2], output_tokens=c[3],
             cached_tokens=c[5], cache_creation_tokens=c[6], total_tokens=c[7],
         )
         params.append((pk, model, hour_value, *c, None if cost is None else str(cost)))
+        if owner_id is not None:
+            day_key = (owner_id, local_days[hour])
+            d = days.get(day_key)
+            if d is None:
+                d = days[day_key] = [0, 0, Decimal(0), 0]
+            d[0] += c[0]
+            d[1] += c[7]
+            if cost is None:
+                d[3] += c[0]
+            else:
+                d[2] += cost
     if params:
         with connection.cursor() as cursor:
             cursor.executemany(_upsert_sql(), params)
+            if days:
+                cursor.executemany(
+                    _day_upsert_sql(),
+                    [(p, ops.adapt_datefield_value(day), r, t, str(cost), u)
+                     for (p, day), (r, t, cost, u) in days.items()],
+                )
 
     as_db = _db_datetime_for(connection.vendor)
     used = {keys[h][0]: as_db(ts) for h, ts in last_seen.items() if h in keys}
@@ -411,8 +451,9 @@ def usage_sync(*, mode: str | None = None) -> SyncReport:
         return usage_sync_pass(mode=mode)
 
 
-def usage_sync_pass(*, mode: str | None = None) -> SyncReport:
-    """One pass; the caller holds the lease (usage_sync, or the --follow loop)."""
+def usage_sync_pass(*, mode: str | None = None, now: datetime | None = None) -> SyncReport:
+    """One pass; the caller holds the lease (usage_sync, or the --follow loop). After the
+    usage is stored, limits are enforced as of `now` (default: the clock; tests freeze it)."""
     started, clock = timezone.now(), time.monotonic()
     mode = mode or settings.CLIPROXY_USAGE_MODE
     result = IngestResult()
@@ -441,7 +482,11 @@ def usage_sync_pass(*, mode: str | None = None) -> SyncReport:
         ok, message = False, _(
             "%(n)d usage records from the proxy were malformed and could not be counted."
         ) % {"n": result.unreadable}
-    report = SyncReport(mode, ok, message, result, time.monotonic() - clock)
+    # Enforced only on what a finished pass stored, and before the run is recorded so that
+    # the status page's "last sync" includes it. The suspensions are committed in the portal
+    # before the proxy is asked; a proxy that does not answer follows at the next reconcile.
+    limits = limits_enforce(now=now or timezone.now())
+    report = SyncReport(mode, ok, message, result, time.monotonic() - clock, limits)
     _record(started, clock, mode, ok, message, result)
     return report
 
@@ -460,28 +505,25 @@ def _record(
 
 
 def _notify_unissued() -> None:
-    """Tells staff, once per key, that a key nobody was given is being used."""
+    """Tells staff (email and webhook), once per key, that a key nobody was given is used."""
     pending = list(
         UnissuedKeyUsage.objects.filter(notified_at__isnull=True).values_list("pk", "api_key_id")
     )
     if not pending:
         return
-    staff = list(
-        User.objects.filter(is_staff=True, is_active=True).values_list("email", flat=True)
-    )
-    if not staff:
-        return  # told as soon as there is somebody to tell
     masked = [k.masked for k in ApiKey.objects.filter(pk__in=[key for _pk, key in pending])]
-    send_mail(
+    delivered = staff_alert(
+        event="unissued_key_used",
         subject=_("Key Portal: usage on keys nobody was given"),
-        message=_(
+        body=_(
             "sync_usage found usage on pool keys that have not been handed to anyone:\n\n"
             "%(keys)s\n\nSomebody holds a copy of these keys. Consider revoking them in the "
             "admin (API keys, filtered by status \"in the pool\")."
         ) % {"keys": "\n".join(f"  {m}" for m in masked)},
-        from_email=None,
-        recipient_list=staff,
+        data={"keys": masked},  # masked: the webhook never sees a whole key
     )
+    if not delivered:
+        return  # told as soon as a channel (somebody to email, the webhook) takes it
     UnissuedKeyUsage.objects.filter(pk__in=[pk for pk, _key in pending]).update(
         notified_at=timezone.now()
     )

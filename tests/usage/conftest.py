@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from io import StringIO
 
 import pytest
@@ -53,3 +54,20 @@ def table() -> list[tuple]:
             "total_tokens", "cost",
         )
     )
+
+
+# The /my-keys pages moved here from pool; their tests use the pool's key fixtures.
+from tests.pool.conftest import make_ready_keys, proxy_keys, ready_keys  # noqa: E402,F401
+
+
+def served(key: ApiKey, *, at: datetime, model: str = "mock-gpt", requests: int = 1,
+           input_tokens: int = 10, output_tokens: int = 5, failed: bool = False) -> None:
+    """Counts `requests` identical requests on `key` at `at` through the ingest service (so
+    the rollup moves as sync_usage moves it)."""
+    from usage.services import usage_ingest
+
+    utc = at.astimezone(timezone.utc)
+    row = [key.key_hash, model, utc.strftime("%Y-%m-%dT%H"), int(failed), input_tokens,
+           output_tokens, 0, 0, 0, input_tokens + output_tokens,
+           utc.strftime("%Y-%m-%dT%H:%M:%S.%f000Z")]  # as usage.records writes it
+    usage_ingest(rows=[row] * requests)

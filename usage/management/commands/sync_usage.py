@@ -102,3 +102,6 @@ class Command(BaseCommand):
         if r.flagged:
             self.stdout.write(_("%(n)d pool key(s) nobody was given have usage; staff are "
                                 "told by email.") % {"n": len(r.flagged)})
+        if report.limits is not None:
+            for limit_line in report.limits.lines():
+                self.stdout.write(limit_line)

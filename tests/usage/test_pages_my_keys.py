@@ -1,13 +1,19 @@
-"""/my-keys: list, add and revoke, as the owner, as someone else and anonymously; with and
-without htmx."""
+"""/my-keys (usage/pages.py): list with usage, add and revoke, as the owner, as someone else
+and anonymously; with and without htmx."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from decimal import Decimal
+
 import pytest
 from django.core import mail
+from django.utils import timezone
 
 from pool.models import ApiKey, key_digest
 from pool.services import key_assign
+from tests.usage.conftest import served
+from usage.models import ModelPrice
 
 pytestmark = pytest.mark.django_db
 Status, State = ApiKey.Status, ApiKey.ProxyState
@@ -63,11 +69,58 @@ def test_the_list_costs_the_same_queries_however_many_keys(
 ):
     make_ready_keys(count)
     for n in range(count):
-        key_assign(user=ann, label=f"k{n}")
+        key = key_assign(user=ann, label=f"k{n}").key
+        for hour in range(n % 4 + 1):  # usage rows too, a different number per key
+            served(key, at=timezone.now() - timedelta(hours=hour), model=f"m{hour % 2}")
     client.force_login(ann)
-    with django_assert_num_queries(3):  # session, person, keys
+    with django_assert_num_queries(3):  # session, person, keys with their usage sums
         response = client.get("/my-keys")
     assert response.content.count(b'<tr id="key-') == count
+
+
+# --- usage columns --------------------------------------------------------------------------
+
+
+def test_each_key_shows_its_usage_and_the_totals_are_on_top(client, ann, bob, make_ready_keys):
+    make_ready_keys(3)
+    laptop = key_assign(user=ann, label="laptop").key
+    ci = key_assign(user=ann, label="ci").key
+    bobs = key_assign(user=bob, label="bob").key
+    ModelPrice.objects.create(model="mock-gpt", input=Decimal("2"), output=Decimal("0"),
+                              cache_read=Decimal("0"), cache_write=Decimal("0"))
+    served(laptop, at=timezone.now(), requests=3, input_tokens=500_000, output_tokens=0)
+    served(ci, at=timezone.now(), model="unpriced-model", requests=2, input_tokens=40,
+           output_tokens=2)
+    served(bobs, at=timezone.now(), requests=1000)
+    client.force_login(ann)
+
+    page = client.get("/my-keys").content.decode()
+
+    totals = page.split('<dl class="totals"', 1)[1].split("</dl>", 1)[0]
+    assert "<dd>5</dd>" in totals and "<dd>1,500,084</dd>" in totals
+    # $3.00 is known, the ci key's usage has no price: the total says it is a lower bound.
+    assert "≥ $3.00" in totals and "cost-partial" in totals
+    laptop_row = page.split(f'<tr id="key-{laptop.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">3</td>' in laptop_row and "$3.00" in laptop_row
+    ci_row = page.split(f'<tr id="key-{ci.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert "cost-unknown" in ci_row and "$0" not in ci_row
+    assert "1,000" not in page  # Bob's usage is not Ann's
+
+
+def test_a_key_without_usage_costs_nothing(client, ann, ready_keys):
+    key = key_assign(user=ann, label="new").key
+    client.force_login(ann)
+    page = client.get("/my-keys").content.decode()
+    row = page.split(f'<tr id="key-{key.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">0</td>' in row and "$0.0000" in row and "unknown" not in row
+
+
+def test_revoked_row_keeps_its_usage(client, ann, proxy_keys):
+    key = key_assign(user=ann, label="laptop").key
+    served(key, at=timezone.now(), requests=7)
+    client.force_login(ann)
+    row = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX).content.decode()
+    assert "status-revoked" in row and '<td class="num">7</td>' in row
 
 
 # --- add ------------------------------------------------------------------------------------

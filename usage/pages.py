@@ -1,0 +1,190 @@
+"""Pages that show usage: /my-keys (list, add, revoke) and /my-keys/<id> for people, and the
+staff leaderboard and proxy status under /staff/. They live here rather than in pool because
+they read usage, and dependencies run usage -> pool -> accounts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.cache import patch_vary_headers
+from django.utils.translation import gettext as _
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import reswap, retarget
+
+from accounts.models import User
+from keyportal.audit import client_ip
+from pool.forms import KeyLabelForm
+from pool.models import ApiKey
+from pool.selectors import PoolStatus, pool_status
+from pool.services import (
+    PoolEmpty, ReconcileReport, key_assign, key_revoke, keys_reconcile, keys_reconcile_quietly,
+)
+from pool.upstream import ProxyClient, UpstreamError
+from pool.views import key_limit_reached, key_shown, pool_empty
+from usage.models import SyncRun
+from usage.selectors import (
+    PERIODS, RANKINGS, key_usage, keys_with_usage, last_sync, leaderboard, totals_of_keys,
+)
+
+# --- /my-keys -----------------------------------------------------------------------------------
+
+
+def _my_keys(user: User) -> list[ApiKey]:
+    # One query: usage sums are annotations on the keys, totals are added up in Python.
+    return list(keys_with_usage(owner=user).order_by("-issued_at", "-id"))
+
+
+def _table_context(user: User, **extra: Any) -> dict[str, Any]:
+    keys = _my_keys(user)
+    return {"keys": keys, "totals": totals_of_keys(keys), **extra}
+
+
+@login_required
+@require_GET
+def my_keys(request: HttpRequest) -> HttpResponse:
+    context = _table_context(request.user, form=KeyLabelForm())
+    template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
+    response = render(request, template, context)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@login_required
+@require_POST
+def key_add(request: HttpRequest) -> HttpResponse:
+    form = KeyLabelForm(request.POST)
+    if form.is_valid() and key_limit_reached(request.user):
+        form.add_error(
+            "label",
+            _("You have added many keys in a short time. Please wait %(minutes)d minutes.")
+            % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
+        )
+    if not form.is_valid():
+        if request.htmx:
+            response = render(request, "pool/my_keys.html#add-form", {"form": form})
+            return reswap(retarget(response, "#add-form"), "outerHTML")
+        return render(request, "pool/my_keys.html", _table_context(request.user, form=form),
+                      status=400)
+    try:
+        issued = key_assign(
+            user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
+        )
+    except PoolEmpty:
+        return pool_empty(
+            request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
+        )
+    if not request.htmx:
+        return key_shown(request, issued, "pool/key_shown.html")
+    # The new key's panel, plus the table (out of band) so it lists the new key too.
+    response = key_shown(request, issued, "pool/key_shown.html#issued")
+    table = render_to_string(
+        "pool/my_keys.html#key-table", _table_context(request.user, oob=True), request=request
+    )
+    response.content += table.encode()
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET asks for confirmation (a row in place with htmx, a page without); POST revokes."""
+    key = get_object_or_404(ApiKey, pk=pk, owner=request.user)
+    if request.method == "GET":
+        template = "pool/key_revoke.html#confirm-row" if request.htmx else "pool/key_revoke.html"
+        return render(request, template, {"key": key})
+    if key_revoke(key=key, by=request.user, ip=client_ip(request)):
+        keys_reconcile_quietly()  # committed already: a proxy failure only postpones removal
+    if request.htmx:
+        # The row again, with its usage columns: read back through the annotated query.
+        row = keys_with_usage(owner=request.user).get(pk=key.pk)
+        return render(request, "pool/my_keys.html#key-row", {"key": row})
+    messages.success(request, _("Key %(key)s is revoked.") % {"key": key.masked})
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+@login_required
+@require_GET
+def key_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    key = get_object_or_404(ApiKey, pk=pk, owner=request.user)  # others get 404, not 403
+    return render(request, "usage/key_detail.html", {
+        "key": key, "usage": key_usage(key=key), "time_zone": settings.TIME_ZONE,
+    })
+
+
+# --- staff --------------------------------------------------------------------------------------
+
+
+def _admin_page(request: HttpRequest, template: str, context: dict[str, Any],
+                status: int = 200) -> HttpResponse:
+    # The admin's header, breadcrumbs and sidebar need the admin site's context.
+    return render(request, template, {**admin.site.each_context(request), **context},
+                  status=status)
+
+
+@staff_member_required
+@require_GET
+def staff_leaderboard(request: HttpRequest) -> HttpResponse:
+    period = request.GET.get("period", "7d")
+    by = request.GET.get("by", "tokens")
+    if period not in PERIODS or by not in RANKINGS:
+        error = _("Unknown period or ranking: period is one of %(periods)s, by is one of "
+                  "%(rankings)s.") % {
+            "periods": ", ".join(PERIODS), "rankings": ", ".join(RANKINGS)
+        }
+        return _admin_page(request, "usage/leaderboard.html", {"error": error,
+                           "title": _("Leaderboard")}, status=400)
+    board = leaderboard(period=period, by=by)
+    keys_url = reverse("admin:pool_apikey_changelist")
+    return _admin_page(request, "usage/leaderboard.html", {
+        "title": _("Leaderboard"), "board": board, "periods": PERIODS, "rankings": RANKINGS,
+        "keys_url": keys_url,
+    })
+
+
+@dataclass
+class ProxyReport:
+    configured: bool
+    error: str = ""  # the UpstreamError's sentence: never carries the management key
+    mode: str = ""
+    statistics: bool | None = None
+    drift: ReconcileReport | None = None
+
+
+def _proxy_report() -> ProxyReport:
+    if not settings.CLIPROXY_URL:
+        return ProxyReport(configured=False)
+    report = ProxyReport(configured=True)
+    try:
+        with ProxyClient.from_settings() as client:
+            report.statistics = client.usage_statistics_enabled()
+            report.mode = client.usage_mode()
+            report.drift = keys_reconcile(client=client, dry_run=True)
+    except UpstreamError as exc:
+        report.error = str(exc)
+    return report
+
+
+@staff_member_required
+@require_GET
+def staff_proxy(request: HttpRequest) -> HttpResponse:
+    report = _proxy_report()
+    pool: PoolStatus = pool_status()
+    sync: SyncRun | None = last_sync()
+    drift = report.drift
+    return _admin_page(request, "usage/proxy_status.html", {
+        "title": _("Proxy status"), "report": report, "pool": pool, "sync": sync,
+        "pool_min": settings.PORTAL_POOL_MIN,
+        # In reconcile's terms: pool keys it would push, issued keys the proxy lost, keys it
+        # would bring back from escrow; and keys it would remove, listed twice included.
+        "missing": drift.pushed + drift.missing + drift.restored if drift else 0,
+        "extra": drift.removed + drift.duplicates if drift else 0,
+    })

@@ -1,0 +1,66 @@
+"""How usage numbers read on the pages: cost never shows an unknown as 0."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django import template
+from django.utils.formats import number_format
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext as _
+
+from usage.selectors import Totals
+
+register = template.Library()
+
+
+def _usd(value: Decimal) -> str:
+    # Cents hide the cost of light use; four places show it without pretending precision.
+    return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
+
+
+@register.simple_tag
+def cost(totals: Totals) -> SafeString:
+    """`$1.23`; `≥ $1.23` with a title when part of the usage has no price; `unknown` with a
+    title when none of it has."""
+    status = totals.cost_status
+    if status == "unknown":
+        return format_html(
+            '<span class="cost-unknown" title="{}">{}</span>',
+            _("No price is known for the models used."), _("unknown"),
+        )
+    if status == "partial":
+        return format_html(
+            '<span class="cost-partial" title="{}">≥ {}</span>',
+            _("%(n)s requests used models without a known price; their cost is not included.")
+            % {"n": totals.unpriced_requests},
+            _usd(totals.cost),
+        )
+    return format_html("{}", _usd(totals.cost))
+
+
+@register.filter
+def key_totals(key: object) -> Totals:
+    """A keys_with_usage() row's annotations as Totals, for the cost tag."""
+    return Totals(
+        key.total_requests, key.total_tokens,  # type: ignore[attr-defined]
+        key.total_cost or Decimal(0), key.unpriced_requests,  # type: ignore[attr-defined]
+    )
+
+
+@register.filter
+def grouped(value: int) -> str:
+    """12,345 (in the reader's locale): token counts are long."""
+    return number_format(value, force_grouping=True)
+
+
+@register.filter
+def row_totals(row: object) -> Totals:
+    """One UsageSnapshot row as Totals: a NULL cost is unknown, not free."""
+    unknown = row.cost is None  # type: ignore[attr-defined]
+    return Totals(
+        row.requests, row.total_tokens,  # type: ignore[attr-defined]
+        Decimal(0) if unknown else row.cost,  # type: ignore[attr-defined]
+        row.requests if unknown else 0,  # type: ignore[attr-defined]
+    )
