@@ -5,12 +5,14 @@ from django.urls import include, path
 from django.utils.translation import gettext_lazy as _
 
 from accounts import views as accounts_views
+from keyportal import views as keyportal_views
 
 admin.site.site_header = _("Key Portal")
 admin.site.site_title = _("Key Portal")
 admin.site.index_title = _("Administration")
 
 urlpatterns = [
+    path("admin/login/", keyportal_views.admin_login, name="admin-login"),
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("", include("pool.urls")),

@@ -130,3 +130,18 @@ def test_api_tokens_created_and_revoked_in_the_admin_leave_rows(admin_client, ad
         "action": "revoke_tokens", "_selected_action": [token.pk]})
     actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
     assert actions == [Action.TOKEN_CREATED, Action.TOKEN_REVOKED]
+
+
+def test_a_staff_password_sign_in_to_the_admin_leaves_one_row(client):
+    from accounts.models import User
+
+    boss = User.objects.create_superuser("boss@example.com", "a-long-password-1")
+    client.post("/admin/login/?next=/admin/", {"username": "boss@example.com",
+                                                "password": "wrong-password"})
+    assert not AuditEvent.objects.exists()
+    response = client.post("/admin/login/?next=/admin/", {
+        "username": "boss@example.com", "password": "a-long-password-1"}, REMOTE_ADDR="10.0.0.5")
+    assert response.status_code == 302
+    [event] = AuditEvent.objects.all()
+    assert (event.action, event.actor, event.ip) == (Action.SIGN_IN, boss, "10.0.0.5")
+    assert event.detail == "admin password"
