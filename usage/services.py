@@ -39,7 +39,7 @@ from usage.models import (
 )
 from usage.limits import LimitsReport, limits_enforce
 from usage.pricing import PriceBook, cost_of
-from usage.rollups import local_day_of
+from usage.rollups import local_day_of, usage_days_rebuild
 
 SYNC_LEASE = "usage-sync"
 SYNC_LEASE_TTL = timedelta(minutes=10)
@@ -557,6 +557,10 @@ def usage_cost_recompute(*, models: Sequence[str] | None = None) -> int:
                         updates.append(UsageSnapshot(pk=pk, cost=new))
                 UsageSnapshot.objects.bulk_update(updates, ["cost"], batch_size=LOOKUP_CHUNK)
                 changed += len(updates)
+        if changed:
+            # The per-person × day rollup sums cost too: rebuilt with the rows it sums, so
+            # the leaderboard never shows the old prices.
+            usage_days_rebuild()
     return changed
 
 

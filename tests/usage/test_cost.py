@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from decimal import Decimal
 
+from django.db.models import Sum
+
 import pytest
 
 from accounts.models import User
@@ -97,6 +99,10 @@ def test_recompute_after_a_price_change(fake_proxy, people_keys):
     assert UsageSnapshot.objects.get(model="mock-gpt").cost == Decimal("0.00243")
     assert UsageSnapshot.objects.get(model="unpriced").cost == Decimal("0.000011")
     assert usage_cost_recompute() == 0
+    # The leaderboard's per-person × day rollup follows the new prices too.
+    from usage.models import UsageDay
+
+    assert UsageDay.objects.aggregate(c=Sum("cost"))["c"] == Decimal("0.002441")
 
 
 def test_admin_action_recomputes_the_selected_models(client, fake_proxy, people_keys):
