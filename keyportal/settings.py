@@ -235,7 +235,7 @@ if CLIPROXY_USAGE_MODE not in ("auto", "queue", "snapshot"):
         f"CLIPROXY_USAGE_MODE must be auto, queue or snapshot, not {CLIPROXY_USAGE_MODE!r}."
     )
 # Records per /usage-queue pop; each pop is committed before it is counted.
-USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "1000"), 1)
+USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "5000"), 1)
 # Seconds between passes of `sync_usage --follow`: well under the proxy's queue retention
 # (redis-usage-queue-retention-seconds, 60 s by default), or records expire unread.
 USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
