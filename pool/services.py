@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -242,7 +242,9 @@ def keys_reconcile(
     the pool below PORTAL_POOL_MIN. Running it twice in a row changes nothing the second time.
     """
     report = ReconcileReport(dry_run=dry_run)
-    with _proxy_write_lease():
+    # A dry run writes nothing, so it neither waits for nor blocks a real one (the staff
+    # status page runs it on every view).
+    with nullcontext() if dry_run else _proxy_write_lease():
         if not dry_run:
             # First, and whether or not the proxy answers: an expired key stops counting as
             # live in the portal at once, and leaves the proxy as soon as it can be reached.

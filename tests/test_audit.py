@@ -5,7 +5,7 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 
 from keyportal.models import AuditEvent
 
@@ -34,7 +34,7 @@ def test_generating_from_the_admin_names_the_staff_member_and_address(admin_clie
 
 def test_a_failed_push_is_recorded_too(fake_proxy):
     fake_proxy.config_read_only = True
-    with pytest.raises(Exception):
+    with pytest.raises(CommandError, match="not pushed"):
         run("generate_keys", "--count", "2")
     [event] = AuditEvent.objects.all()
     assert event.after == {"created": 2, "pushed": False}

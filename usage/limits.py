@@ -117,8 +117,11 @@ def usage_in_windows(*, windows: dict[str, Window]) -> tuple[dict[int, Used], di
     day, month = windows["day"], windows["month"]
     in_day = Q(hour__gte=day.start, hour__lt=day.end)
     unpriced = Q(cost__isnull=True)
+    # Only the rows a limit can look at: keys with a limit of their own, and every key of a
+    # person with a limit. With few limits set, a sync sums a small part of the month.
     rows = (
         UsageSnapshot.objects.filter(hour__gte=month.start, hour__lt=month.end)
+        .filter(_any_limit("api_key__") | _any_limit("api_key__owner__"))
         .values("api_key_id", "api_key__owner_id")
         .annotate(
             tokens_month=Sum("total_tokens"),

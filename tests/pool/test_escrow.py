@@ -7,7 +7,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -119,7 +119,7 @@ def test_escrow_is_written_before_the_key_leaves_the_proxy(live_key, fake_proxy)
     key, value = live_key
     ApiKey.objects.filter(pk=key.pk).update(status=Status.SUSPENDED, proxy_state=State.REMOVAL_PENDING)
     fake_proxy.config_read_only = True
-    with pytest.raises(Exception):
+    with pytest.raises(CommandError, match="failed to save config"):
         reconcile()
     key.refresh_from_db()
     assert value in fake_proxy.api_keys

@@ -266,3 +266,15 @@ def test_not_configured_names_the_setting(settings, db):
     settings.CLIPROXY_URL = ""
     with pytest.raises(CommandError, match="CLIPROXY_URL"):
         run("reconcile_keys")
+
+
+def test_a_dry_run_does_not_wait_for_the_write_lease(fake_proxy, monkeypatch):
+    """The status page's dry run must not queue behind (or block) a real reconcile."""
+    from keyportal.locks import lease
+    from pool import services
+
+    monkeypatch.setattr(services, "PROXY_WRITE_WAIT_SECONDS", 0)
+    with lease(services.PROXY_WRITE_LEASE):
+        assert "Dry run: nothing was changed." in run("reconcile_keys", "--dry-run")
+        with pytest.raises(CommandError, match="Another portal process"):
+            run("reconcile_keys")

@@ -304,3 +304,20 @@ def test_windows_follow_the_portal_time_zone(settings, zone, at, day, month):
         d.replace(tzinfo=local) for d in month)
     if zone == "Europe/Berlin":
         assert windows["day"].end.astimezone(tz.utc) - windows["day"].start == timedelta(hours=23)
+
+
+def test_only_usage_a_limit_can_look_at_is_summed(db):
+    from usage.limits import usage_in_windows
+
+    limited_key, limited_person, free = issue(
+        3, ["ann@example.com", "bob@example.com", "cy@example.com"])
+    limit(limited_key.key, limit_tokens_day=1000)
+    limit(limited_person.key.owner, limit_tokens_month=1000)
+    for held in (limited_key, limited_person, free):
+        row(held.key, at=NOW, tokens=10)
+
+    by_key, by_person = usage_in_windows(windows=windows_at(NOW))
+
+    assert set(by_key) == {limited_key.key.pk, limited_person.key.pk}
+    assert free.key.owner_id not in by_person
+    assert by_key[limited_person.key.pk].tokens_day == 10
