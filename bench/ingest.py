@@ -33,9 +33,13 @@ FIXTURE = json.loads((ROOT / "tests/fixtures/usage-queue-v7.2.140.json").read_te
 
 
 def setup_django(db_path: str) -> None:
+    # PostgreSQL when DATABASE_URL points at one (its tables are emptied first); otherwise a
+    # throw-away SQLite file.
+    url = os.environ.get("DATABASE_URL", "")
     os.environ.update({
         "SECRET_KEY": "bench-only-secret-key-bench-only-secret-key", "DEBUG": "false",
-        "DATABASE_URL": f"sqlite:///{db_path}", "CACHE_URL": "locmemcache://",
+        "DATABASE_URL": url if url.startswith("postgres") else f"sqlite:///{db_path}",
+        "CACHE_URL": "locmemcache://",
         "CLIPROXY_URL": "", "LOG_LEVEL": "WARNING", "EMAIL_URL": "consolemail://",
     })
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "keyportal.settings")
@@ -45,6 +49,7 @@ def setup_django(db_path: str) -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
+    call_command("flush", interactive=False, verbosity=0)
 
 
 def make_keys(count: int) -> list[str]:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import zlib
 
+from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from django.conf import settings
 
 
@@ -35,4 +39,36 @@ def escrow_open(sealed: str) -> str:
     try:
         return _fernet().decrypt(sealed.encode()).decode()
     except (InvalidToken, ValueError):
+        raise EscrowUnreadable from None
+
+
+# --- popped usage bodies ----------------------------------------------------------------------
+# A `/usage-queue` answer holds plaintext client keys and is the only copy of what it counts
+# once the proxy has popped it, so it is written to the database the moment it arrives,
+# sealed with the same secret as the escrow. zlib first (JSON shrinks 5-30x, so the write is
+# small) at level 1, then AES-256-GCM: both together cost about a seventh of `json.loads` of
+# the same bytes, where Fernet (AES-CBC, HMAC and base64 in Python) costs over half.
+
+_SEALED_MAGIC = b"KP1"
+
+
+def _body_cipher() -> AESGCM:
+    configured = getattr(settings, "PORTAL_ESCROW_KEY", "")
+    material = configured.encode() if configured else settings.SECRET_KEY.encode()
+    return AESGCM(hashlib.sha256(b"keyportal-usage-body\0" + material).digest())
+
+
+def body_seal(data: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return _SEALED_MAGIC + nonce + _body_cipher().encrypt(nonce, zlib.compress(data, 1), None)
+
+
+def body_open(sealed: bytes) -> bytes:
+    sealed = bytes(sealed)  # PostgreSQL hands back a memoryview
+    if not sealed.startswith(_SEALED_MAGIC):
+        raise EscrowUnreadable
+    nonce, ciphertext = sealed[3:15], sealed[15:]
+    try:
+        return zlib.decompress(_body_cipher().decrypt(nonce, ciphertext, None))
+    except (InvalidTag, zlib.error, ValueError):
         raise EscrowUnreadable from None

@@ -102,6 +102,22 @@ def _set_proxy_state(ids: Iterable[int], state: str, **only: Any) -> int:
     return changed
 
 
+def keys_lock(*, ids: Iterable[int]) -> None:
+    """Inside a transaction, locks the given key rows in id order. Every transaction that
+    updates several key rows (a sync's "last used", reconcile's proxy states) takes its locks
+    this way first, so two of them never wait on each other in a circle (PostgreSQL answered
+    "deadlock detected" to revokes running beside a sync). SQLite locks the whole database per
+    write transaction and needs nothing."""
+    if not connection.features.has_select_for_update:
+        return
+    ids = sorted(set(ids))
+    for start in range(0, len(ids), UPDATE_CHUNK * 10):
+        list(
+            ApiKey.objects.filter(id__in=ids[start : start + UPDATE_CHUNK * 10])
+            .order_by("id").select_for_update(no_key=True).values_list("id", flat=True)
+        )
+
+
 # --- generate -------------------------------------------------------------------------------
 
 

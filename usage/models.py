@@ -94,16 +94,22 @@ class ModelPrice(models.Model):
 
 
 class UsageBatch(models.Model):
-    """What one `/usage-queue` pop returned, committed before it is counted: the proxy forgets
-    a record once popped, so this row is the only copy until `applied_at` is set (in the same
-    transaction that adds its counts).
+    """What one `/usage-queue` pop returned. The proxy forgets a record once popped, so the
+    answer's body is written here the moment it arrives, before it is even parsed: `raw`,
+    compressed and sealed with the escrow secret (it holds plaintext client keys; see
+    pool.escrow.body_seal). Counting it sets `applied_at` and drops `raw` in the same
+    transaction that adds its counts, so a batch is counted exactly once, whenever the process
+    dies. What is kept afterwards (for USAGE_BATCH_KEEP_DAYS) are the counts.
 
-    `rows` is the popped body reduced to the fields the portal counts, with every client key
-    replaced by its SHA-256: the plaintext key never reaches the database."""
+    `rows` is how batches were kept before bodies were stored whole (keys already hashed); a
+    batch left pending by an older version is still counted from it."""
 
     created_at = models.DateTimeField(_("popped"), auto_now_add=True)
-    record_count = models.PositiveIntegerField(_("records"))
-    rows = models.JSONField(_("records (keys hashed)"))
+    raw = models.BinaryField(_("sealed body"), null=True, editable=False)
+    size = models.PositiveIntegerField(_("body bytes"), default=0)
+    record_count = models.PositiveIntegerField(_("records"), default=0)
+    quarantined = models.PositiveIntegerField(_("quarantined"), default=0)
+    rows = models.JSONField(_("records (keys hashed)"), null=True, blank=True, editable=False)
     applied_at = models.DateTimeField(_("applied"), null=True, blank=True)
     error = models.TextField(_("error"), blank=True)
 
@@ -119,6 +125,36 @@ class UsageBatch(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} ({self.record_count})"
+
+
+class QuarantinedRecord(models.Model):
+    """A usage record that could not be counted (a token count no request can have, text the
+    database cannot store, a time outside 2000-2099, a shape the contract does not allow),
+    set aside with the reason so that the rest of its batch is counted and nothing blocks the
+    next sync. `record` is the record as ASCII JSON with its client key masked; `key_hash`
+    says whose key it was when that could be read."""
+
+    class Source(models.TextChoices):
+        QUEUE = "queue", _("usage queue")
+        SNAPSHOT = "snapshot", _("usage snapshot")
+
+    created_at = models.DateTimeField(_("set aside"), auto_now_add=True, db_index=True)
+    source = models.CharField(_("source"), max_length=16, choices=Source.choices)
+    batch = models.ForeignKey(
+        UsageBatch, verbose_name=_("queue batch"), null=True, blank=True,
+        on_delete=models.SET_NULL, related_name="+",
+    )
+    reason = models.CharField(_("reason"), max_length=200)
+    key_hash = models.CharField(_("key SHA-256"), max_length=64, blank=True)
+    record = models.TextField(_("record (key masked)"), blank=True)
+
+    class Meta:
+        verbose_name = _("quarantined usage record")
+        verbose_name_plural = _("quarantined usage records")
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M} {self.reason}"
 
 
 class SnapshotCursor(models.Model):
@@ -170,6 +206,7 @@ class SyncRun(models.Model):
     records_stored = models.PositiveBigIntegerField(_("stored"), default=0)
     records_foreign = models.PositiveBigIntegerField(_("foreign"), default=0)
     records_unissued = models.PositiveBigIntegerField(_("on unissued keys"), default=0)
+    records_quarantined = models.PositiveBigIntegerField(_("quarantined"), default=0)
     people = models.PositiveIntegerField(_("people touched"), default=0)
     duration_ms = models.PositiveIntegerField(_("duration (ms)"), default=0)
 

@@ -6,6 +6,12 @@ timestamp]`, where `key_hash` is the SHA-256 of the client key (the plaintext is
 before anything is stored), `hour` is the UTC hour as `YYYY-MM-DDTHH` and `timestamp` the
 request's UTC time as RFC 3339 text (for "last used").
 
+A record that cannot be counted is never allowed to stop the others: it comes out as a
+`Quarantined` (reason, the record as ASCII JSON with its key masked) and is set aside. The
+checks here are the boundary: token counts are integers in [0, 2^40) (a trillion tokens is
+beyond any request, and sums of such counts stay far inside the database's int64), texts the
+database stores (no NUL, no lone surrogate), times within 2000-2099.
+
 This is the hot loop of sync_usage (a busy proxy's snapshot holds millions of details), so it
 works on the decoded JSON directly, with plain lists and a few caches, instead of building
 objects per record.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
@@ -24,22 +31,84 @@ from pool.upstream import UpstreamUnexpected
 
 Row = list[Any]
 
+TOKEN_BITS = 40  # a count must be below 2^40 (about 1.1 trillion)
+FIRST_YEAR, LAST_YEAR = 2000, 2099
+RECORD_TEXT_MAX = 4000
+
 
 class BadRecord(ValueError):
     """One record the contract does not allow; the message never holds a key."""
 
 
+@dataclass(frozen=True)
+class Quarantined:
+    """A record set aside: why, what it was (key masked), and whose key when known."""
+
+    reason: str
+    record: str
+    key_hash: str = ""
+
+
+def masked(key: Any) -> str:
+    """A client key as it may be shown anywhere: its first 6 and last 4 characters."""
+    if not isinstance(key, str):
+        return "" if key is None else f"<{type(key).__name__}>"
+    return f"{key[:6]}…{key[-4:]}" if len(key) > 16 else "…"
+
+
+def record_text(raw: Any, **extra: Any) -> str:
+    """A record as ASCII JSON (NULs and lone surrogates escaped, so any database stores it),
+    with its `api_key` masked, cut to RECORD_TEXT_MAX characters."""
+    if type(raw) is dict:
+        raw = {**raw, **({"api_key": masked(raw["api_key"])} if "api_key" in raw else {}),
+               **extra}
+    elif extra:
+        raw = {**extra, "record": raw}
+    try:
+        text = json.dumps(raw, ensure_ascii=True, default=repr)
+    except (ValueError, RecursionError):
+        text = ascii(raw)
+    return text[:RECORD_TEXT_MAX]
+
+
+def check_text(value: str, what: str) -> str:
+    """`value` when the database can store it; BadRecord otherwise."""
+    if "\x00" in value:
+        raise BadRecord(f"{what} contains a NUL character")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise BadRecord(f"{what} is not valid Unicode text (a lone surrogate)") from None
+    return value
+
+
 def key_hasher() -> Callable[[str], str]:
-    """SHA-256 hex of a key, remembered per run: a batch holds few distinct keys."""
+    """SHA-256 hex of a key, remembered per run: a batch holds few distinct keys. A key that
+    is not valid text (a lone surrogate) is a BadRecord."""
     seen: dict[str, str] = {}
 
     def digest(value: str) -> str:
         found = seen.get(value)
         if found is None:
-            found = seen[value] = key_digest(value)
+            try:
+                found = seen[value] = key_digest(value)
+            except UnicodeEncodeError:
+                raise BadRecord("api_key is not valid Unicode text (a lone surrogate)") from None
         return found
 
     return digest
+
+
+def text_checker(what: str) -> Callable[[str], str]:
+    """check_text, remembered: a pop holds a handful of distinct model names."""
+    good: set[str] = set()
+
+    def check(value: str) -> str:
+        if value not in good:
+            good.add(check_text(value, what))
+        return value
+
+    return check
 
 
 class _Hours:
@@ -69,6 +138,8 @@ class _Hours:
 
 
 def _is_hour(prefix: str) -> bool:
+    if not str(FIRST_YEAR) <= prefix[:4] <= str(LAST_YEAR):
+        return False
     try:
         datetime.strptime(prefix, "%Y-%m-%dT%H")
     except ValueError:
@@ -95,6 +166,8 @@ def parse_timestamp(ts: str) -> datetime:
         raise BadRecord("timestamp is not RFC 3339") from None
     if parsed.tzinfo is None:
         raise BadRecord("timestamp has no time zone")
+    if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+        raise BadRecord(f"timestamp is outside the years {FIRST_YEAR}-{LAST_YEAR}")
     return parsed
 
 
@@ -114,38 +187,42 @@ def row_of(raw: Any, *, key_hash: str, model: str, hours: _Hours) -> Row:
     rsn = get("reasoning_tokens") or 0
     cached = get("cache_read_tokens") or get("cached_tokens") or 0
     created, total = get("cache_creation_tokens") or 0, get("total_tokens") or 0
-    # One combined check: this runs once per request served.
+    # Combined checks: this runs once per request served. OR-ing the counts and shifting
+    # leaves 0 only when every count is in [0, 2^40): a negative one shifts to -1.
     if not (type(inp) is int and type(out) is int and type(rsn) is int and type(cached) is int
-            and type(created) is int and type(total) is int) \
-            or min(inp, out, rsn, cached, created, total) < 0:
-        raise BadRecord("a token count is not a non-negative integer")
+            and type(created) is int and type(total) is int):
+        raise BadRecord("a token count is not an integer")
+    if (inp | out | rsn | cached | created | total) >> TOKEN_BITS:
+        raise BadRecord(f"a token count is negative or not below 2^{TOKEN_BITS}")
     return [key_hash, model, hour, 1 if raw.get("failed") is True else 0,
             inp, out, rsn, cached, created, total, ts]
 
 
-def queue_rows(body: bytes | str) -> tuple[list[Row], int]:
-    """Rows out of a `/usage-queue` answer, and how many records could not be read.
+def queue_rows(body: bytes | str) -> tuple[list[Row], list[Quarantined]]:
+    """Rows out of a `/usage-queue` answer, and the records set aside.
     Raises UpstreamUnexpected when the answer as a whole is not a list of records."""
     try:
         items = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UpstreamUnexpected("The proxy's usage queue answer is not JSON.") from None
     if type(items) is not list:
         raise UpstreamUnexpected("The proxy's usage queue answer is not a list of records.")
-    digest, hours = key_hasher(), _Hours()
+    digest, hours, model_ok = key_hasher(), _Hours(), text_checker("model")
     rows: list[Row] = []
-    bad = 0
+    aside: list[Quarantined] = []
     for item in items:
+        key_hash = ""
         try:
             if type(item) is not dict:
-                raise BadRecord("not an object")
+                raise BadRecord("a usage record is not an object")
             key, model = item.get("api_key"), item.get("model") or ""
             if type(key) is not str or type(model) is not str:
                 raise BadRecord("api_key or model is not text")
-            rows.append(row_of(item, key_hash=digest(key), model=model[:200], hours=hours))
-        except BadRecord:
-            bad += 1
-    return rows, bad
+            key_hash = digest(key)
+            rows.append(row_of(item, key_hash=key_hash, model=model_ok(model[:200]), hours=hours))
+        except BadRecord as exc:
+            aside.append(Quarantined(str(exc), record_text(item), key_hash))
+    return rows, aside
 
 
 def _member(entry: Any, name: str, kind: type) -> Any:
@@ -156,27 +233,44 @@ def _member(entry: Any, name: str, kind: type) -> Any:
     return value
 
 
-def snapshot_entries(apis: Any) -> Iterable[tuple[str, str, list[Any]]]:
-    """(key hash, model, details) for every list in a `/usage` snapshot's `apis` map."""
+def snapshot_entries(apis: Any) -> Iterable[tuple[str, str, list[Any], str, str]]:
+    """(key hash, model, details, masked key, reason) for every list in a `/usage` snapshot's
+    `apis` map. `reason` is empty, or why every detail of the list is set aside (a key or model
+    name the database cannot store); the model is then an escaped form, fit for a cursor."""
     if type(apis) is not dict:
         raise UpstreamUnexpected("The proxy's usage snapshot has no `apis` map.")
     digest = key_hasher()
     for key, entry in apis.items():
         models = _member(entry, "models", dict) or {}
+        try:
+            key_hash, reason = digest(key), ""
+        except BadRecord as exc:
+            key_hash, reason = key_digest(key.encode("utf-8", "surrogatepass").hex()), str(exc)
         for model, model_entry in models.items():
             details = _member(model_entry, "details", list)
-            if details:
-                yield digest(key), model[:200], details
+            if not details:
+                continue
+            model = model[:200]
+            try:
+                yield key_hash, check_text(model, "model"), details, masked(key), reason
+            except BadRecord as exc:
+                yield key_hash, ascii(model)[1:-1][:200], details, masked(key), reason or str(exc)
 
 
-def snapshot_rows(plan: Iterable[tuple[str, str, list[Any], int]]) -> Iterator[Row]:
-    """Rows for the new tail (from `start`) of each (key hash, model, details) list. A
-    malformed detail rejects the whole snapshot, which costs nothing: it is read again,
-    whole, on the next run."""
+def snapshot_rows(
+    plan: Iterable[tuple[str, str, list[Any], int, str, str]], aside: list[Quarantined]
+) -> Iterator[Row]:
+    """Rows for the new tail (from `start`) of each (key hash, model, details, start, masked
+    key, reason) list; details that cannot be counted are appended to `aside` instead (once:
+    the cursor moves past them like past any other)."""
     hours = _Hours()
-    try:
-        for key_hash, model, details, start in plan:
-            for detail in islice(details, start, None):
+    for key_hash, model, details, start, key, reason in plan:
+        for detail in islice(details, start, None):
+            try:
+                if reason:
+                    raise BadRecord(reason)
                 yield row_of(detail, key_hash=key_hash, model=model, hours=hours)
-    except BadRecord as exc:
-        raise UpstreamUnexpected(f"The proxy's usage snapshot holds a malformed detail ({exc}).")
+            except BadRecord as exc:
+                aside.append(Quarantined(
+                    str(exc), record_text(detail, api_key=key, model=model), key_hash
+                ))

@@ -1,16 +1,23 @@
 """Writes on usage: ingesting rows from either proxy generation, syncing from the proxy, and
 recomputing cost.
 
-How a sync survives the proxy (../shared/docs/cliproxyapi-contract.md):
-- queue (`/usage-queue`, destructive): each pop is reduced to rows (keys hashed) and
-  committed as a UsageBatch *before* it is counted; counting marks the batch applied in the
-  same transaction that adds its counts. A run killed between the two leaves a pending batch
-  that the next run applies first: nothing lost, nothing counted twice.
+How a sync survives the proxy, kills and bad data (../shared/docs/cliproxyapi-contract.md):
+- queue (`/usage-queue`, destructive): each popped body is sealed and committed as a
+  UsageBatch the moment it arrives, before it is parsed; counting marks the batch applied
+  (and drops the body) in the same transaction that adds its counts. A run killed anywhere
+  after the body arrived leaves a pending batch that the next run counts first: nothing lost,
+  nothing counted twice. Only the network read itself can lose a pop (the proxy removed it
+  before answering): that is the proxy's limit.
 - snapshot (`/usage`, cumulative): per (key, model) cursors say how much of each list of
-  details is already counted (see SnapshotCursor); counts and cursors move in one transaction.
-- one sync at a time across processes (the `usage-sync` lease), and every counter moves by an
-  upsert that adds (`ON CONFLICT ... DO UPDATE SET n = n + excluded.n`), never a read-modify-
-  write in Python.
+  details is already counted (see SnapshotCursor); counts and cursors move in one transaction,
+  fenced by the sync lease.
+- a record that cannot be counted is quarantined (QuarantinedRecord) and the rest of its
+  batch is counted: first by the checks in usage.records, then, for anything the database
+  still refuses, by splitting the batch until the refused rows are found.
+- one sync at a time across processes (the `usage-sync` lease, which dies with its holder),
+  and every counter moves by an upsert that adds (`ON CONFLICT ... DO UPDATE SET n = n +
+  excluded.n`), never a read-modify-write in Python. On PostgreSQL a batch is a handful of
+  statements over arrays (`unnest`), not one statement per row.
 """
 
 from __future__ import annotations
@@ -24,25 +31,28 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from keyportal.locks import LeaseHeld, lease, lease_renew
+from keyportal.locks import Held, LeaseHeld, LeaseLost, lease
 from keyportal.notify import staff_alert
+from pool.escrow import EscrowUnreadable, body_open, body_seal
 from pool.models import ApiKey
-from pool.upstream import ProxyClient, UpstreamError
+from pool.services import keys_lock
+from pool.upstream import ProxyClient, UpstreamError, UpstreamUnexpected
 from usage import records as R
 from usage.models import (
-    SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay, UsageSnapshot,
+    QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay,
+    UsageSnapshot,
 )
 from usage.limits import LimitsReport, limits_enforce
 from usage.pricing import PriceBook, cost_of
 from usage.rollups import local_day_of, usage_days_rebuild
 
 SYNC_LEASE = "usage-sync"
-SYNC_LEASE_TTL = timedelta(minutes=10)
+SYNC_LEASE_TTL = timedelta(seconds=30)  # renewed by a heartbeat; a dead holder frees it
 LOOKUP_CHUNK = 500  # stays under SQLite's bound-parameter limit whatever its version
 MAX_POPS_PER_PASS = 10_000  # a proxy filling faster than we drain must not pin one pass
 KEEP_SYNC_RUNS = 1000
@@ -69,8 +79,9 @@ class IngestResult:
     stored: int = 0
     foreign: int = 0
     unissued: int = 0
-    unreadable: int = 0
+    quarantined: int = 0
     people: set[int] = field(default_factory=set)
+    answer_error: str = ""  # the popped answer as a whole was not a list of records
     flagged: list[int] = field(default_factory=list)  # pool keys flagged for the first time
 
     def add(self, other: IngestResult) -> None:
@@ -78,7 +89,8 @@ class IngestResult:
         self.stored += other.stored
         self.foreign += other.foreign
         self.unissued += other.unissued
-        self.unreadable += other.unreadable
+        self.quarantined += other.quarantined
+        self.answer_error = self.answer_error or other.answer_error
         self.people |= other.people
         self.flagged += other.flagged
 
@@ -97,7 +109,7 @@ class SyncReport:
             "ok": self.ok, "mode": self.mode, "message": self.message,
             "records_read": self.result.read, "records_stored": self.result.stored,
             "records_foreign": self.result.foreign, "records_unissued": self.result.unissued,
-            "records_unreadable": self.result.unreadable,
+            "records_quarantined": self.result.quarantined,
             "people_touched": len(self.result.people), "duration_seconds": round(self.duration, 3),
             "keys_suspended": self.limits.suspended if self.limits else 0,
         }
@@ -111,34 +123,47 @@ _UPSERT_COLUMNS = (
     "reasoning_tokens", "cached_tokens", "cache_creation_tokens", "total_tokens", "cost",
 )
 _COUNTERS = _UPSERT_COLUMNS[3:11]
+_DAY_COLUMNS = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests")
 
 
-def _upsert_sql() -> str:
-    """One statement both SQLite (3.24+) and PostgreSQL run: add to the row if it exists.
-    A NULL cost (unknown price) stays NULL when added to, which is what "unknown" means."""
+def _upsert_sql(table: str, columns: Sequence[str], conflict: Sequence[str],
+                adds: Sequence[str], *, arrays: Sequence[str] = ()) -> str:
+    """`INSERT ... ON CONFLICT (...) DO UPDATE SET n = n + excluded.n`, which SQLite (3.24+)
+    and PostgreSQL both run. A NULL cost (unknown price) stays NULL when added to, which is
+    what "unknown" means. With `arrays` (PostgreSQL), the rows come as one array per column
+    through `unnest`: one statement and one round trip for a whole batch."""
     q = connection.ops.quote_name
-    table = q(UsageSnapshot._meta.db_table)
-    columns = ", ".join(q(c) for c in _UPSERT_COLUMNS)
-    values = ", ".join(["%s"] * len(_UPSERT_COLUMNS))
-    adds = ", ".join(f"{q(c)} = {table}.{q(c)} + excluded.{q(c)}" for c in (*_COUNTERS, "cost"))
-    conflict = ", ".join(q(c) for c in ("api_key_id", "model", "hour"))
+    table = q(table)
+    add = ", ".join(f"{q(c)} = {table}.{q(c)} + excluded.{q(c)}" for c in adds)
+    if arrays:
+        source = "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in arrays) + ")"
+    else:
+        source = f"VALUES ({', '.join(['%s'] * len(columns))})"
     return (
-        f"INSERT INTO {table} ({columns}) VALUES ({values}) "
-        f"ON CONFLICT ({conflict}) DO UPDATE SET {adds}"
+        f"INSERT INTO {table} ({', '.join(q(c) for c in columns)}) {source} "
+        f"ON CONFLICT ({', '.join(q(c) for c in conflict)}) DO UPDATE SET {add}"
     )
 
 
-def _day_upsert_sql() -> str:
-    """The UsageDay twin of `_upsert_sql`: add a person's hour to their local day."""
-    q = connection.ops.quote_name
-    table = q(UsageDay._meta.db_table)
-    columns = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests")
-    adds = ", ".join(f"{q(c)} = {table}.{q(c)} + excluded.{q(c)}" for c in columns[2:])
-    return (
-        f"INSERT INTO {table} ({', '.join(q(c) for c in columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        f"ON CONFLICT ({q('person_id')}, {q('day')}) DO UPDATE SET {adds}"
-    )
+_PG_TYPES = {
+    "usage": ("bigint", "text", "timestamptz", *["bigint"] * 8, "numeric"),
+    "day": ("bigint", "date", "bigint", "bigint", "numeric", "bigint"),
+}
+
+
+def _write(cursor: Any, kind: str, params: list[tuple[Any, ...]]) -> None:
+    """Adds `params` (one tuple per row) to UsageSnapshot (`kind` "usage") or UsageDay."""
+    if kind == "usage":
+        table, columns = UsageSnapshot._meta.db_table, _UPSERT_COLUMNS
+        conflict, adds = ("api_key_id", "model", "hour"), (*_COUNTERS, "cost")
+    else:
+        table, columns = UsageDay._meta.db_table, _DAY_COLUMNS
+        conflict, adds = ("person_id", "day"), _DAY_COLUMNS[2:]
+    if connection.vendor == "postgresql":
+        sql = _upsert_sql(table, columns, conflict, adds, arrays=_PG_TYPES[kind])
+        cursor.execute(sql, [list(column) for column in zip(*params)])
+    else:
+        cursor.executemany(_upsert_sql(table, columns, conflict, adds), params)
 
 
 class KeyIndex:
@@ -202,7 +227,7 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
         return result
 
     keys = books.keys.lookup(last_seen)
-    ops = connection.ops
+    to_db = _hour_for(connection.vendor)
     hour_values: dict[str, Any] = {}
     params = []
     # The person × day rollup moves in the same transaction as the rows it sums.
@@ -222,7 +247,7 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
         hour_value = hour_values.get(hour)
         if hour_value is None:
             hour_dt = datetime.fromisoformat(hour + ":00:00+00:00")
-            hour_value = hour_values[hour] = ops.adapt_datetimefield_value(hour_dt)
+            hour_value = hour_values[hour] = to_db(hour_dt)
             local_days[hour] = local_day_of(hour_dt)
         cost = cost_of(
             books.prices.price_for(model), input_tokens=c[2], output_tokens=c[3],
@@ -240,23 +265,34 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
                 d[3] += c[0]
             else:
                 d[2] += cost
-    if params:
-        with connection.cursor() as cursor:
-            cursor.executemany(_upsert_sql(), params)
-            if days:
-                cursor.executemany(
-                    _day_upsert_sql(),
-                    [(p, ops.adapt_datefield_value(day), r, t, str(cost), u)
-                     for (p, day), (r, t, cost, u) in days.items()],
-                )
-
     as_db = _db_datetime_for(connection.vendor)
     used = {keys[h][0]: as_db(ts) for h, ts in last_seen.items() if h in keys}
+    # Key rows are locked first, in id order, as every writer of key rows does (see
+    # pool.services.keys_lock): a revoke's reconcile and a sync never wait on each other in
+    # a circle.
+    keys_lock(ids=list(used))
+    if params:
+        params.sort(key=lambda p: (p[0], p[1], str(p[2])))
+        with connection.cursor() as cursor:
+            _write(cursor, "usage", params)
+            if days:
+                day_of = connection.ops.adapt_datefield_value
+                _write(cursor, "day", sorted(
+                    (p, day if connection.vendor == "postgresql" else day_of(day), r, t,
+                     str(cost), u)
+                    for (p, day), (r, t, cost, u) in days.items()
+                ))
     _last_used_forward(used)
     result.flagged = _flag_unissued(
         [pk for h, (pk, status, _o) in keys.items() if status == ApiKey.Status.POOL]
     )
     return result
+
+
+def _hour_for(vendor: str) -> Callable[[datetime], Any]:
+    if vendor == "postgresql":
+        return lambda dt: dt  # psycopg adapts datetimes inside arrays itself
+    return connection.ops.adapt_datetimefield_value
 
 
 def _last_used_forward(used: dict[int, Any]) -> None:
@@ -266,13 +302,24 @@ def _last_used_forward(used: dict[int, Any]) -> None:
     if not used:
         return
     q = connection.ops.quote_name
+    table = q(ApiKey._meta.db_table)
     column = q(ApiKey._meta.get_field("last_used_at").column)
-    sql = (
-        f"UPDATE {q(ApiKey._meta.db_table)} SET {column} = %s "
-        f"WHERE {q(ApiKey._meta.pk.column)} = %s AND ({column} IS NULL OR {column} < %s)"
-    )
+    pk = q(ApiKey._meta.pk.column)
+    ordered = sorted(used.items())
     with connection.cursor() as cursor:
-        cursor.executemany(sql, [(ts, pk, ts) for pk, ts in used.items()])
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"UPDATE {table} AS k SET {column} = v.ts "
+                "FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, ts) "
+                f"WHERE k.{pk} = v.id AND (k.{column} IS NULL OR k.{column} < v.ts)",
+                [[i for i, _ts in ordered], [ts for _i, ts in ordered]],
+            )
+        else:
+            cursor.executemany(
+                f"UPDATE {table} SET {column} = %s "
+                f"WHERE {pk} = %s AND ({column} IS NULL OR {column} < %s)",
+                [(ts, i, ts) for i, ts in ordered],
+            )
 
 
 def _db_datetime_for(vendor: str) -> Callable[[str], Any]:
@@ -297,6 +344,40 @@ def _flag_unissued(key_ids: list[int]) -> list[int]:
     return fresh
 
 
+# What the database may still refuse in a row that passed usage.records' checks (a counter
+# that a sum would push past int64, text a backend will not take): the row is quarantined.
+# Anything else (the database away or locked, a bug) leaves the batch pending for a retry.
+_REFUSED = (DataError, IntegrityError, OverflowError, UnicodeError)
+
+
+def _ingest_guarded(
+    rows: list[R.Row], *, books: Books, aside: list[R.Quarantined]
+) -> IngestResult:
+    """`_ingest_rows`, where a batch the database refuses is split in halves (each in its own
+    savepoint) until the refused rows are found; they go to `aside`, the rest is counted."""
+    try:
+        with transaction.atomic():
+            return _ingest_rows(rows, books=books)
+    except _REFUSED as exc:
+        if len(rows) <= 1:
+            reason = f"refused by the database ({type(exc).__name__})"
+            aside.extend(R.Quarantined(reason, R.record_text(row), row[0]) for row in rows)
+            return IngestResult(read=len(rows))
+    # Key lookups made in the rolled-back savepoint stay valid: they were reads.
+    half = len(rows) // 2
+    result = _ingest_guarded(rows[:half], books=books, aside=aside)
+    result.add(_ingest_guarded(rows[half:], books=books, aside=aside))
+    return result
+
+
+def _quarantine(aside: list[R.Quarantined], *, source: str, batch_id: int | None = None) -> None:
+    QuarantinedRecord.objects.bulk_create(
+        [QuarantinedRecord(source=source, batch_id=batch_id, reason=q.reason[:200],
+                           key_hash=q.key_hash, record=q.record) for q in aside],
+        batch_size=LOOKUP_CHUNK,
+    )
+
+
 def usage_ingest(*, rows: Sequence[R.Row]) -> IngestResult:
     """Adds already-hashed rows (see usage.records) to the hourly counters, in one transaction."""
     with transaction.atomic():
@@ -306,49 +387,90 @@ def usage_ingest(*, rows: Sequence[R.Row]) -> IngestResult:
 # --- queue generation -------------------------------------------------------------------------
 
 
-def usage_batch_store(*, rows: list[R.Row]) -> UsageBatch:
-    """Makes a pop durable; committed on return (the first thing done with what was popped)."""
+def usage_pop_store(*, body: bytes) -> int:
+    """The first thing done with a popped body, before parsing it: sealed and committed.
+    Returns the batch's id."""
     with transaction.atomic():
-        return UsageBatch.objects.create(record_count=len(rows), rows=rows)
+        return UsageBatch.objects.create(raw=body_seal(body), size=len(body)).pk
+
+
+def _queue_rows(body: bytes) -> tuple[list[R.Row], list[R.Quarantined], str]:
+    """Rows, records set aside, and why the answer as a whole could not be read (if so)."""
+    try:
+        return (*R.queue_rows(body), "")
+    except UpstreamUnexpected as exc:
+        # Nothing in it can be told apart; it is not kept either, as it may hold keys.
+        return [], [R.Quarantined(f"{exc} ({len(body)} bytes, not kept)"[:200], "")], str(exc)
 
 
 def usage_batch_apply(
-    *, batch_id: int, now: datetime, rows: list[R.Row] | None = None,
-    books: Books | None = None,
+    *, batch_id: int, now: datetime, body: bytes | None = None, books: Books | None = None,
 ) -> IngestResult:
-    """Counts a stored batch once: the batch is claimed (applied_at set, only if still unset)
-    in the same transaction that adds its counts. `rows` spares re-reading what was just
-    stored."""
+    """Counts a stored batch once: the batch is claimed (applied_at set and its body dropped,
+    only if still unset) in the same transaction that adds its counts and files what had to
+    be set aside. `body` spares re-reading and opening what was just stored. Raises
+    EscrowUnreadable when the stored body was sealed with another secret."""
+    rows: list[R.Row]
+    if body is None:
+        raw, legacy = UsageBatch.objects.values_list("raw", "rows").get(pk=batch_id)
+        if raw is not None:
+            body = body_open(raw)
+    if body is None:
+        rows, aside, answer_error = legacy or [], [], ""
+    else:
+        rows, aside, answer_error = _queue_rows(body)
+    books = books or Books.load()
     with transaction.atomic():
         claimed = UsageBatch.objects.filter(pk=batch_id, applied_at__isnull=True).update(
-            applied_at=now, error=""
+            applied_at=now, raw=None, rows=None, error="", record_count=len(rows) + len(aside),
         )
         if not claimed:
             return IngestResult()
-        if rows is None:
-            rows = UsageBatch.objects.values_list("rows", flat=True).get(pk=batch_id)
-        return _ingest_rows(rows, books=books or Books.load())
-
-
-def _apply_pending(now: datetime, books: Books) -> IngestResult:
-    # Applied batches are kept a while for inspection, then dropped: their counts are in
-    # UsageSnapshot, and a busy proxy pops about 150 bytes a request.
-    keep = timedelta(days=settings.USAGE_BATCH_KEEP_DAYS)
-    UsageBatch.objects.filter(applied_at__lt=now - keep).delete()
-    result = IngestResult()
-    pending = UsageBatch.objects.filter(applied_at__isnull=True).order_by("pk")
-    for batch_id in pending.values_list("pk", flat=True):
-        result.add(_apply_or_note(batch_id, now=now, books=books))
+        unread = len(aside)  # set aside before counting; the rest are in `rows`
+        result = _ingest_guarded(rows, books=books, aside=aside)
+        if aside:
+            _quarantine(aside, source=QuarantinedRecord.Source.QUEUE, batch_id=batch_id)
+            UsageBatch.objects.filter(pk=batch_id).update(quarantined=len(aside))
+    result.read += unread
+    result.quarantined = len(aside)
+    result.answer_error = answer_error
     return result
 
 
+def _apply_pending(now: datetime, books: Books) -> tuple[IngestResult, int]:
+    """Counts what earlier runs stored but did not count. Returns the result and how many
+    stored bodies cannot be opened (the escrow secret changed): those stay pending, so that
+    they are counted once the secret is put back."""
+    # Applied batches are kept a while for inspection, then dropped: their counts are in
+    # UsageSnapshot.
+    keep = timedelta(days=settings.USAGE_BATCH_KEEP_DAYS)
+    UsageBatch.objects.filter(applied_at__lt=now - keep).delete()
+    result, sealed = IngestResult(), 0
+    pending = UsageBatch.objects.filter(applied_at__isnull=True).order_by("pk")
+    for batch_id in pending.values_list("pk", flat=True):
+        try:
+            result.add(_apply_or_note(batch_id, now=now, books=books))
+        except EscrowUnreadable:
+            sealed += 1
+            UsageBatch.objects.filter(pk=batch_id).update(error=str(BODY_SEALED))
+    return result, sealed
+
+
+BODY_SEALED = gettext_lazy(
+    "This stored pop was sealed with another PORTAL_ESCROW_KEY (or SECRET_KEY); put that "
+    "secret back and the next sync counts it."
+)
+
+
 def _apply_or_note(
-    batch_id: int, *, now: datetime, books: Books, rows: list[R.Row] | None = None
+    batch_id: int, *, now: datetime, books: Books, body: bytes | None = None
 ) -> IngestResult:
     try:
-        return usage_batch_apply(batch_id=batch_id, now=now, rows=rows, books=books)
+        return usage_batch_apply(batch_id=batch_id, now=now, body=body, books=books)
+    except EscrowUnreadable:
+        raise
     except Exception as exc:
-        # The batch stays pending (its rows are safe) and is retried on the next run.
+        # The batch stays pending (its body is safe) and is retried on the next run.
         UsageBatch.objects.filter(pk=batch_id).update(error=f"{type(exc).__name__}: {exc}"[:500])
         raise SyncFailed(
             _("Usage popped from the proxy was saved but could not be counted yet (%(error)s); "
@@ -356,63 +478,78 @@ def _apply_or_note(
         ) from exc
 
 
-def _sync_queue(client: ProxyClient, now: datetime, books: Books, result: IngestResult) -> None:
+def _sync_queue(client: ProxyClient, now: datetime, books: Books, result: IngestResult,
+                held: Held | None) -> None:
     """Drains the queue into `result` (kept up to date, so a failure reports what was done)."""
     count = settings.USAGE_QUEUE_BATCH
     for _pop in range(MAX_POPS_PER_PASS):
+        if held is not None and held.lost.is_set():
+            raise LeaseLost(SYNC_LEASE)  # another sync took over: it drains from here
         popped = usage_queue_body_ingest(
             body=client.usage_queue_pop_raw(count=count), now=now, books=books
         )
         result.add(popped)
-        if popped.read + popped.unreadable < count:
+        if popped.answer_error:
+            raise SyncFailed(_(
+                "%(reason)s It was set aside (Usage → Quarantined usage records); usage already "
+                "counted is safe, and the next sync starts afresh."
+            ) % {"reason": popped.answer_error})
+        if popped.read < count:
             break
 
 
 def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> IngestResult:
     """One popped `/usage-queue` answer: stored (committed) first, then counted."""
-    try:
-        rows, bad = R.queue_rows(body)
-    except UpstreamError as exc:
-        raise SyncFailed(
-            _("%(reason)s What it popped (%(size)d bytes) could not be read and is gone "
-              "from the proxy.") % {"reason": exc, "size": len(body)}
-        ) from None
-    result = IngestResult(unreadable=bad)
-    if rows:
-        batch = usage_batch_store(rows=rows)
-        result.add(_apply_or_note(batch.pk, now=now, books=books, rows=rows))
-    return result
+    if body.strip() == b"[]":
+        return IngestResult()  # an empty pop holds nothing to keep
+    batch_id = usage_pop_store(body=body)
+    return _apply_or_note(batch_id, now=now, books=books, body=body)
 
 
 # --- snapshot generation ----------------------------------------------------------------------
 
 
-def usage_snapshot_ingest(*, apis: Any) -> IngestResult:
+def usage_snapshot_ingest(*, apis: Any, fence: Callable[[], None] | None = None) -> IngestResult:
     """Counts what is new in a cumulative `/usage` snapshot since the cursors, and moves the
     cursors, in one transaction: a second run right after finds nothing new, and a restarted
-    proxy (lists shorter, or a different detail where the cursor points) is read from zero."""
+    proxy (lists shorter, or a different detail where the cursor points) is read from zero.
+    `fence` (the sync lease's) runs inside that transaction: a sync that lost its lease
+    commits nothing, so two syncs never count the same tail."""
     cursors = {
         (c.key_hash, c.model): (c.seen, c.last_timestamp) for c in SnapshotCursor.objects.all()
     }
-    plan: list[tuple[str, str, list[Any], int]] = []
+    plan: list[tuple[str, str, list[Any], int, str, str]] = []
     moved: list[SnapshotCursor] = []
-    for key_hash, model, details in R.snapshot_entries(apis):
+    for key_hash, model, details, key, reason in R.snapshot_entries(apis):
         n = len(details)
-        if not n:
-            continue
         seen, last_ts = cursors.get((key_hash, model), (0, ""))
         start = 0
         if 0 < seen <= n and _timestamp_of(details[seen - 1]) == last_ts:
             start = seen
         if start == n:
             continue
-        plan.append((key_hash, model, details, start))
+        plan.append((key_hash, model, details, start, key, reason))
         moved.append(SnapshotCursor(
             key_hash=key_hash, model=model, seen=n, last_timestamp=_timestamp_of(details[-1])
         ))
+    books = Books.load()
     with transaction.atomic():
-        # Rows are made as they are counted: a snapshot can hold millions of details.
-        result = _ingest_rows(R.snapshot_rows(plan), books=Books.load())
+        if fence is not None:
+            fence()
+        aside: list[R.Quarantined] = []
+        try:
+            with transaction.atomic():
+                # Rows are made as they are counted: a snapshot can hold millions of details.
+                result = _ingest_rows(R.snapshot_rows(plan, aside), books=books)
+            unread = len(aside)
+        except _REFUSED:
+            aside = []
+            rows = list(R.snapshot_rows(plan, aside))
+            unread = len(aside)
+            result = _ingest_guarded(rows, books=books, aside=aside)
+        result.read += unread
+        result.quarantined = len(aside)
+        _quarantine(aside, source=QuarantinedRecord.Source.SNAPSHOT)
         SnapshotCursor.objects.bulk_create(
             moved, batch_size=LOOKUP_CHUNK // 5, update_conflicts=True,
             unique_fields=["key_hash", "model"],
@@ -423,23 +560,28 @@ def usage_snapshot_ingest(*, apis: Any) -> IngestResult:
 
 def _timestamp_of(detail: Any) -> str:
     ts = detail.get("timestamp") if type(detail) is dict else None
-    return ts[:64] if isinstance(ts, str) else ""
+    if not isinstance(ts, str):
+        return ""
+    try:
+        return R.check_text(ts[:64], "timestamp")
+    except R.BadRecord:
+        return ascii(ts)[1:65]  # a form any database stores, compared the same way each run
 
 
-def _sync_snapshot(client: ProxyClient) -> IngestResult:
+def _sync_snapshot(client: ProxyClient, held: Held | None) -> IngestResult:
     snapshot = client.usage_snapshot()
-    return usage_snapshot_ingest(apis=snapshot.apis)
+    return usage_snapshot_ingest(apis=snapshot.apis, fence=held.fence if held else None)
 
 
 # --- the sync ---------------------------------------------------------------------------------
 
 
 @contextmanager
-def sync_lease() -> Iterator[Callable[[], None]]:
-    """Holds the sync lease (never waits); yields a function that renews it, for loops."""
+def sync_lease() -> Iterator[Held]:
+    """Holds the sync lease (never waits) for the block, renewed by its heartbeat."""
     try:
-        with lease(SYNC_LEASE, ttl=SYNC_LEASE_TTL) as holder:
-            yield lambda: lease_renew(name=SYNC_LEASE, holder=holder, ttl=SYNC_LEASE_TTL)
+        with lease(SYNC_LEASE, ttl=SYNC_LEASE_TTL) as held:
+            yield held
     except LeaseHeld:
         raise SyncBusy(_("Another usage sync is running; not starting a second one.")) from None
 
@@ -447,41 +589,57 @@ def sync_lease() -> Iterator[Callable[[], None]]:
 def usage_sync(*, mode: str | None = None) -> SyncReport:
     """One sync, under the lease. Raises SyncBusy when another sync runs, SyncFailed (after
     recording the failure) when this one could not finish."""
-    with sync_lease():
-        return usage_sync_pass(mode=mode)
+    with sync_lease() as held:
+        return usage_sync_pass(mode=mode, held=held)
 
 
-def usage_sync_pass(*, mode: str | None = None, now: datetime | None = None) -> SyncReport:
-    """One pass; the caller holds the lease (usage_sync, or the --follow loop). After the
-    usage is stored, limits are enforced as of `now` (default: the clock; tests freeze it)."""
+def usage_sync_pass(
+    *, mode: str | None = None, now: datetime | None = None, held: Held | None = None
+) -> SyncReport:
+    """One pass; the caller holds the lease (usage_sync, or the --follow loop) and passes it
+    as `held`. After the usage is stored, limits are enforced as of `now` (default: the
+    clock; tests freeze it)."""
     started, clock = timezone.now(), time.monotonic()
     mode = mode or settings.CLIPROXY_USAGE_MODE
     result = IngestResult()
     try:
         books = Books.load()
         # What an earlier run popped but did not count comes first, and needs no proxy.
-        result.add(_apply_pending(started, books))
+        pending, sealed = _apply_pending(started, books)
+        result.add(pending)
         with ProxyClient.from_settings() as client:
             # First call: a wrong management key stops here, after one request.
             enabled = client.usage_statistics_enabled()
             if mode not in MODES:
                 mode = client.usage_mode()
             if mode == "queue":
-                _sync_queue(client, started, books, result)
+                _sync_queue(client, started, books, result, held)
             else:
-                result.add(_sync_snapshot(client))
+                result.add(_sync_snapshot(client, held))
+    except LeaseLost:
+        message = _("Another usage sync took over the lease while this one ran; it stopped "
+                    "and left the rest to that one.")
+        _record(started, clock, mode, False, message, result)
+        raise SyncFailed(message) from None
     except (UpstreamError, SyncFailed) as exc:
         _record(started, clock, mode, False, str(exc), result)
         raise SyncFailed(str(exc)) from exc
     finally:
         _notify_unissued()
-    ok, message = True, ""
+    ok, messages = True, []
     if not enabled:
-        ok, message = False, str(STATISTICS_OFF)
-    elif result.unreadable:
-        ok, message = False, _(
-            "%(n)d usage records from the proxy were malformed and could not be counted."
-        ) % {"n": result.unreadable}
+        ok = False
+        messages.append(str(STATISTICS_OFF))
+    if sealed:
+        ok = False
+        messages.append(_("%(n)d stored pops cannot be opened: %(why)s")
+                        % {"n": sealed, "why": BODY_SEALED})
+    if result.quarantined:
+        messages.append(_(
+            "%(n)d usage records could not be counted and were set aside (Usage → Quarantined "
+            "usage records in the admin); the rest was counted."
+        ) % {"n": result.quarantined})
+    message = " ".join(messages)
     # Enforced only on what a finished pass stored, and before the run is recorded so that
     # the status page's "last sync" includes it. The suspensions are committed in the portal
     # before the proxy is asked; a proxy that does not answer follows at the next reconcile.
@@ -498,8 +656,8 @@ def _record(
         started_at=started, finished_at=timezone.now(), ok=ok,
         mode=mode if mode in MODES else "", message=message, records_read=result.read,
         records_stored=result.stored, records_foreign=result.foreign,
-        records_unissued=result.unissued, people=len(result.people),
-        duration_ms=int((time.monotonic() - clock) * 1000),
+        records_unissued=result.unissued, records_quarantined=result.quarantined,
+        people=len(result.people), duration_ms=int((time.monotonic() - clock) * 1000),
     )
     SyncRun.objects.filter(pk__lte=run.pk - KEEP_SYNC_RUNS).delete()
 

@@ -17,7 +17,7 @@ from tests.usage.conftest import sync, table
 from usage.management.commands import sync_usage as command
 from usage.models import SyncRun, UsageSnapshot
 from usage.records import queue_rows
-from usage.services import SYNC_LEASE, usage_batch_apply, usage_batch_store, usage_snapshot_ingest
+from usage.services import SYNC_LEASE, usage_batch_apply, usage_pop_store, usage_snapshot_ingest
 
 pytestmark = pytest.mark.django_db
 
@@ -61,10 +61,10 @@ def test_captured_answers_of_both_generations_fill_the_same_tables():
     """Both captures hold the same four requests (two keys, one failed upstream)."""
     _client_keys()
     body = (FIXTURES / "usage-queue-v7.2.140.json").read_bytes()
-    rows, bad = queue_rows(body)
-    assert bad == 0 and len(rows) == 4
-    batch = usage_batch_store(rows=rows)
-    usage_batch_apply(batch_id=batch.pk, now=timezone.now())
+    rows, aside = queue_rows(body)
+    assert aside == [] and len(rows) == 4
+    batch_id = usage_pop_store(body=body)
+    usage_batch_apply(batch_id=batch_id, now=timezone.now())  # opens the stored body
     from_queue = table()
 
     UsageSnapshot.objects.all().delete()

@@ -16,7 +16,9 @@ from pool.models import ApiKey
 from pool.services import pool_keys_create
 from tests.usage.conftest import sync, table
 from usage import services
-from usage.models import SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageSnapshot
+from usage.models import (
+    QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageSnapshot,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -212,33 +214,64 @@ def test_timeout_writes_nothing_and_loses_nothing(fake_proxy, people_keys, setti
 
 
 @pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"records": []}', b"[1, 2"])
-def test_garbage_queue_answer_writes_nothing(fake_proxy, people_keys, settings, body):
+def test_garbage_queue_answer_is_set_aside_and_blocks_nothing(
+    fake_proxy, people_keys, settings, body
+):
     settings.CLIPROXY_USAGE_MODE = "queue"
     fake_proxy.inject("/usage-queue", body=body)
 
     with pytest.raises(CommandError, match="usage queue answer"):
         sync()
 
-    assert not UsageSnapshot.objects.exists() and not UsageBatch.objects.exists()
+    assert not UsageSnapshot.objects.exists()
+    batch = UsageBatch.objects.get()
+    assert batch.applied_at is not None and batch.raw is None and batch.quarantined == 1
+    aside = QuarantinedRecord.objects.get()
+    assert "usage queue answer" in aside.reason and aside.record == ""  # may hold keys: not kept
+    serve(fake_proxy, people_keys[0], 2)
+    sync()  # the next answer is sound: counted, nothing pending
+    assert totals()["requests"] == 2
 
 
-def test_malformed_queue_records_are_skipped_and_reported(fake_proxy, people_keys, settings):
+def test_malformed_queue_records_are_quarantined_and_the_rest_counted(
+    fake_proxy, people_keys, settings
+):
     settings.CLIPROXY_USAGE_MODE = "queue"
     good = serve(fake_proxy, people_keys[0], 1)[0]
     fake_proxy.queue.clear()
     bad = dict(good, timestamp="yesterday")
     fake_proxy.inject("/usage-queue", body=[good, bad, "nonsense"])
 
-    with pytest.raises(CommandError, match="2 usage records .* malformed"):
-        sync()
+    out = sync()
 
+    assert "read 3, stored 1" in out and "quarantined 2" in out
     assert totals()["requests"] == 1
+    reasons = sorted(QuarantinedRecord.objects.values_list("reason", flat=True))
+    assert reasons == ["a usage record is not an object", "timestamp is not RFC 3339"]
+    run = SyncRun.objects.get()
+    assert run.ok and run.records_quarantined == 2
+    # The record is kept for staff, its key masked.
+    kept = QuarantinedRecord.objects.get(reason__startswith="timestamp").record
+    assert people_keys[0].value not in kept and people_keys[0].value[-4:] in kept
 
 
-BAD_DETAIL = b'{"usage": {"apis": {"k": {"models": {"m": {"details": [{"timestamp": 5}]}}}}}}'
+def test_a_malformed_snapshot_detail_is_quarantined_once(snapshot_proxy, people_keys):
+    serve(snapshot_proxy, people_keys[0], 2)
+    snapshot = snapshot_proxy.snapshot()
+    snapshot["usage"]["apis"]["k"] = {"models": {"m": {"details": [{"timestamp": 5}]}}}
+    snapshot_proxy.snapshot = lambda: snapshot  # what GET /usage answers from now on
+
+    out = sync()
+    sync()  # the same snapshot again: the cursor moved past the bad detail as well
+
+    assert "quarantined 1" in out
+    assert totals()["requests"] == 2
+    assert list(QuarantinedRecord.objects.values_list("source", "reason")) == [
+        ("snapshot", "timestamp is not text")
+    ]
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"usage": []}', BAD_DETAIL])
+@pytest.mark.parametrize("body", [b"{not json", b'{"usage": []}'])
 def test_garbage_snapshot_writes_nothing(snapshot_proxy, people_keys, body):
     serve(snapshot_proxy, people_keys[0], 2)
     snapshot_proxy.inject("/usage", body=body, method="GET")
@@ -268,7 +301,8 @@ def test_crash_right_after_a_queue_pop_loses_nothing_and_counts_nothing_twice(
 
     assert not fake_proxy.queue  # popped: the proxy no longer has it
     pending = UsageBatch.objects.get()
-    assert pending.applied_at is None and pending.record_count == 5
+    assert pending.applied_at is None and pending.raw is not None and pending.size > 0
+    assert people_keys[0].value.encode() not in bytes(pending.raw)  # sealed
     assert "RuntimeError" in pending.error
     assert not UsageSnapshot.objects.exists()
 
@@ -277,7 +311,8 @@ def test_crash_right_after_a_queue_pop_loses_nothing_and_counts_nothing_twice(
 
     assert "read 5, stored 5" in out
     assert totals()["requests"] == 5
-    assert UsageBatch.objects.get().applied_at is not None
+    counted = UsageBatch.objects.get()
+    assert counted.applied_at is not None and counted.raw is None and counted.record_count == 5
 
 
 def test_pending_batch_is_counted_even_when_the_proxy_is_down_next_time(

@@ -10,8 +10,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
 
-from pool.upstream import UpstreamRefused
-from usage.services import SyncFailed, SyncReport, sync_lease, usage_sync, usage_sync_pass
+from keyportal.locks import Held
+from usage.services import (
+    SyncBusy, SyncFailed, SyncReport, sync_lease, usage_sync, usage_sync_pass,
+)
 
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
 
@@ -47,6 +49,8 @@ class Command(BaseCommand):
             self._write(report)
             if not report.ok:
                 raise CommandError(report.message)
+            if report.message:  # records set aside: counted around, worth a look
+                self.stderr.write(report.message)
             return
         self._follow(mode, interval if interval is not None else settings.USAGE_FOLLOW_INTERVAL)
 
@@ -65,38 +69,52 @@ class Command(BaseCommand):
             stop.set()  # finish the pass in progress (its batch commits), then leave
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.stdout.write(_("Following the proxy every %(s)g s; stop with SIGTERM or Ctrl-C.")
+                          % {"s": interval})
+        waiting = False
         try:
-            with sync_lease() as renew:
-                self.stdout.write(_("Following the proxy every %(s)g s; stop with SIGTERM or "
-                                    "Ctrl-C.") % {"s": interval})
-                while not stop.is_set():
-                    renew()
-                    try:
-                        report = usage_sync_pass(mode=mode)
-                        self._write(report)
-                        if not report.ok:
-                            self.stderr.write(report.message)
-                    except SyncFailed as exc:
-                        if isinstance(exc.__cause__, UpstreamRefused):
-                            # Retrying walks into the proxy's 5-failure ban.
-                            raise CommandError(str(exc)) from None
-                        self.stderr.write(str(exc))
+            while not stop.is_set():
+                try:
+                    with sync_lease() as held:
+                        waiting = False
+                        self._passes(held, mode, interval, stop)
+                except SyncBusy:
+                    # A standby: another sync holds the lease. When it dies, its lease is free
+                    # at once on this machine (its process is gone) or after the lease's time
+                    # to live elsewhere, and this loop takes over.
+                    if not waiting:
+                        self.stderr.write(_("Another usage sync is running; waiting to take over "
+                                            "when it stops."))
+                        waiting = True
                     stop.wait(interval)
-        except SyncFailed as exc:  # the lease is held by another sync
-            raise CommandError(str(exc)) from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.stdout.write(_("Stopped."))
 
+    def _passes(self, held: Held, mode: str | None, interval: float,
+                stop: threading.Event) -> None:
+        """Passes every `interval` seconds while this process holds the lease. Failures are
+        reported and the loop goes on: a refused management key is retried only when the
+        client's refusal latch lets a probe through (see pool.upstream), never faster."""
+        while not stop.is_set() and not held.lost.is_set():
+            try:
+                report = usage_sync_pass(mode=mode, held=held)
+                self._write(report)
+                if report.message:
+                    self.stderr.write(report.message)
+            except SyncFailed as exc:
+                self.stderr.write(str(exc))
+            stop.wait(interval)
+
     def _write(self, report: SyncReport) -> None:
         r = report.result
         line = _(
             "%(mode)s: read %(read)d, stored %(stored)d, foreign %(foreign)d, on unissued keys "
-            "%(unissued)d, people touched %(people)d, in %(secs).2f s."
+            "%(unissued)d, quarantined %(quarantined)d, people touched %(people)d, in %(secs).2f s."
         ) % {
             "mode": report.mode, "read": r.read, "stored": r.stored, "foreign": r.foreign,
-            "unissued": r.unissued, "people": len(r.people), "secs": report.duration,
+            "unissued": r.unissued, "quarantined": r.quarantined, "people": len(r.people), "secs": report.duration,
         }
         self.stdout.write(line)
         if r.flagged:
