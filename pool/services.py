@@ -102,20 +102,21 @@ def _set_proxy_state(ids: Iterable[int], state: str, **only: Any) -> int:
     return changed
 
 
-def keys_lock(*, ids: Iterable[int]) -> None:
-    """Inside a transaction, locks the given key rows in id order. Every transaction that
-    updates several key rows (a sync's "last used", reconcile's proxy states) takes its locks
-    this way first, so two of them never wait on each other in a circle (PostgreSQL answered
-    "deadlock detected" to revokes running beside a sync). SQLite locks the whole database per
-    write transaction and needs nothing."""
-    if not connection.features.has_select_for_update:
-        return
-    ids = sorted(set(ids))
-    for start in range(0, len(ids), UPDATE_CHUNK * 10):
-        list(
-            ApiKey.objects.filter(id__in=ids[start : start + UPDATE_CHUNK * 10])
-            .order_by("id").select_for_update(no_key=True).values_list("id", flat=True)
-        )
+KEY_ROWS_LOCK = 0x4B505F4B455953  # "KP_KEYS": the advisory lock of multi-row key writes
+
+
+def keys_lock() -> None:
+    """Inside a transaction, before it updates several key rows: waits for any other such
+    transaction to end. A sync's "last used" update and a revoke's reconcile both update many
+    key rows, in no fixed order; on PostgreSQL two of them could each hold rows the other
+    waits for ("deadlock detected", seen as 500s on revoke). Holding this lock first makes
+    them take turns. It is a transaction-level advisory lock: released at commit or rollback,
+    one statement, no row written. Single-row writes (issue, revoke) need nothing: holding
+    one row they cannot close a circle. SQLite locks the whole database per write
+    transaction and needs nothing either."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [KEY_ROWS_LOCK])
 
 
 # --- generate -------------------------------------------------------------------------------

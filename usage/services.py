@@ -151,6 +151,24 @@ _PG_TYPES = {
 }
 
 
+def _pg_array(values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of numbers, dates, times or text (None is NULL), built
+    here because the driver's per-element adaptation costs more than the whole upsert. Text
+    is quoted and escaped; the texts here passed usage.records' checks (no NUL)."""
+    items = []
+    for v in values:
+        if v is None:
+            items.append("NULL")
+        elif type(v) is int:
+            items.append(str(v))
+        else:
+            text = str(v)
+            if '"' in text or "\\" in text:
+                text = text.replace("\\", "\\\\").replace('"', '\\"')
+            items.append(f'"{text}"')
+    return "{" + ",".join(items) + "}"
+
+
 def _write(cursor: Any, kind: str, params: list[tuple[Any, ...]]) -> None:
     """Adds `params` (one tuple per row) to UsageSnapshot (`kind` "usage") or UsageDay."""
     if kind == "usage":
@@ -161,7 +179,7 @@ def _write(cursor: Any, kind: str, params: list[tuple[Any, ...]]) -> None:
         conflict, adds = ("person_id", "day"), _DAY_COLUMNS[2:]
     if connection.vendor == "postgresql":
         sql = _upsert_sql(table, columns, conflict, adds, arrays=_PG_TYPES[kind])
-        cursor.execute(sql, [list(column) for column in zip(*params)])
+        cursor.execute(sql, [_pg_array(column) for column in zip(*params)])
     else:
         cursor.executemany(_upsert_sql(table, columns, conflict, adds), params)
 
@@ -267,21 +285,19 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
                 d[2] += cost
     as_db = _db_datetime_for(connection.vendor)
     used = {keys[h][0]: as_db(ts) for h, ts in last_seen.items() if h in keys}
-    # Key rows are locked first, in id order, as every writer of key rows does (see
-    # pool.services.keys_lock): a revoke's reconcile and a sync never wait on each other in
-    # a circle.
-    keys_lock(ids=list(used))
     if params:
-        params.sort(key=lambda p: (p[0], p[1], str(p[2])))
         with connection.cursor() as cursor:
             _write(cursor, "usage", params)
             if days:
                 day_of = connection.ops.adapt_datefield_value
-                _write(cursor, "day", sorted(
+                _write(cursor, "day", [
                     (p, day if connection.vendor == "postgresql" else day_of(day), r, t,
                      str(cost), u)
                     for (p, day), (r, t, cost, u) in days.items()
-                ))
+                ])
+    # Last in the transaction, after the lock every multi-row key writer takes first (see
+    # pool.services.keys_lock): a revoke's reconcile and a sync never wait on each other in
+    # a circle, and the lock is held only until this batch commits.
     _last_used_forward(used)
     result.flagged = _flag_unissued(
         [pk for h, (pk, status, _o) in keys.items() if status == ApiKey.Status.POOL]
@@ -291,7 +307,7 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
 
 def _hour_for(vendor: str) -> Callable[[datetime], Any]:
     if vendor == "postgresql":
-        return lambda dt: dt  # psycopg adapts datetimes inside arrays itself
+        return lambda dt: dt.isoformat()  # an element of an array literal (see _pg_array)
     return connection.ops.adapt_datetimefield_value
 
 
@@ -301,6 +317,7 @@ def _last_used_forward(used: dict[int, Any]) -> None:
     of keys and building one ORM expression per key costs more than the whole ingest."""
     if not used:
         return
+    keys_lock()
     q = connection.ops.quote_name
     table = q(ApiKey._meta.db_table)
     column = q(ApiKey._meta.get_field("last_used_at").column)
@@ -312,7 +329,7 @@ def _last_used_forward(used: dict[int, Any]) -> None:
                 f"UPDATE {table} AS k SET {column} = v.ts "
                 "FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, ts) "
                 f"WHERE k.{pk} = v.id AND (k.{column} IS NULL OR k.{column} < v.ts)",
-                [[i for i, _ts in ordered], [ts for _i, ts in ordered]],
+                [_pg_array(i for i, _ts in ordered), _pg_array(ts for _i, ts in ordered)],
             )
         else:
             cursor.executemany(
@@ -328,7 +345,7 @@ def _db_datetime_for(vendor: str) -> Callable[[str], Any]:
     adapter costs more per key than the rest of the ingest."""
     if vendor == "sqlite":
         return lambda ts: f"{ts[:10]} {ts[11:26]}"
-    return lambda ts: datetime.fromisoformat(f"{ts[:26]}+00:00")
+    return lambda ts: f"{ts[:26]}Z"  # an element of an array literal (see _pg_array)
 
 
 def _flag_unissued(key_ids: list[int]) -> list[int]:
