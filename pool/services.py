@@ -697,7 +697,10 @@ def _person_keys_follow(
     conditional on the owner's state, so a person reactivated meanwhile keeps their keys."""
     report = PersonKeysReport()
     inactive, active = {"owner__is_active": False}, {"owner__is_active": True}
-    away = ApiKey.objects.filter(scope, status=Status.ACTIVE, **inactive).only(
+    # In id order: inside person_set_active's transaction the key rows are locked one by
+    # one as they are updated, and every transaction that locks several keys goes up the
+    # ids, so that two of them never wait on each other in a circle (PostgreSQL).
+    away = ApiKey.objects.filter(scope, status=Status.ACTIVE, **inactive).order_by("id").only(
         "id", "prefix", "last4"
     )
     for key in list(away):
@@ -709,7 +712,7 @@ def _person_keys_follow(
         )
     back = ApiKey.objects.filter(
         scope, status=Status.SUSPENDED, suspended_for=ApiKey.SuspendedFor.PERSON_INACTIVE, **active
-    ).only("id", "prefix", "last4", "expires_at")
+    ).order_by("id").only("id", "prefix", "last4", "expires_at")
     for key in list(back):
         # A key whose expiry passed while its owner was away comes back expired, not live.
         expired = key.expires_at is not None and key.expires_at <= now

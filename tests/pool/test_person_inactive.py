@@ -4,12 +4,15 @@ person was deactivated. Revoked keys stay revoked; keys held by a limit wait for
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core import mail
 from django.core.management import call_command
+from django.db import connection, connections, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
@@ -23,6 +26,7 @@ from pool.services import (
     keys_lifecycle,
     keys_reconcile_quietly,
     person_set_active,
+    pool_keys_create,
 )
 from usage.limits import limits_enforce, proxy_follow_due
 from usage.models import UsageSnapshot
@@ -382,3 +386,66 @@ def test_the_api_issues_no_key_to_a_deactivated_person(client, ann, fake_proxy, 
 
     assert answer.status_code == 409 and "deactivated" in answer.json()["error"]
     assert ApiKey.objects.filter(owner=ann).count() == before
+
+
+# --- PostgreSQL: two staff members at once --------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_reactivation_waits_for_a_deactivation_in_progress(transactional_db, ann):
+    """The person's row lock orders the two: the keys end as the person ends (active), and
+    neither change is lost to the other."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL (DATABASE_URL=postgres://...)")
+    keys = pool_keys_create(count=2)
+    ApiKey.objects.filter(pk__in=[k.pk for k in keys]).update(
+        status=Status.ACTIVE, owner=ann, value=None)
+    deactivated, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def deactivate() -> None:
+        try:
+            with transaction.atomic():
+                person_set_active(person=User.objects.get(pk=ann.pk), active=False)
+                deactivated.set()
+                release.wait(30)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    def reactivate() -> None:
+        try:
+            person_set_active(person=User.objects.get(pk=ann.pk), active=True)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    first = threading.Thread(target=deactivate)
+    first.start()
+    assert deactivated.wait(30)
+    second = threading.Thread(target=reactivate)
+    second.start()
+    # The reactivation must be queued behind the deactivation's lock before that commits.
+    deadline = time.monotonic() + 10
+    while not _backends_waiting_on_a_lock() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waited = _backends_waiting_on_a_lock()
+    release.set()
+    first.join(30)
+    second.join(30)
+
+    assert errors == [] and waited == 1
+    ann.refresh_from_db()
+    assert ann.is_active
+    assert set(ApiKey.objects.filter(owner=ann).values_list("status", flat=True)) == {"active"}
+    assert list(AuditEvent.objects.filter(target_type="user").order_by("id").values_list(
+        "action", flat=True)) == [Action.PERSON_DEACTIVATED, Action.PERSON_REACTIVATED]
+
+
+def _backends_waiting_on_a_lock() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                       "AND datname = current_database()")
+        return cursor.fetchone()[0]
