@@ -29,9 +29,10 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
 setup: $(VENV)/.run-deps .env migrate
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 
+# Migrations include the shared cache's table (keyportal/migrations/0003_cache_table.py):
+# no separate `createcachetable` step.
 migrate: $(VENV)/.run-deps .env
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py createcachetable
 
 run: setup
 	@echo ""

@@ -45,6 +45,8 @@ class AuditEvent(models.Model):
         TOKEN_CREATED = "token_created", _("API token created")
         TOKEN_REVOKED = "token_revoked", _("API token revoked")
         PRICES_RECOMPUTED = "prices_recomputed", _("cost recomputed")
+        PERSON_DEACTIVATED = "person_deactivated", _("person deactivated")
+        PERSON_REACTIVATED = "person_reactivated", _("person reactivated")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

@@ -116,7 +116,8 @@ else:
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # A cache every portal process shares (rate limits, the upstream refusal latch). The
-# database cache needs no extra service; `manage.py createcachetable` creates it.
+# database cache needs no extra service; `manage.py migrate` creates its table
+# (keyportal/migrations/0003_cache_table.py).
 CACHES = {"default": env.cache_url_config(setting("CACHE_URL", "dbcache://keyportal_cache"))}
 
 AUTH_USER_MODEL = "accounts.User"

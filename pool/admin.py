@@ -5,23 +5,27 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
-from accounts.admin import HasLimitsFilter
-from accounts.models import Limits
+from accounts.admin import HasLimitsFilter, UserAdmin
+from accounts.models import Limits, User
 from keyportal.audit import audit_form_changes, client_ip
 from pool.models import ApiKey
 from pool.selectors import pool_status
 from pool.services import (
+    PersonKeysReport,
     key_resume,
     key_revoke,
     key_suspend,
     keys_reconcile,
     keys_reconcile_quietly,
+    person_set_active,
     pool_generate,
 )
 from pool.upstream import ProxyClient, UpstreamError
@@ -166,5 +170,113 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.action(description=_("Resume the selected suspended keys"), permissions=["change"])
     def resume_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         ip = client_ip(request)
+        # key_resume refuses these: a deactivated person's keys come back with the person.
+        held = queryset.filter(status=ApiKey.Status.SUSPENDED, owner__is_active=False).count()
         self._each(request, queryset, lambda k: key_resume(key=k, by=request.user, ip=ip),
                    _("%(n)d keys resumed."))
+        if held:
+            self.message_user(request, ngettext(
+                "%(n)d key was not resumed: its owner's account is deactivated. Reactivate the "
+                "person to bring their keys back.",
+                "%(n)d keys were not resumed: their owners' accounts are deactivated. Reactivate "
+                "the people to bring their keys back.", held) % {"n": held}, messages.WARNING)
+
+
+# --- people ----------------------------------------------------------------------------------
+# The person admin is accounts' own, registered again here with what `active` means for keys
+# (dependencies run usage -> pool -> accounts, so accounts cannot know about keys); usage
+# registers it once more with usage totals, on top of this class.
+
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class PersonKeysAdmin(UserAdmin):
+    """Unticking `active` (or the deactivate action) suspends all the person's keys and
+    takes them off the proxy at once; ticking it again brings back the keys suspended that
+    way, from escrow. A key revoked meanwhile stays revoked, a key held by a limit waits for
+    its window."""
+
+    actions = ("deactivate_people", "reactivate_people")
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if "is_active" in form.base_fields:
+            form.base_fields["is_active"].help_text = _(
+                "Unticking it suspends all of this person's keys at the proxy at once and stops "
+                "sign-in; ticking it again brings back the keys suspended that way."
+            )
+        return form
+
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
+        if change and "is_active" in form.changed_data:
+            # In the admin's transaction: the person, their keys and the audit rows commit
+            # together with the rest of the form.
+            report = person_set_active(
+                person=obj, active=obj.is_active, by=request.user, ip=client_ip(request)
+            )
+            self._keys_followed(request, report)
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description=_("Deactivate the selected people (their keys stop working)"),
+                  permissions=["change"])
+    def deactivate_people(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        if queryset.filter(pk=request.user.pk).exists():
+            self.message_user(request, _("You cannot deactivate yourself; you were left out."),
+                              messages.WARNING)
+            queryset = queryset.exclude(pk=request.user.pk)
+        self._set_active(request, queryset, active=False)
+
+    @admin.action(description=_("Reactivate the selected people (their keys come back)"),
+                  permissions=["change"])
+    def reactivate_people(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
+        self._set_active(request, queryset, active=True)
+
+    def _set_active(self, request: HttpRequest, queryset: QuerySet[User], *, active: bool) -> None:
+        ip = client_ip(request)
+        total, people = PersonKeysReport(), 0
+        for person in queryset:
+            report = person_set_active(person=person, active=active, by=request.user, ip=ip)
+            people += report.changed
+            total.suspended += report.suspended
+            total.restored += report.restored
+            total.expired += report.expired
+        done = (ngettext("%(n)d person reactivated.", "%(n)d people reactivated.", people)
+                if active else
+                ngettext("%(n)d person deactivated.", "%(n)d people deactivated.", people))
+        self.message_user(request, done % {"n": people},
+                          messages.SUCCESS if people else messages.INFO)
+        self._keys_followed(request, total)
+
+    def _keys_followed(self, request: HttpRequest, report: PersonKeysReport) -> None:
+        """Tells staff what happened to the keys, and lets the proxy follow once the change
+        is committed (at once outside a transaction): a reconcile before the commit would
+        find the keys unchanged, or take keys off the proxy for a change rolled back later."""
+        if report.suspended:
+            self.message_user(request, ngettext(
+                "%(n)d key suspended: it leaves the proxy now.",
+                "%(n)d keys suspended: they leave the proxy now.", report.suspended,
+            ) % {"n": report.suspended}, messages.SUCCESS)
+        if report.restored:
+            self.message_user(request, ngettext(
+                "%(n)d key active again: it returns to the proxy now.",
+                "%(n)d keys active again: they return to the proxy now.", report.restored,
+            ) % {"n": report.restored}, messages.SUCCESS)
+        if report.expired:
+            self.message_user(request, ngettext(
+                "%(n)d key expired while its owner was deactivated and stays off the proxy.",
+                "%(n)d keys expired while their owners were deactivated and stay off the proxy.",
+                report.expired,
+            ) % {"n": report.expired}, messages.INFO)
+        if not report.keys_moved:
+            return
+
+        def proxy_follows() -> None:
+            if keys_reconcile_quietly() is None:
+                self.message_user(request, _(
+                    "The proxy could not be reached: it follows at the next reconcile or sync."
+                ), messages.WARNING)
+
+        transaction.on_commit(proxy_follows)

@@ -43,6 +43,9 @@ class ApiKey(Limits):
         PERSON_COST_DAY = "person_cost_day", _("your daily cost limit")
         PERSON_COST_MONTH = "person_cost_month", _("your monthly cost limit")
         STAFF = "staff", _("staff")
+        # Every key of a person whose account is deactivated (is_active off); they come back
+        # when the person is active again (pool.services.person_set_active, keys_lifecycle).
+        PERSON_INACTIVE = "person_inactive", _("your account is deactivated")
 
     # The statuses whose keys belong in the proxy's list; every other key must be absent.
     WANTED_AT_PROXY = (Status.POOL, Status.ACTIVE)

@@ -514,12 +514,19 @@ class LifecycleReport:
     unexpired: int = 0
     restored: int = 0
     warned: int = 0
+    owner_inactive: int = 0  # active keys suspended: their owner was deactivated
+    owner_active: int = 0  # keys back: their owner is active again
+    held: int = 0  # limit windows that reset while the owner is deactivated
 
     def lines(self) -> list[str]:
         counts = [
+            (self.owner_inactive, _("keys suspended (their owner's account is deactivated)")),
+            (self.owner_active, _("keys active again (their owner's account is active again)")),
             (self.expired, _("keys expired")),
             (self.unexpired, _("expired keys active again (their expiry was extended)")),
             (self.restored, _("suspended keys active again (their limit's window reset)")),
+            (self.held, _("suspended keys kept off the proxy after their limit's window reset "
+                          "(their owner's account is deactivated)")),
             (self.warned, _("owners told that a key expires soon")),
         ]
         return [_("%(n)d %(what)s.") % {"n": n, "what": what} for n, what in counts if n]
@@ -527,12 +534,12 @@ class LifecycleReport:
 
 def _move_key(
     key: ApiKey, *, frm: str, action: str, detail: str = "", actor: User | None = None,
-    ip: str | None = None, **changes: Any,
+    ip: str | None = None, where: dict[str, Any] | None = None, **changes: Any,
 ) -> bool:
-    """One key from status `frm` to new values, if nobody moved it meanwhile; one audit row
-    when it moved."""
+    """One key from status `frm` to new values, if nobody moved it meanwhile (and it still
+    matches `where`, e.g. its owner's state); one audit row when it moved."""
     with transaction.atomic():
-        moved = ApiKey.objects.filter(id=key.id, status=frm).update(**changes)
+        moved = ApiKey.objects.filter(id=key.id, status=frm, **(where or {})).update(**changes)
         if moved:
             audit_record(action=action, actor=actor, target=key, ip=ip, before={"status": frm},
                          after={"status": changes.get("status", frm)}, detail=detail)
@@ -544,29 +551,48 @@ def keys_lifecycle(*, now: datetime) -> LifecycleReport:
     leave the proxy at the reconcile that follows); expired keys whose expiry staff moved
     into the future, and keys suspended by a limit whose window has reset, become active
     again (and return to the proxy from escrow). Owners of keys that expire within
-    PORTAL_EXPIRY_WARNING_DAYS are told once."""
+    PORTAL_EXPIRY_WARNING_DAYS are told once.
+
+    First of all, keys follow their owner's `is_active`, however it was changed (the admin,
+    the shell, SQL): an active key of a deactivated person is suspended, and keys suspended
+    for that come back once the person is active again. Nothing later in this pass brings
+    back a key of a deactivated person: an extended expiry waits for the reactivation, and a
+    limit whose window resets hands its key over to the deactivation."""
     report = LifecycleReport()
+    people = _person_keys_follow(Q(), now=now)
+    report.owner_inactive, report.owner_active = people.suspended, people.restored
+    report.expired = people.expired
     for key in ApiKey.objects.filter(status=Status.ACTIVE, expires_at__lte=now):
         report.expired += _move_key(
             key, frm=Status.ACTIVE, action=Action.KEY_EXPIRED,
             status=Status.EXPIRED, proxy_state=State.REMOVAL_PENDING,
         )
-    extended = ApiKey.objects.filter(status=Status.EXPIRED).filter(
+    owner_active = {"owner__is_active": True}
+    extended = ApiKey.objects.filter(status=Status.EXPIRED, **owner_active).filter(
         Q(expires_at__isnull=True) | Q(expires_at__gt=now)
     )
     for key in extended:
         report.unexpired += _move_key(
             key, frm=Status.EXPIRED, action=Action.KEY_RESTORED, detail="expiry extended",
-            status=Status.ACTIVE,
+            where=owner_active, status=Status.ACTIVE,
         )
     window_reset = ApiKey.objects.filter(
         status=Status.SUSPENDED, suspended_until__lte=now
-    ).exclude(suspended_for=ApiKey.SuspendedFor.STAFF)
-    for key in window_reset:
+    ).exclude(suspended_for__in=[ApiKey.SuspendedFor.STAFF, ApiKey.SuspendedFor.PERSON_INACTIVE])
+    for key in window_reset.filter(**owner_active):
         report.restored += _move_key(
             key, frm=Status.SUSPENDED, action=Action.KEY_RESTORED,
-            detail=f"{key.suspended_for} window reset",
+            detail=f"{key.suspended_for} window reset", where=owner_active,
             status=Status.ACTIVE, suspended_for="", suspended_until=None,
+        )
+    # The limit no longer holds the key, the deactivation does: it stays off the proxy,
+    # says why, and comes back with the person (and no sync keeps reconciling for it).
+    for key in window_reset.filter(owner__is_active=False):
+        report.held += _move_key(
+            key, frm=Status.SUSPENDED, action=Action.KEY_SUSPENDED,
+            detail=f"{key.suspended_for} window reset; owner deactivated",
+            where={"owner__is_active": False, "suspended_for": key.suspended_for},
+            suspended_for=ApiKey.SuspendedFor.PERSON_INACTIVE, suspended_until=None,
         )
     report.warned = _expiry_warnings(now=now)
     return report
@@ -621,8 +647,102 @@ def key_suspend(
 
 
 def key_resume(*, key: ApiKey, by: User | None = None, ip: str | None = None) -> bool:
-    """Staff bring a suspended key back now (it returns to the proxy at the next reconcile)."""
+    """Staff bring a suspended key back now (it returns to the proxy at the next reconcile).
+    False, and nothing changes, for a key whose owner is deactivated: it comes back when the
+    person is reactivated (person_set_active), not one key at a time."""
     return _move_key(
         key, frm=Status.SUSPENDED, action=Action.KEY_RESTORED, actor=by, ip=ip,
-        detail="resumed by staff", status=Status.ACTIVE, suspended_for="", suspended_until=None,
+        detail="resumed by staff", where={"owner__is_active": True},
+        status=Status.ACTIVE, suspended_for="", suspended_until=None,
     )
+
+
+# --- people: a deactivated person's keys ----------------------------------------------------
+# Deactivating a person (is_active off) suspends every active key of theirs, for
+# PERSON_INACTIVE and with no end; reactivating brings back exactly those keys. Keys suspended
+# by a limit or by staff, and revoked or expired keys, keep their own state (a limit-suspended
+# key of a reactivated person waits for its window as before). Keys leave the proxy and
+# return to it through reconcile and escrow, as limit suspensions do.
+
+
+@dataclass
+class PersonKeysReport:
+    changed: bool = False  # the person's is_active was changed by this call
+    suspended: int = 0
+    restored: int = 0
+    expired: int = 0  # came back past their expiry: expired, not active
+
+    @property
+    def keys_moved(self) -> int:
+        return self.suspended + self.restored + self.expired
+
+
+def person_set_active(
+    *, person: User, active: bool, by: User | None = None, ip: str | None = None
+) -> PersonKeysReport:
+    """Activates or deactivates `person`, and their keys follow in the same transaction:
+    deactivated, each active key is suspended (PERSON_INACTIVE, audited); active again, each
+    key suspended that way is active again. The proxy follows at the next reconcile, which
+    the caller may run at once (`keys_reconcile_quietly`, after the commit). Idempotent:
+    called with the state the person already has, it only puts the keys in line."""
+    now = timezone.now()
+    with transaction.atomic():
+        # The row lock orders two changes of one person on PostgreSQL; the keys then follow
+        # the state in the database, never a stale `person` instance.
+        was = (
+            User.objects.select_for_update().filter(pk=person.pk)
+            .values_list("is_active", flat=True).get()
+        )
+        report = PersonKeysReport(changed=was != active)
+        if report.changed:
+            User.objects.filter(pk=person.pk).update(is_active=active)
+            audit_record(
+                action=Action.PERSON_REACTIVATED if active else Action.PERSON_DEACTIVATED,
+                actor=by, target=person, ip=ip,
+                before={"is_active": was}, after={"is_active": active},
+            )
+        keys = _person_keys_follow(Q(owner=person), now=now, by=by, ip=ip)
+    person.is_active = active
+    report.suspended, report.restored, report.expired = keys.suspended, keys.restored, keys.expired
+    return report
+
+
+def _person_keys_follow(
+    scope: Q, *, now: datetime, by: User | None = None, ip: str | None = None
+) -> PersonKeysReport:
+    """Keys in `scope` follow their owner's is_active as it is in the database. Each move is
+    conditional on the owner's state, so a person reactivated meanwhile keeps their keys."""
+    report = PersonKeysReport()
+    inactive, active = {"owner__is_active": False}, {"owner__is_active": True}
+    # In id order: inside person_set_active's transaction the key rows are locked one by
+    # one as they are updated, and every transaction that locks several keys goes up the
+    # ids, so that two of them never wait on each other in a circle (PostgreSQL).
+    away = ApiKey.objects.filter(scope, status=Status.ACTIVE, **inactive).order_by("id").only(
+        "id", "prefix", "last4"
+    )
+    for key in list(away):
+        report.suspended += _move_key(
+            key, frm=Status.ACTIVE, action=Action.KEY_SUSPENDED, actor=by, ip=ip,
+            detail="owner deactivated", where=inactive,
+            status=Status.SUSPENDED, suspended_for=ApiKey.SuspendedFor.PERSON_INACTIVE,
+            suspended_until=None, proxy_state=State.REMOVAL_PENDING,
+        )
+    back = ApiKey.objects.filter(
+        scope, status=Status.SUSPENDED, suspended_for=ApiKey.SuspendedFor.PERSON_INACTIVE, **active
+    ).order_by("id").only("id", "prefix", "last4", "expires_at")
+    for key in list(back):
+        # A key whose expiry passed while its owner was away comes back expired, not live.
+        expired = key.expires_at is not None and key.expires_at <= now
+        moved = _move_key(
+            key, frm=Status.SUSPENDED, actor=by, ip=ip,
+            action=Action.KEY_EXPIRED if expired else Action.KEY_RESTORED,
+            detail="owner reactivated" + ("; expired meanwhile" if expired else ""),
+            where={**active, "suspended_for": ApiKey.SuspendedFor.PERSON_INACTIVE},
+            status=Status.EXPIRED if expired else Status.ACTIVE,
+            suspended_for="", suspended_until=None,
+        )
+        if expired:
+            report.expired += moved
+        else:
+            report.restored += moved
+    return report

@@ -145,6 +145,9 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     if not form.is_valid():
         raise _form_error(form)
     person = _api_person(request, body, create=True)
+    if not person.is_active:  # only a staff token gets here with such a person
+        raise ApiError(_("This person's account is deactivated: reactivate it in the admin "
+                         "before issuing a key."), 409)
     if api_token_of(request) is None and key_limit_reached(person):
         raise ApiError(_("Too many keys added in a short time; try again later."), 429)
     try:

@@ -9,9 +9,8 @@ from django.urls import URLPattern, path, reverse
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from accounts.admin import UserAdmin
 from accounts.models import User
-from pool.admin import ApiKeyAdmin
+from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
 from usage.models import LimitNotice, ModelPrice, SyncRun, UsageSnapshot
 from usage.selectors import usage_totals
@@ -174,9 +173,9 @@ admin.site.unregister(User)
 
 
 @admin.register(User)
-class PersonAdmin(UsageColumns, UserAdmin):
-    list_display = (*UserAdmin.list_display[:2], "key_count", "tokens", "cost",
-                    *UserAdmin.list_display[2:])
+class PersonAdmin(UsageColumns, PersonKeysAdmin):
+    list_display = (*PersonKeysAdmin.list_display[:2], "key_count", "tokens", "cost",
+                    *PersonKeysAdmin.list_display[2:])
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         keys = ApiKey.objects.filter(owner=OuterRef("pk")).order_by().values("owner")

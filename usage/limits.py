@@ -198,14 +198,18 @@ def limits_enforce(*, now: datetime, reconcile: bool = True) -> LimitsReport:
     windows = windows_at(now)
     by_key, by_person = usage_in_windows(windows=windows)
 
-    people = User.objects.filter(_any_limit(""))
+    # A deactivated person is not emailed about limits: their keys are suspended anyway.
+    people = User.objects.filter(_any_limit(""), is_active=True)
     for person in people.iterator(chunk_size=500):
         report.notices += _notify(subject=f"person:{person.pk}", to=person.email, limits=person,
                                   used=by_person.get(person.pk), windows=windows, key=None)
 
     reason_order = {reason: i for i, reason in enumerate(Reason.values)}
     candidates = (
-        ApiKey.objects.filter(status=Status.ACTIVE, owner__isnull=False)
+        # The lifecycle above suspended the keys of deactivated people; a person deactivated
+        # since then is left to the next lifecycle, so that their keys wait for the person
+        # and not for a limit's window.
+        ApiKey.objects.filter(status=Status.ACTIVE, owner__isnull=False, owner__is_active=True)
         .filter(_any_limit("") | _any_limit("owner__"))
         .select_related("owner")
         .defer("value", "escrow")
