@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('pool', '0003_apikey_fillfactor'),
+        ('pool', '0004_apikey_fillfactor'),
         ('usage', '0005_durable_pops_quarantine'),
     ]
 

@@ -13,7 +13,7 @@ def fillfactor(apps, schema_editor, value: int) -> None:
 
 
 class Migration(migrations.Migration):
-    dependencies = [("pool", "0002_limits_expiry_escrow")]
+    dependencies = [("pool", "0003_person_inactive")]
 
     operations = [
         migrations.RunPython(
