@@ -84,6 +84,7 @@ class FakeProxy:
         self.failures: dict[str, int] = {}
         self.banned_until: dict[str, float] = {}
         self.queue: deque[tuple[float, dict[str, Any]]] = deque()
+        self.popped = 0  # records handed out by /usage-queue, ever: the ledger of kill trials
         self.snapshot_records: list[dict[str, Any]] = []
         self._live_keys: list[str] = list(self.api_keys)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
@@ -393,6 +394,7 @@ class FakeProxy:
                 return 400, {"error": "count must be a positive integer"}
             self._expire_queue()
             popped = [self.queue.popleft()[1] for _ in range(min(count, len(self.queue)))]
+            self.popped += len(popped)
             return 200, popped
         return 404, b"404 page not found"
 
