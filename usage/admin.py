@@ -12,7 +12,9 @@ from django.utils.translation import ngettext
 from accounts.models import User
 from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
-from usage.models import LimitNotice, ModelPrice, SyncRun, UsageSnapshot
+from usage.models import (
+    LimitNotice, ModelPrice, QuarantinedRecord, SyncRun, UsageBatch, UsageSnapshot,
+)
 from usage.selectors import usage_totals
 from usage.services import SyncFailed, usage_cost_recompute, usage_sync
 
@@ -99,7 +101,7 @@ class ModelPriceAdmin(admin.ModelAdmin):
 class SyncRunAdmin(ReadOnlyAdmin):
     list_display = (
         "started_at", "ok", "mode", "records_read", "records_stored", "records_foreign",
-        "records_unissued", "people", "duration_ms", "message",
+        "records_unissued", "records_quarantined", "people", "duration_ms", "message",
     )
     list_filter = ("ok", "mode")
     search_fields = ("message",)
@@ -129,6 +131,49 @@ class SyncRunAdmin(ReadOnlyAdmin):
                 for line in report.limits.lines() if report.limits else []:
                     self.message_user(request, line, messages.INFO)
         return HttpResponseRedirect(reverse("admin:usage_syncrun_changelist"))
+
+
+@admin.register(QuarantinedRecord)
+class QuarantinedRecordAdmin(ReadOnlyAdmin):
+    """Usage records the sync set aside (the rest of their batch was counted), with why. The
+    record's client key is masked; `key` names the portal key when it was one."""
+
+    list_display = ("created_at", "source", "reason", "key", "batch_id", "record_start")
+    list_filter = ("source", "reason", ("created_at", admin.DateFieldListFilter))
+    search_fields = ("reason", "record", "key_hash")
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    fields = ("created_at", "source", "reason", "key", "batch_id", "record")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[QuarantinedRecord]:
+        keys = ApiKey.objects.filter(key_hash=OuterRef("key_hash"))
+        return super().get_queryset(request).annotate(
+            key_prefix=Subquery(keys.values("prefix")[:1]),
+            key_last4=Subquery(keys.values("last4")[:1]),
+        )
+
+    @admin.display(description=_("portal key"))
+    def key(self, obj: QuarantinedRecord) -> str:
+        last4 = getattr(obj, "key_last4", None)
+        return f"{obj.key_prefix}…{last4}" if last4 else "—"
+
+    @admin.display(description=_("record (start)"))
+    def record_start(self, obj: QuarantinedRecord) -> str:
+        return obj.record[:120] + ("…" if len(obj.record) > 120 else "")
+
+
+@admin.register(UsageBatch)
+class UsageBatchAdmin(ReadOnlyAdmin):
+    """Each /usage-queue pop as it was stored; the body itself (sealed) is dropped once the
+    batch is counted, and counted batches are dropped after USAGE_BATCH_KEEP_DAYS."""
+
+    list_display = ("id", "created_at", "size", "record_count", "quarantined", "applied_at",
+                    "error")
+    list_filter = (("applied_at", admin.EmptyFieldListFilter),)
+    search_fields = ("error",)
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    exclude = ("raw", "rows")
 
 
 @admin.register(LimitNotice)

@@ -15,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -32,7 +33,8 @@ from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
 from usage.models import SyncRun
 from usage.selectors import (
-    PERIODS, RANKINGS, key_usage, keys_with_usage, last_sync, leaderboard, totals_of_keys,
+    PERIODS, RANKINGS, key_usage, keys_with_usage, last_sync, leaderboard, sync_backlog,
+    totals_of_keys,
 )
 
 # --- /my-keys -----------------------------------------------------------------------------------
@@ -179,10 +181,11 @@ def staff_proxy(request: HttpRequest) -> HttpResponse:
     report = _proxy_report()
     pool: PoolStatus = pool_status()
     sync: SyncRun | None = last_sync()
+    backlog = sync_backlog(now=timezone.now())
     drift = report.drift
     return _admin_page(request, "usage/proxy_status.html", {
         "title": _("Proxy status"), "report": report, "pool": pool, "sync": sync,
-        "pool_min": settings.PORTAL_POOL_MIN,
+        "pool_min": settings.PORTAL_POOL_MIN, "backlog": backlog,
         # In reconcile's terms: pool keys it would push, issued keys the proxy lost, keys it
         # would bring back from escrow; and keys it would remove, listed twice included.
         "missing": drift.pushed + drift.missing + drift.restored if drift else 0,

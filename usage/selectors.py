@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from pool.models import ApiKey
-from usage.models import SyncRun, UsageDay, UsageSnapshot
+from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 
 _ZERO = 0
 
@@ -69,6 +69,26 @@ def keys_with_usage(*, owner: User) -> QuerySet[ApiKey]:
 
 def last_sync() -> SyncRun | None:
     return SyncRun.objects.order_by("-started_at", "-id").first()
+
+
+@dataclass(frozen=True)
+class SyncBacklog:
+    """What the sync holds aside: records it could not count, and pops it stored but has not
+    counted yet (they are counted first by the next run)."""
+
+    quarantined: int
+    quarantined_week: int
+    pending: int
+
+
+def sync_backlog(*, now: datetime) -> SyncBacklog:
+    aside = QuarantinedRecord.objects.aggregate(
+        all=Count("id"), week=Count("id", filter=Q(created_at__gte=now - timedelta(days=7)))
+    )
+    return SyncBacklog(
+        quarantined=aside["all"], quarantined_week=aside["week"],
+        pending=UsageBatch.objects.filter(applied_at__isnull=True).count(),
+    )
 
 
 # --- pages --------------------------------------------------------------------------------------

@@ -109,3 +109,27 @@ def test_the_admin_index_links_the_staff_pages(client, staff):
     page = client.get("/admin/").content.decode()
     assert 'href="/staff/leaderboard"' in page and 'href="/staff/proxy"' in page
     assert 'href="/staff/export"' in page
+
+
+def test_quarantined_records_and_pending_pops_are_counted_and_listed(client, staff, settings):
+    from usage.models import QuarantinedRecord, UsageBatch
+
+    settings.CLIPROXY_URL = ""
+    old = QuarantinedRecord.objects.create(source="queue", reason="timestamp is not RFC 3339",
+                                           record='{"api_key": "sk-kp-…abcd"}')
+    QuarantinedRecord.objects.filter(pk=old.pk).update(
+        created_at=timezone.now() - timedelta(days=9))
+    QuarantinedRecord.objects.create(source="snapshot", reason="model contains a NUL character")
+    UsageBatch.objects.create(raw=b"sealed", size=6)
+    client.force_login(staff)
+
+    page = client.get(URL).content.decode()
+
+    assert "2 in all, 1 in the last 7 days" in row(page, "Quarantined usage records")
+    assert "1" in row(page, "Stored pops not counted yet")
+    staff.is_superuser = True  # the admin lists need the model permissions
+    staff.save()
+    listed = client.get("/admin/usage/quarantinedrecord/").content.decode()
+    assert "timestamp is not RFC 3339" in listed and "model contains a NUL character" in listed
+    batches = client.get("/admin/usage/usagebatch/")
+    assert batches.status_code == 200 and b"sealed" not in batches.content
