@@ -41,6 +41,12 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         )
     if settings.CLIPROXY_TIMEOUT <= 0:
         problems.append(Error("CLIPROXY_TIMEOUT must be a positive number of seconds.", id="keyportal.E002"))
+    if settings.PORTAL_REQUEST_PROXY_BUDGET <= 0:
+        problems.append(Error("PORTAL_REQUEST_PROXY_BUDGET must be a positive number of seconds.",
+                              id="keyportal.E006"))
+    if not 0 < settings.PORTAL_RECONCILE_MAX_LOSS < 1:
+        problems.append(Error("PORTAL_RECONCILE_MAX_LOSS must be a share between 0 and 1, "
+                              "e.g. 0.5.", id="keyportal.E007"))
     prefix = settings.PORTAL_KEY_PREFIX
     if not prefix:
         problems.append(

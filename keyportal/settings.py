@@ -173,6 +173,16 @@ CLIPROXY_MANAGEMENT_KEY = env.str("CLIPROXY_MANAGEMENT_KEY", default="")
 CLIPROXY_TIMEOUT = number("CLIPROXY_TIMEOUT", "10", float)
 # Base URL people paste into their tools; defaults to CLIPROXY_URL.
 CLIPROXY_PUBLIC_URL = setting("CLIPROXY_PUBLIC_URL", CLIPROXY_URL).rstrip("/")
+# A page that changes keys (revoke; the admin's revoke, suspend and resume) asks the proxy to
+# follow at once but waits for it at most this many seconds in all, and never for another
+# portal process's write: past that the change stays pending at the proxy (it is already
+# committed in the portal) and the next sync or reconcile_keys finishes it.
+PORTAL_REQUEST_PROXY_BUDGET = number("PORTAL_REQUEST_PROXY_BUDGET", "2", float)
+# Reconcile refuses a key list from the proxy that lacks more than this share of the keys the
+# portal put there (and at least 3 of them), or lacks all of them: a proxy whose config was
+# reset or answered garbage must not make the portal mark every issued key missing.
+# `reconcile_keys --force` goes ahead anyway.
+PORTAL_RECONCILE_MAX_LOSS = number("PORTAL_RECONCILE_MAX_LOSS", "0.5", float)
 
 # --- The key pool ---------------------------------------------------------------------------
 PORTAL_KEY_PREFIX = env.str("PORTAL_KEY_PREFIX", default="sk-kp-")  # empty is allowed

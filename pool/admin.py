@@ -24,7 +24,7 @@ from pool.services import (
     key_revoke,
     key_suspend,
     keys_reconcile,
-    keys_reconcile_quietly,
+    keys_reconcile_in_request,
     person_set_active,
     pool_generate,
 )
@@ -149,7 +149,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def _each(self, request: HttpRequest, queryset: QuerySet[ApiKey], change: Any, done: str) -> None:
         moved = sum(bool(change(key)) for key in queryset)
         if moved:
-            keys_reconcile_quietly()  # the proxy follows now if it answers, else at the next run
+            keys_reconcile_in_request()  # the proxy follows now if quick, else at the next run
         self.message_user(request, done % {"n": moved}, messages.SUCCESS if moved else messages.INFO)
 
     @admin.action(description=_("Revoke the selected keys"), permissions=["change"])
@@ -274,7 +274,7 @@ class PersonKeysAdmin(UserAdmin):
             return
 
         def proxy_follows() -> None:
-            if keys_reconcile_quietly() is None:
+            if keys_reconcile_in_request() is None:
                 self.message_user(request, _(
                     "The proxy could not be reached: it follows at the next reconcile or sync."
                 ), messages.WARNING)

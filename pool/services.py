@@ -52,6 +52,20 @@ class KeysNotPushed(UpstreamError):
     """Keys were created in the portal but the proxy did not take them (yet)."""
 
 
+class ImplausibleKeyList(UpstreamError):
+    """The proxy's list is empty, or lacks most of the keys the portal put there: a reset or
+    broken proxy, not drift. Reconcile changes nothing unless forced."""
+
+    def __init__(self, *, expected: int, listed: int, total: int) -> None:
+        self.expected, self.listed, self.total = expected, listed, total
+        super().__init__(
+            _("The proxy lists only %(listed)d of the %(expected)d keys the portal put there "
+              "(%(total)d keys in its whole list), so reconcile changed nothing: run "
+              "reconcile_keys --force if the proxy was really reset.")
+            % {"listed": listed, "expected": expected, "total": total}
+        )
+
+
 def key_value_new() -> str:
     """A new key: the configured prefix and 256 bits from the OS's CSPRNG."""
     return settings.PORTAL_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -77,14 +91,19 @@ def pool_keys_create(*, count: int, progress: Progress | None = None) -> list[Ap
 
 
 @contextmanager
-def _proxy_write_lease() -> Iterator[None]:
+def _proxy_write_lease(*, wait: float = PROXY_WRITE_WAIT_SECONDS) -> Iterator[None]:
     try:
-        with lease(PROXY_WRITE_LEASE, wait=PROXY_WRITE_WAIT_SECONDS):
+        with lease(PROXY_WRITE_LEASE, wait=wait):
             yield
     except LeaseHeld:
+        if wait <= 0:
+            raise ProxyBusy(
+                _("Another portal process is writing the proxy's key list right now; the next "
+                  "sync or reconcile_keys run brings the proxy in line.")
+            ) from None
         raise ProxyBusy(
             _("Another portal process has been writing the proxy's key list for over %(s)d s; "
-              "try again shortly.") % {"s": PROXY_WRITE_WAIT_SECONDS}
+              "try again shortly.") % {"s": wait}
         ) from None
 
 
@@ -203,6 +222,7 @@ class ReconcileReport:
     states_fixed: int = 0
     pool_unused: int = 0
     lifecycle: LifecycleReport | None = None
+    forced_past: ImplausibleKeyList | None = None  # the refusal --force went past
 
     @property
     def changed(self) -> bool:
@@ -216,6 +236,10 @@ class ReconcileReport:
         lines = [
             (_("Dry run: nothing was changed.") if would else None),
             *(self.lifecycle.lines() if self.lifecycle else []),
+            (_("Forced: the proxy listed only %(listed)d of the %(expected)d keys the portal "
+               "put there, and its list was taken as it is.")
+             % {"listed": self.forced_past.listed, "expected": self.forced_past.expected}
+             if self.forced_past else None),
             _("The proxy lists %(n)d keys; %(f)d of them are not the portal's and stay "
               "untouched.") % {"n": self.proxy_before, "f": self.foreign},
         ]
@@ -252,16 +276,26 @@ class ReconcileReport:
 
 
 def keys_reconcile(
-    *, client: ProxyClient, dry_run: bool = False, by: Any = None, ip: str | None = None
+    *,
+    client: ProxyClient,
+    dry_run: bool = False,
+    force: bool = False,
+    lease_wait: float = PROXY_WRITE_WAIT_SECONDS,
+    by: Any = None,
+    ip: str | None = None,
 ) -> ReconcileReport:
     """Makes the proxy's list match the portal: pool and active keys present; revoked,
     suspended and expired keys absent; foreign keys untouched; never an empty list. Refills
     the pool below PORTAL_POOL_MIN. Running it twice in a row changes nothing the second time.
+
+    A list that lacks all or most of the keys the portal put there is refused (nothing is
+    written, staff are alerted, ImplausibleKeyList is raised) unless `force`. `lease_wait`:
+    seconds to wait for another process's write to the list (0 on a page: try once).
     """
     report = ReconcileReport(dry_run=dry_run)
     # A dry run writes nothing, so it neither waits for nor blocks a real one (the staff
     # status page runs it on every view).
-    with nullcontext() if dry_run else _proxy_write_lease():
+    with nullcontext() if dry_run else _proxy_write_lease(wait=lease_wait):
         if not dry_run:
             # First, and whether or not the proxy answers: an expired key stops counting as
             # live in the portal at once, and leaves the proxy as soon as it can be reached.
@@ -298,6 +332,12 @@ def keys_reconcile(
                 removed.append(key.id)
                 if key.status in ApiKey.RETURNABLE and not key.escrow:
                     to_escrow.append((key.id, entry))
+        implausible = _implausible(portal.values(), seen=seen, total=len(current))
+        if implausible and not force:
+            if not dry_run:  # the staff page's dry run shows the refusal to whoever looks
+                implausible_list_notify(error=implausible)
+            raise implausible
+        report.forced_past = implausible
         report.removed = len(removed)
 
         absent = [k for k in portal.values() if k.id not in seen]
@@ -367,9 +407,53 @@ def keys_reconcile(
                 after={"proxy_keys": report.proxy_after, "pushed": report.pushed,
                        "removed": report.removed, "duplicates": report.duplicates,
                        "missing": report.missing, "refilled": report.refilled,
-                       "states_fixed": report.states_fixed},
+                       "states_fixed": report.states_fixed,
+                       **({"forced": True} if report.forced_past else {})},
             )
     return report
+
+
+RECONCILE_LOSS_FLOOR = 3  # fewer missing keys than this is drift, whatever the share
+IMPLAUSIBLE_MAIL_EVERY = timedelta(minutes=30)
+
+
+def _implausible(
+    portal: Iterable[_PortalKey], *, seen: set[int], total: int
+) -> ImplausibleKeyList | None:
+    """The refusal, when the proxy's list is empty (or null) although the portal believes
+    some of its keys are there, or lacks more than PORTAL_RECONCILE_MAX_LOSS of those keys and
+    at least RECONCILE_LOSS_FLOOR of them. A fresh install (no key pushed yet) believes
+    nothing is there, and any list is plausible; losing a key or two is drift."""
+    believed = [
+        k.id for k in portal
+        if k.proxy_state == State.PUSHED and k.status in ApiKey.WANTED_AT_PROXY
+    ]
+    listed = sum(1 for key_id in believed if key_id in seen)
+    lost = len(believed) - listed
+    if not believed or (total and (
+        lost < RECONCILE_LOSS_FLOOR or lost <= settings.PORTAL_RECONCILE_MAX_LOSS * len(believed)
+    )):
+        return None
+    return ImplausibleKeyList(expected=len(believed), listed=listed, total=total)
+
+
+def implausible_list_notify(*, error: ImplausibleKeyList) -> bool:
+    """Emails staff (and posts to the webhook) that reconcile refused the proxy's list, at
+    most once per half hour across portal processes. True when an alert went out."""
+    if not cache.add("pool:implausible-list-notified", True,
+                     IMPLAUSIBLE_MAIL_EVERY.total_seconds()):
+        return False
+    return staff_alert(
+        event="implausible_key_list",
+        subject=_("Key Portal: the proxy's key list looks reset; nothing was changed"),
+        body=_("%(why)s\n\nUntil the proxy lists the portal's keys again, the portal leaves its "
+               "list alone: keys revoked or suspended meanwhile stay pending, and no issued key "
+               "is marked missing. If the proxy's config.yaml was replaced by mistake, restore "
+               "it. If the proxy really was reset, `manage.py reconcile_keys --force` pushes "
+               "the pool keys (and keys back from a suspension) again and marks the issued keys "
+               "it lost missing; their owners must add new keys.") % {"why": error},
+        data={"expected": error.expected, "listed": error.listed, "total": error.total},
+    )
 
 
 _UNWANTED = [s for s in Status.values if s not in ApiKey.WANTED_AT_PROXY]
@@ -494,15 +578,26 @@ def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
     return bool(changed)
 
 
-def keys_reconcile_quietly() -> ReconcileReport | None:
-    """Reconciles now if the proxy answers; otherwise the removal stays pending and the next
-    `reconcile_keys` run does it. Called after a revocation has been committed."""
+def keys_reconcile_quietly(
+    *, budget: float | None = None, lease_wait: float = PROXY_WRITE_WAIT_SECONDS
+) -> ReconcileReport | None:
+    """Reconciles now if the proxy answers; otherwise (unreachable, refused, busy, an
+    implausible list) the change stays pending and the next sync or `reconcile_keys` run
+    does it. Called after a change has been committed. `budget`: seconds the proxy may take
+    in all; `lease_wait`: seconds to wait for another process writing the list."""
     try:
-        with ProxyClient.from_settings() as client:
-            return keys_reconcile(client=client)
+        with ProxyClient.from_settings(budget=budget) as client:
+            return keys_reconcile(client=client, lease_wait=lease_wait)
     except UpstreamError as exc:
-        log.warning("Reconcile after revocation postponed: %s", exc)
+        log.warning("Reconcile postponed: %s", exc)
         return None
+
+
+def keys_reconcile_in_request() -> ReconcileReport | None:
+    """keys_reconcile_quietly as a page or an API call may run it: it never waits for another
+    portal process's write, and gives the proxy PORTAL_REQUEST_PROXY_BUDGET seconds in all,
+    so that a stalled proxy cannot tie up the web workers."""
+    return keys_reconcile_quietly(budget=settings.PORTAL_REQUEST_PROXY_BUDGET, lease_wait=0)
 
 
 # --- time-driven changes: expiry, and keys coming back -------------------------------------

@@ -3,20 +3,41 @@
 Built to the proxy's code, not its published docs (../shared/docs/cliproxyapi-contract.md):
 - `GET /api-keys` may answer `{"api-keys": null}`; a PUT of `[]` empties the list and an empty
   list opens the proxy to everyone, so this client refuses to send one.
-- Five failed management logins from one address ban it for 30 minutes, so a 401/403 is never
-  retried, and the refusal is remembered (in the shared cache) so that cron or a loop does not
-  walk into the ban either.
 - `/usage` (snapshot, up to 6.9.x) and `/usage-queue` (destructive pop, 6.10.8+) are both
   spoken; `usage_mode()` tells which one without popping anything.
 
 Every call has a timeout; answers come out as dataclasses; failures are typed errors whose
-message is one plain sentence that never contains a key.
+message is one plain sentence that never contains a key. A client built with a `budget`
+(pages: PORTAL_REQUEST_PROXY_BUDGET) waits at most that long in all: each call's timeout is
+min(CLIPROXY_TIMEOUT, time left), and with no time left nothing is sent.
+
+The refusal latch. The proxy counts failed management logins per address (localhost
+included): each 401 adds one, a successful login resets the count, so does the end of a ban,
+and an address idle for over 2 h is forgotten by a sweep that runs every hour (so within 3 h).
+The 5th failure bans the address for 30 minutes, which also locks the operator out of the
+proxy's own management UI when the portal runs on the proxy's machine. A 403 (remote
+management disabled, no secret set, address banned) is not counted. So:
+- A 401 or 403 is never retried on the spot. It is remembered in the shared cache (the latch)
+  under a fingerprint of (CLIPROXY_URL, CLIPROXY_MANAGEMENT_KEY), so that fixing either
+  setting lifts the pause at once, and nothing but probes is sent with that key meanwhile.
+- While latched, one cheap probe (`GET /usage-statistics-enabled`) may go out when due, claimed
+  with `cache.add` so that one portal process sends it, not each. An answer that is not a
+  refusal lifts the latch and the call goes on; a refusal keeps it.
+- Probes after a 401 go out 5 and 10 minutes after the refusal (three 401s in all, two short
+  of a ban), then 3 h 10 min after the last 401 each time (the proxy has forgotten the count
+  by then; 10 minutes of margin). After a 403 they go out every 5 minutes. A probe that gets
+  no answer (timeout, connection refused) keeps the latch and waits 5 minutes again.
+- The 401s are also counted per proxy URL, whatever the key: a latch never probes while the
+  proxy may remember 3 of them, and a new key is tried at once only while it would be the
+  4th at most; so the portal's own failures never reach the 5th.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,9 +46,23 @@ from typing import Any
 import requests
 from django.conf import settings
 from django.core.cache import cache
+from django.utils.translation import gettext as _
 
 MANAGEMENT_PREFIX = "/v0/management"
-REFUSAL_MEMORY_SECONDS = 30 * 60  # the proxy's ban lasts 30 minutes
+
+# The refusal latch (see the module's docstring). Seconds.
+PROBE_PATH = "/usage-statistics-enabled"  # cheap, and in every proxy generation
+PROBE_EVERY = 5 * 60
+PROXY_BAN_AFTER = 5  # the proxy bans an address at its 5th failed login...
+STRIKES_BEFORE_PAUSE = 3  # ...the portal lets a latch spend at most 3 of them in a row
+PROXY_FORGETS_AFTER = 3 * 60 * 60 + 10 * 60  # idle > 2 h, swept hourly: gone within 3 h
+LATCH_KEEP = 24 * 60 * 60  # long after the proxy forgot; refreshed at every attempt
+
+
+def clock() -> float:
+    """Wall-clock seconds for the latch's timestamps, which every portal process reads from
+    the shared cache. Tests move it."""
+    return time.time()
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -213,7 +248,9 @@ class ProxyClient:
     USAGE_MODE_QUEUE = "queue"
     USAGE_MODE_SNAPSHOT = "snapshot"
 
-    def __init__(self, *, base_url: str, management_key: str, timeout: float) -> None:
+    def __init__(
+        self, *, base_url: str, management_key: str, timeout: float, budget: float | None = None
+    ) -> None:
         if not base_url:
             raise UpstreamNotConfigured(
                 "No proxy is configured: set CLIPROXY_URL (and CLIPROXY_MANAGEMENT_KEY)."
@@ -225,16 +262,23 @@ class ProxyClient:
         self.base_url = base_url.rstrip("/")
         self._key = management_key
         self.timeout = timeout
+        # The budget runs from here: build the client right before its calls.
+        self.budget = budget
+        self._deadline = None if budget is None else time.monotonic() + budget
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {management_key}"
         self.requests_sent = 0
+        self._strikes_seen = False
 
     @classmethod
-    def from_settings(cls) -> ProxyClient:
+    def from_settings(cls, *, budget: float | None = None) -> ProxyClient:
+        """`budget`: seconds this client may wait for the proxy in all (a page passes
+        PORTAL_REQUEST_PROXY_BUDGET); None: CLIPROXY_TIMEOUT per call, however many calls."""
         return cls(
             base_url=settings.CLIPROXY_URL,
             management_key=settings.CLIPROXY_MANAGEMENT_KEY,
             timeout=settings.CLIPROXY_TIMEOUT,
+            budget=budget,
         )
 
     def close(self) -> None:
@@ -248,24 +292,36 @@ class ProxyClient:
 
     # -- transport -----------------------------------------------------------------------
 
-    @property
-    def _refusal_cache_key(self) -> str:
-        # A fingerprint of (url, key): fixing either setting lifts the pause at once.
-        digest = hashlib.sha256(f"{self.base_url}\0{self._key}".encode()).hexdigest()[:24]
-        return f"upstream:refused:{digest}"
-
     def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        remembered = cache.get(self._refusal_cache_key)
-        if remembered:
-            raise UpstreamRefused(
-                f"{remembered} Nothing was sent: the proxy refused this key less than 30 minutes "
-                "ago, and every further attempt brings its 5-failure ban closer."
+        self._pass_latch()
+        return self._transport(method, path, **kwargs)
+
+    def _time_left(self) -> float:
+        if self._deadline is None:
+            return self.timeout
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise UpstreamUnreachable(
+                _("Nothing was sent to the proxy at %(url)s: the %(budget)g s a page may wait "
+                  "for it (PORTAL_REQUEST_PROXY_BUDGET) are used up.")
+                % {"url": self.base_url, "budget": self.budget}
             )
+        return min(self.timeout, left)
+
+    def _transport(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One request, past the latch: sent, its refusal remembered, its failure typed."""
+        timeout = self._time_left()
         url = f"{self.base_url}{MANAGEMENT_PREFIX}{path}"
         self.requests_sent += 1
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.session.request(method, url, timeout=timeout, **kwargs)
         except requests.Timeout:
+            if timeout < self.timeout:
+                raise UpstreamUnreachable(
+                    _("The proxy at %(url)s did not answer within %(s).1f s, what was left of "
+                      "the %(budget)g s a page may wait for it (PORTAL_REQUEST_PROXY_BUDGET).")
+                    % {"url": self.base_url, "s": timeout, "budget": self.budget}
+                ) from None
             raise UpstreamUnreachable(
                 f"The proxy at {self.base_url} did not answer within {self.timeout:g} s "
                 "(CLIPROXY_TIMEOUT)."
@@ -281,8 +337,13 @@ class ProxyClient:
             ) from None
         if response.status_code in (401, 403):
             message = self._refusal_message(response)
-            cache.set(self._refusal_cache_key, message, REFUSAL_MEMORY_SECONDS)
+            banned = "banned" in _error_text(response).lower()
+            self._latch(response.status_code, message, banned=banned)
             raise UpstreamRefused(message)
+        if response.status_code == 200 and self._strikes_seen:
+            # A login that works resets the proxy's count of failures for this address.
+            cache.delete(self._strikes_cache_key)
+            self._strikes_seen = False
         if response.status_code == 404:
             raise UpstreamNotFound(
                 f"The proxy at {self.base_url} has no {MANAGEMENT_PREFIX}{path} (404): it is an "
@@ -295,22 +356,116 @@ class ProxyClient:
             )
         return response
 
+    # -- the refusal latch (the module's docstring has the rules) ------------------------
+
+    @property
+    def _refusal_cache_key(self) -> str:
+        # A fingerprint of (url, key): fixing either setting lifts the pause at once.
+        digest = hashlib.sha256(f"{self.base_url}\0{self._key}".encode()).hexdigest()[:24]
+        return f"upstream:refused:{digest}"
+
+    @property
+    def _strikes_cache_key(self) -> str:
+        # Per proxy, whatever the key: the proxy counts failures per address, not per key.
+        digest = hashlib.sha256(self.base_url.encode()).hexdigest()[:24]
+        return f"upstream:strikes:{digest}"
+
+    def _pass_latch(self) -> None:
+        """Returns when a call may be sent; raises UpstreamRefused, having sent nothing or
+        only a probe, when not."""
+        state = cache.get_many([self._refusal_cache_key, self._strikes_cache_key])
+        latch, strikes = state.get(self._refusal_cache_key), state.get(self._strikes_cache_key)
+        self._strikes_seen = strikes is not None
+        now = clock()
+        remembered = _remembered(strikes, now)
+        if latch is None:
+            if remembered >= PROXY_BAN_AFTER - 1:
+                wait = strikes["last"] + PROXY_FORGETS_AFTER - now
+                raise UpstreamRefused(
+                    _("Nothing was sent: the proxy at %(url)s refused the portal's management "
+                      "key %(n)d times lately and bans this address at %(ban)d failures, so the "
+                      "portal tries again in about %(minutes)d minutes, whatever the key.")
+                    % {"url": self.base_url, "n": remembered, "ban": PROXY_BAN_AFTER,
+                       "minutes": _minutes(wait)}
+                )
+            return
+        if not isinstance(latch, dict):  # a latch from before the probes: a bare sentence
+            latch = {"status": 401, "message": str(latch), "last": now, "strikes": 1,
+                     "last_strike": now}
+            cache.set(self._refusal_cache_key, latch, LATCH_KEEP)
+        due = latch["last"] + PROBE_EVERY
+        if latch["strikes"] >= STRIKES_BEFORE_PAUSE:
+            due = max(due, latch["last_strike"] + PROXY_FORGETS_AFTER)
+        if remembered >= STRIKES_BEFORE_PAUSE:
+            due = max(due, strikes["last"] + PROXY_FORGETS_AFTER)
+        if now < due:
+            raise UpstreamRefused(
+                _("%(why)s Nothing was sent: the portal asks the proxy again in about "
+                  "%(minutes)d minutes, with one probe shared by all its processes so that it "
+                  "never nears the ban; changing CLIPROXY_MANAGEMENT_KEY lifts the pause at "
+                  "once.") % {"why": latch["message"], "minutes": _minutes(due - now)}
+            )
+        # One probe per turn, whichever portal process gets here first. The claim outlives
+        # the probe, which moves the turn on when it ends; a process killed mid-probe leaves
+        # the turn to another one 5 minutes later.
+        turn = f"{self._refusal_cache_key}:probe:{latch['last']!r}"
+        if not cache.add(turn, True, PROBE_EVERY):
+            raise UpstreamRefused(
+                _("%(why)s Nothing was sent: another portal process is asking the proxy again "
+                  "right now.") % {"why": latch["message"]}
+            )
+        self._probe(latch)
+
+    def _probe(self, latch: dict[str, Any]) -> None:
+        try:
+            self._transport("GET", PROBE_PATH)
+        except UpstreamRefused:
+            raise  # still refused: _transport has moved the latch on
+        except UpstreamUnreachable:
+            # No answer says nothing about the key: the latch stays, and waits its turn again.
+            cache.set(self._refusal_cache_key, {**latch, "last": clock()}, LATCH_KEEP)
+            raise
+        except UpstreamError:
+            pass  # an answer, and not a refusal: the key got through
+        cache.delete(self._refusal_cache_key)
+
+    def _latch(self, status: int, message: str, *, banned: bool) -> None:
+        now = clock()
+        latch = cache.get(self._refusal_cache_key)
+        if not isinstance(latch, dict):
+            latch = {"strikes": 0, "last_strike": None}
+        latch = {**latch, "status": status, "message": message, "last": now}
+        if status == 401:
+            latch["strikes"] += 1
+            latch["last_strike"] = now
+            strikes = cache.get(self._strikes_cache_key)
+            cache.set(self._strikes_cache_key,
+                      {"count": _remembered(strikes, now) + 1, "last": now}, LATCH_KEEP)
+            self._strikes_seen = True
+        elif banned:
+            # The proxy zeroes its count when it bans, and again when the ban ends.
+            latch["strikes"], latch["last_strike"] = 0, None
+            cache.delete(self._strikes_cache_key)
+        cache.set(self._refusal_cache_key, latch, LATCH_KEEP)
+
     def _refusal_message(self, response: requests.Response) -> str:
         reason = _error_text(response)
         if response.status_code == 401:
-            return (
-                f"The proxy at {self.base_url} refused the management key ({reason}): check "
-                "CLIPROXY_MANAGEMENT_KEY. Not retrying: the proxy bans an address after 5 "
-                "failed attempts."
-            )
-        hint = "check CLIPROXY_MANAGEMENT_KEY and the proxy's remote-management settings"
+            return _(
+                "The proxy at %(url)s refused the management key (%(reason)s): check "
+                "CLIPROXY_MANAGEMENT_KEY. The portal pauses its calls and checks again later: "
+                "the proxy bans an address after 5 failed attempts."
+            ) % {"url": self.base_url, "reason": reason}
+        hint = _("check CLIPROXY_MANAGEMENT_KEY and the proxy's remote-management settings")
         if "banned" in reason.lower():
-            hint = "this address is banned for 30 minutes after 5 failed attempts"
+            hint = _("this address is banned for 30 minutes after 5 failed attempts")
         elif "remote management disabled" in reason.lower():
-            hint = "the portal is not on the proxy's machine: turn on remote management there"
+            hint = _("the portal is not on the proxy's machine: turn on remote management there")
         elif "key not set" in reason.lower():
-            hint = "the proxy has no management secret configured"
-        return f"The proxy at {self.base_url} refused the management call ({reason}): {hint}."
+            hint = _("the proxy has no management secret configured")
+        return _("The proxy at %(url)s refused the management call (%(reason)s): %(hint)s.") % {
+            "url": self.base_url, "reason": reason, "hint": hint,
+        }
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._send(method, path, **kwargs)
@@ -430,3 +585,14 @@ def _error_text(response: requests.Response) -> str:
     text = text if isinstance(text, str) and text else (response.text or response.reason or "")
     text = " ".join(text.split())
     return text[:200] or "no reason given"
+
+
+def _remembered(strikes: dict[str, Any] | None, now: float) -> int:
+    """How many of the portal's failed logins the proxy may still count."""
+    if not strikes or now - strikes["last"] >= PROXY_FORGETS_AFTER:
+        return 0
+    return strikes["count"]
+
+
+def _minutes(seconds: float) -> int:
+    return max(1, math.ceil(seconds / 60))

@@ -31,7 +31,7 @@ from pool.services import (
     PoolEmpty,
     key_assign,
     key_revoke,
-    keys_reconcile_quietly,
+    keys_reconcile_in_request,
     pool_empty_notify,
     registration_complete,
 )
@@ -186,7 +186,7 @@ def api_revoke_key(request: HttpRequest) -> JsonResponse:
     if key is None:
         raise ApiError(_("No such key."), 404)
     if key_revoke(key=key, by=request.user, ip=client_ip(request)):
-        keys_reconcile_quietly()
+        keys_reconcile_in_request()  # committed already: a slow proxy only postpones removal
         key.refresh_from_db()
     return JsonResponse(_key_json(key))
 

@@ -12,6 +12,8 @@ os.environ.update(
         "CLIPROXY_URL": "",
         "CLIPROXY_MANAGEMENT_KEY": "",
         "CLIPROXY_TIMEOUT": "2",
+        "PORTAL_REQUEST_PROXY_BUDGET": "2",
+        "PORTAL_RECONCILE_MAX_LOSS": "0.5",
         "PORTAL_KEY_PREFIX": "sk-kp-",
         "PORTAL_POOL_MIN": "0",
         "EMAIL_URL": "consolemail://",

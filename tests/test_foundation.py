@@ -71,6 +71,17 @@ def test_checks_refuse_bad_values(settings):
     assert {"keyportal.E001", "keyportal.E002", "keyportal.E003", "keyportal.E004"} <= ids
 
 
+@pytest.mark.parametrize("name, value, check", [
+    ("PORTAL_REQUEST_PROXY_BUDGET", 0, "keyportal.E006"),
+    ("PORTAL_RECONCILE_MAX_LOSS", 0, "keyportal.E007"),
+    ("PORTAL_RECONCILE_MAX_LOSS", 1.5, "keyportal.E007"),
+])
+def test_checks_refuse_a_budget_or_share_out_of_range(settings, name, value, check):
+    ids = _check_ids({"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+                      name: value}, settings)
+    assert ids == {check}
+
+
 def test_checks_are_quiet_when_all_is_set(settings):
     assert _check_ids(
         {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"}, settings

@@ -27,7 +27,8 @@ from pool.forms import KeyLabelForm
 from pool.models import ApiKey
 from pool.selectors import PoolStatus, pool_status
 from pool.services import (
-    PoolEmpty, ReconcileReport, key_assign, key_revoke, keys_reconcile, keys_reconcile_quietly,
+    ImplausibleKeyList, PoolEmpty, ReconcileReport, key_assign, key_revoke, keys_reconcile,
+    keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
@@ -104,7 +105,7 @@ def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
         template = "pool/key_revoke.html#confirm-row" if request.htmx else "pool/key_revoke.html"
         return render(request, template, {"key": key})
     if key_revoke(key=key, by=request.user, ip=client_ip(request)):
-        keys_reconcile_quietly()  # committed already: a proxy failure only postpones removal
+        keys_reconcile_in_request()  # committed already: a slow proxy only postpones removal
     if request.htmx:
         # The row again, with its usage columns: read back through the annotated query.
         row = keys_with_usage(owner=request.user).get(pk=key.pk)
@@ -159,6 +160,7 @@ class ProxyReport:
     mode: str = ""
     statistics: bool | None = None
     drift: ReconcileReport | None = None
+    key_list_refused: str = ""  # reconcile would refuse the proxy's list: why, instead of drift
 
 
 def _proxy_report() -> ProxyReport:
@@ -169,7 +171,10 @@ def _proxy_report() -> ProxyReport:
         with ProxyClient.from_settings() as client:
             report.statistics = client.usage_statistics_enabled()
             report.mode = client.usage_mode()
-            report.drift = keys_reconcile(client=client, dry_run=True)
+            try:
+                report.drift = keys_reconcile(client=client, dry_run=True)
+            except ImplausibleKeyList as exc:
+                report.key_list_refused = str(exc)
     except UpstreamError as exc:
         report.error = str(exc)
     return report

@@ -3,7 +3,10 @@
 
 - Management API under /v0/management: /api-keys (GET/PUT/PATCH/DELETE with every quirk),
   /usage (snapshot generation), /usage-queue (queue generation, destructive, with
-  retention), /usage-statistics-enabled, auth order and the 5-failure ban.
+  retention), /usage-statistics-enabled, auth order and the 5-failure ban (a count per
+  address, zeroed by a good login and when a ban starts or ends, and forgotten after 2 h idle
+  by a sweep that runs every hour; `peak_failures` and `refused_logins` tell tests how close
+  the portal came).
 - Client API: POST /v1/chat/completions, POST /v1/messages, GET /v1/models, authenticated by
   any of the proxy's key carriers, recording usage when statistics are on.
 - Test controls: `inject()` one-shot faults (status, body, delay), `restart()` (usage gone,
@@ -29,6 +32,10 @@ from urllib.parse import parse_qs, urlsplit
 MANAGEMENT = "/v0/management"
 BAN_AFTER = 5
 BAN_SECONDS = 30 * 60
+# The proxy forgets an address's failures once it has been idle this long, at a sweep that
+# runs every SWEEP_SECONDS (so an idle count is gone 2 to 3 hours on).
+FORGET_IDLE_SECONDS = 2 * 60 * 60
+SWEEP_SECONDS = 60 * 60
 TEMPLATE_KEYS = ("your-api-key-1", "your-api-key-2", "your-api-key-3")
 
 # alias -> (upstream model, provider, input tokens, output tokens, fails upstream)
@@ -53,6 +60,15 @@ def _rfc3339(ts: float) -> str:
     dt = datetime.fromtimestamp(ts, tz=timezone.utc)
     nanos = int((ts % 1) * 1e9)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{nanos:09d}".rstrip("0") + "Z"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gave up on a stalled answer (a timeout under test) closed its end.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
 
 
 class FakeProxy:
@@ -82,12 +98,16 @@ class FakeProxy:
         self.management_requests: list[tuple[str, str]] = []
         self.faults: list[Fault] = []
         self.failures: dict[str, int] = {}
+        self.last_failure: dict[str, float] = {}
         self.banned_until: dict[str, float] = {}
+        self.peak_failures = 0  # the highest count any address reached (5 is a ban)
+        self.refused_logins = 0  # 401s answered, all addresses
+        self._next_sweep: float | None = None  # sweeps run hourly from the first login
         self.queue: deque[tuple[float, dict[str, Any]]] = deque()
         self.popped = 0  # records handed out by /usage-queue, ever: the ledger of kill trials
         self.snapshot_records: list[dict[str, Any]] = []
         self._live_keys: list[str] = list(self.api_keys)
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self._server = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -114,6 +134,7 @@ class FakeProxy:
             self.queue.clear()
             self.snapshot_records.clear()
             self.failures.clear()
+            self.last_failure.clear()
             self.banned_until.clear()
             self._live_keys = list(self.api_keys)
 
@@ -350,12 +371,29 @@ class FakeProxy:
             return self._reply(handler, status, answer, raw=True)
         return self._reply(handler, status, answer)
 
+    def _sweep(self, now: float) -> None:
+        """The proxy's hourly clean-up, caught up to `now`: an address idle for over 2 h and
+        not banned at a sweep is forgotten there (its count is gone)."""
+        if self._next_sweep is None:
+            self._next_sweep = now + SWEEP_SECONDS
+        while self._next_sweep <= now:
+            tick = self._next_sweep
+            for ip in list(self.failures):
+                idle = tick - self.last_failure[ip]
+                if self.banned_until.get(ip, 0) <= tick and idle > FORGET_IDLE_SECONDS:
+                    del self.failures[ip]
+            self._next_sweep += SWEEP_SECONDS
+
     def _authenticate(self, handler: BaseHTTPRequestHandler) -> tuple[int, Any] | None:
         ip = handler.client_address[0]
         now = self.clock()
         with self.lock:
+            self._sweep(now)
             if self.banned_until.get(ip, 0) > now:
                 return 403, {"error": "IP banned due to too many failed attempts. Try again in 30m0s"}
+            if ip in self.banned_until:  # the ban is over: the count starts again from zero
+                del self.banned_until[ip]
+                self.failures.pop(ip, None)
             if not self.management_key:
                 return 403, {"error": "remote management key not set"}
             auth = handler.headers.get("Authorization", "")
@@ -364,6 +402,9 @@ class FakeProxy:
                 self.failures.pop(ip, None)
                 return None
             self.failures[ip] = self.failures.get(ip, 0) + 1
+            self.last_failure[ip] = now
+            self.refused_logins += 1
+            self.peak_failures = max(self.peak_failures, self.failures[ip])
             if self.failures[ip] >= BAN_AFTER:
                 self.banned_until[ip] = now + BAN_SECONDS
                 self.failures.pop(ip, None)

@@ -153,3 +153,54 @@ def test_read_only_config_fails_writes(proxy):
     proxy.config_read_only = True
     answer = call(proxy, "PUT", "/api-keys", json=["a"])
     assert answer.status_code == 500 and answer.json()["error"].startswith("failed to save config")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(proxy) -> Clock:
+    proxy.clock = Clock()
+    return proxy.clock
+
+
+def test_a_good_login_resets_the_count(proxy):
+    for _ in range(4):
+        call(proxy, "GET", "/api-keys", key="wrong")
+    assert call(proxy, "GET", "/api-keys").status_code == 200
+    for _ in range(4):
+        assert call(proxy, "GET", "/api-keys", key="wrong").status_code == 401
+    assert call(proxy, "GET", "/api-keys").status_code == 200
+    assert proxy.peak_failures == 4 and proxy.refused_logins == 8
+
+
+def test_a_ban_ends_after_30_minutes_with_a_clean_count(proxy, clock):
+    for _ in range(5):
+        call(proxy, "GET", "/api-keys", key="wrong")
+    assert call(proxy, "GET", "/api-keys").status_code == 403
+    clock.now += 30 * 60 + 1
+    for _ in range(4):
+        assert call(proxy, "GET", "/api-keys", key="wrong").status_code == 401
+    assert call(proxy, "GET", "/api-keys").status_code == 200
+
+
+def test_an_idle_count_lasts_until_the_hourly_sweep_after_two_hours(proxy, clock):
+    for _ in range(4):
+        call(proxy, "GET", "/api-keys", key="wrong")  # sweeps run at +1 h, +2 h, +3 h...
+    clock.now += 2 * 3600 + 59 * 60  # idle for exactly 2 h at the +2 h sweep: still counted
+    call(proxy, "GET", "/api-keys", key="wrong")
+    assert call(proxy, "GET", "/api-keys").status_code == 403  # the 5th failure banned it
+
+
+def test_an_idle_count_is_gone_after_the_sweep_past_two_hours(proxy, clock):
+    for _ in range(4):
+        call(proxy, "GET", "/api-keys", key="wrong")
+    clock.now += 3 * 3600 + 1  # the +3 h sweep found it idle for over 2 h
+    call(proxy, "GET", "/api-keys", key="wrong")
+    assert call(proxy, "GET", "/api-keys").status_code == 200
+    assert proxy.peak_failures == 4

@@ -299,3 +299,167 @@ def test_usage_mode_with_management_disabled_is_not_found(client, rsps):
     rsps.get(f"{M}/usage-statistics-enabled", status=404, body="404 page not found")
     with pytest.raises(UpstreamNotFound):
         client.usage_mode()
+
+
+# --- the time budget ------------------------------------------------------------------------
+
+
+class MovableMonotonic:
+    """Stands in for the `time` module inside pool.upstream: monotonic() moves when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def time() -> float:
+        import time
+
+        return time.time()
+
+
+@pytest.fixture
+def monotonic(monkeypatch) -> MovableMonotonic:
+    fake = MovableMonotonic()
+    monkeypatch.setattr("pool.upstream.time", fake)
+    return fake
+
+
+def test_each_call_waits_at_most_what_is_left_of_the_budget(rsps, monotonic):
+    rsps.get(f"{M}/api-keys", json={"api-keys": ["a"]})
+    client = ProxyClient(base_url=BASE, management_key=SECRET, timeout=10, budget=2)
+    client.list_keys()
+    monotonic.now += 1.5
+    client.list_keys()
+    assert [c.request.req_kwargs["timeout"] for c in rsps.calls] == [2, 0.5]
+
+
+def test_a_budget_used_up_sends_nothing_and_says_which_setting(rsps, monotonic):
+    client = ProxyClient(base_url=BASE, management_key=SECRET, timeout=10, budget=2)
+    monotonic.now += 2
+    with pytest.raises(UpstreamUnreachable, match="PORTAL_REQUEST_PROXY_BUDGET") as caught:
+        client.list_keys()
+    assert "Nothing was sent" in str(caught.value) and len(rsps.calls) == 0
+
+
+def test_a_timeout_within_the_budget_names_the_budget(rsps, monotonic):
+    rsps.get(f"{M}/api-keys", body=requests.ReadTimeout("slow"))
+    client = ProxyClient(base_url=BASE, management_key=SECRET, timeout=10, budget=2)
+    with pytest.raises(UpstreamUnreachable, match="PORTAL_REQUEST_PROXY_BUDGET"):
+        client.list_keys()
+
+
+def test_without_a_budget_every_call_gets_the_whole_timeout(client, rsps, monotonic):
+    rsps.get(f"{M}/api-keys", json={"api-keys": ["a"]})
+    client.list_keys()
+    monotonic.now += 3600
+    client.list_keys()
+    assert [c.request.req_kwargs["timeout"] for c in rsps.calls] == [2, 2]
+
+
+# --- the refusal latch's probe (the schedule is tested against the fake proxy) --------------
+
+
+class LatchClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def latch_clock(monkeypatch) -> LatchClock:
+    fake = LatchClock()
+    monkeypatch.setattr("pool.upstream.clock", fake)
+    return fake
+
+
+def refuse(rsps, path: str = "/api-keys", status: int = 401, error: str = "invalid management key"):
+    return rsps.get(f"{M}{path}", status=status, json={"error": error})
+
+
+def test_one_probe_per_turn_whichever_process_comes_first(client, rsps, latch_clock):
+    refuse(rsps)
+    with pytest.raises(UpstreamRefused):
+        client.list_keys()
+    latch_clock.now += 5 * 60
+    other = ProxyClient(base_url=BASE, management_key=SECRET, timeout=2)
+    seen = []
+
+    def probe_answer(request):
+        # While this probe is out, another process wants to call the proxy too.
+        with pytest.raises(UpstreamRefused, match="another portal process") as caught:
+            other.list_keys()
+        seen.append(str(caught.value))
+        return 401, {}, json.dumps({"error": "invalid management key"})
+
+    rsps.add_callback(responses.GET, f"{M}/usage-statistics-enabled", callback=probe_answer)
+    with pytest.raises(UpstreamRefused):
+        client.list_keys()
+    assert len(seen) == 1 and other.requests_sent == 0
+    assert [c.request.url.split("/management")[1] for c in rsps.calls] == [
+        "/api-keys", "/usage-statistics-enabled"]
+
+
+def test_a_probe_without_an_answer_keeps_the_latch_for_another_turn(client, rsps, latch_clock):
+    refuse(rsps)
+    with pytest.raises(UpstreamRefused):
+        client.list_keys()
+    latch_clock.now += 5 * 60
+    rsps.get(f"{M}/usage-statistics-enabled", body=requests.ConnectionError("down"))
+    with pytest.raises(UpstreamUnreachable):
+        client.list_keys()
+    latch_clock.now += 4 * 60
+    with pytest.raises(UpstreamRefused, match="Nothing was sent"):
+        client.list_keys()
+    assert len(rsps.calls) == 2
+    latch_clock.now += 1 * 60  # five minutes after the probe that got no answer: the next one
+    with pytest.raises(UpstreamUnreachable):
+        client.list_keys()
+    assert len(rsps.calls) == 3
+
+
+def test_an_answer_that_is_not_a_refusal_lifts_the_latch(client, rsps, latch_clock):
+    refuse(rsps)
+    with pytest.raises(UpstreamRefused):
+        client.list_keys()
+    latch_clock.now += 5 * 60
+    rsps.get(f"{M}/usage-statistics-enabled", json={"usage-statistics-enabled": True})
+    rsps.replace(responses.GET, f"{M}/api-keys", json={"api-keys": ["a"]})
+    assert client.list_keys() == ["a"]
+    assert client.list_keys() == ["a"]
+    assert len(rsps.calls) == 4  # refusal, probe, and two calls
+
+
+def test_a_ban_zeroes_the_count_so_probes_go_back_to_every_five_minutes(client, rsps, latch_clock):
+    refuse(rsps)
+    refuse(rsps, "/usage-statistics-enabled")
+    for minutes in (0, 5, 5):  # the refusal and two probes: three 401s the proxy remembers
+        latch_clock.now += minutes * 60
+        with pytest.raises(UpstreamRefused):
+            client.list_keys()
+    # The operator's own attempts get the address banned; the portal, with a new key, hears it.
+    banned = {"error": "IP banned due to too many failed attempts. Try again in 29m"}
+    rsps.replace(responses.GET, f"{M}/api-keys", status=403, json=banned)
+    rsps.replace(responses.GET, f"{M}/usage-statistics-enabled", status=403, json=banned)
+    fixed = ProxyClient(base_url=BASE, management_key="the-new-one", timeout=2)
+    latch_clock.now += 60
+    with pytest.raises(UpstreamRefused, match="banned for 30 minutes"):
+        fixed.list_keys()
+    # A ban zeroes the proxy's count, and a 403 is not counted: probed 5 minutes on, not 3 h.
+    latch_clock.now += 5 * 60
+    with pytest.raises(UpstreamRefused, match="banned for 30 minutes"):
+        fixed.list_keys()
+    assert len(rsps.calls) == 5
+
+
+def test_a_latch_from_before_the_probes_is_still_honoured(client, rsps, latch_clock):
+    from django.core.cache import cache
+
+    cache.set(client._refusal_cache_key, "The proxy refused the management key.", 1800)
+    with pytest.raises(UpstreamRefused, match="Nothing was sent"):
+        client.list_keys()
+    assert len(rsps.calls) == 0

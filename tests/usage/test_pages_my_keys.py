@@ -3,15 +3,19 @@ and anonymously; with and without htmx."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from decimal import Decimal
+from io import StringIO
 
 import pytest
 from django.core import mail
+from django.core.management import call_command
 from django.utils import timezone
 
+from keyportal.locks import lease_acquire, lease_release
 from pool.models import ApiKey, key_digest
-from pool.services import key_assign
+from pool.services import PROXY_WRITE_LEASE, key_assign
 from tests.usage.conftest import served
 from usage.models import ModelPrice
 
@@ -273,3 +277,74 @@ def test_revoking_twice_is_harmless(client, ann, ready_keys, settings):
     assert client.post(f"/my-keys/{key.pk}/revoke").status_code == 303
     assert ApiKey.objects.get(pk=key.pk).revoked_at == first
     assert b"already revoked" in client.get(f"/my-keys/{key.pk}/revoke").content
+
+
+# --- a slow or busy proxy -------------------------------------------------------------------
+# Revoking waits for the proxy at most PORTAL_REQUEST_PROXY_BUDGET (2 s) in all; the bound is
+# what keeps a stalled proxy from tying up every web worker, so it is asserted against a proxy
+# that stalls for longer than the bound, with the production timeout of 10 s.
+
+BOUND = 4.0
+STALL = 5.0
+
+
+@pytest.fixture
+def slow_proxy(settings, fake_proxy):
+    settings.CLIPROXY_TIMEOUT = 10
+    settings.PORTAL_REQUEST_PROXY_BUDGET = 2
+    return fake_proxy
+
+
+def timed(call):
+    start = time.monotonic()
+    result = call()
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize("headers", [{}, HTMX], ids=["page", "htmx"])
+def test_revoke_answers_within_the_bound_while_the_proxy_stalls(
+    client, ann, proxy_keys, slow_proxy, headers
+):
+    issued = key_assign(user=ann, label="laptop")
+    slow_proxy.inject("/api-keys", delay=STALL, times=5)
+    client.force_login(ann)
+
+    url = f"/my-keys/{issued.key.pk}/revoke"
+    response, elapsed = timed(lambda: client.post(url, headers=headers))
+
+    assert response.status_code == (200 if headers else 303) and elapsed < BOUND
+    key = ApiKey.objects.get(pk=issued.key.pk)
+    assert (key.status, key.proxy_state) == (Status.REVOKED, State.REMOVAL_PENDING)
+    assert issued.value in slow_proxy.api_keys
+    if headers:
+        assert b"removal from the proxy pending" in response.content
+    # The next reconcile finishes the job.
+    slow_proxy.faults.clear()
+    call_command("reconcile_keys", stdout=StringIO())
+    key.refresh_from_db()
+    assert key.proxy_state == State.REMOVED and issued.value not in slow_proxy.api_keys
+
+
+def test_revoke_does_not_wait_for_another_writer(client, ann, proxy_keys, slow_proxy):
+    issued = key_assign(user=ann, label="laptop")
+    holder = lease_acquire(name=PROXY_WRITE_LEASE, ttl=timedelta(minutes=10))
+    client.force_login(ann)
+
+    response, elapsed = timed(lambda: client.post(f"/my-keys/{issued.key.pk}/revoke", headers=HTMX))
+
+    assert response.status_code == 200 and elapsed < BOUND
+    assert b"removal from the proxy pending" in response.content
+    lease_release(name=PROXY_WRITE_LEASE, holder=holder)
+
+
+@pytest.mark.parametrize("headers", [{}, HTMX], ids=["page", "htmx"])
+def test_the_key_list_never_calls_the_proxy(client, ann, proxy_keys, slow_proxy, headers):
+    key_assign(user=ann, label="laptop")
+    slow_proxy.inject("", delay=STALL, times=100)  # every management route stalls
+    sent = len(slow_proxy.management_requests)
+    client.force_login(ann)
+
+    response, elapsed = timed(lambda: client.get("/my-keys", headers=headers))
+
+    assert response.status_code == 200 and elapsed < BOUND
+    assert len(slow_proxy.management_requests) == sent

@@ -4,8 +4,11 @@ sync; never the management key; renders without a proxy configured."""
 from __future__ import annotations
 
 from datetime import timedelta
+from io import StringIO
 
 import pytest
+from django.core import mail
+from django.core.management import call_command
 from django.utils import timezone
 
 from accounts.models import User
@@ -72,6 +75,22 @@ def test_a_reachable_proxy_shows_mode_statistics_and_key_drift(client, staff, li
     assert fake_proxy.api_keys == ["operator-own-key", "someone-elses", value]
     assert list(ApiKey.objects.order_by("pk").values_list("status", "proxy_state")) == states
     assert value not in page and MANAGEMENT_KEY not in page
+
+
+def test_a_key_list_reconcile_would_refuse_is_reported_instead_of_drift(client, staff, fake_proxy):
+    fake_proxy.api_keys = ["operator-own-key"]
+    call_command("generate_keys", "--count", "4", stdout=StringIO())
+    fake_proxy.api_keys = []  # the proxy's config was reset
+    client.force_login(staff)
+
+    page = client.get(URL).content.decode()
+
+    assert '<span class="ok">yes</span>' in row(page, "Reachable")
+    refused = row(page, "Key list")
+    assert '<span class="bad">refused</span>' in refused
+    assert "0 of the 4 keys" in refused and "reconcile_keys --force" in refused
+    assert "the proxy lacks" not in page
+    assert fake_proxy.api_keys == [] and mail.outbox == []  # a dry run: no write, no alert
 
 
 def test_statistics_off_and_the_snapshot_generation_are_shown(client, staff, snapshot_proxy):

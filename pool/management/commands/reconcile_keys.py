@@ -19,9 +19,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--dry-run", action="store_true", help="say what would change, change nothing"
         )
+        parser.add_argument(
+            "--force", action="store_true",
+            help="take the proxy's list as it is even when it lacks all or most of the keys "
+                 "the portal put there (the proxy was really reset): push the pool keys again "
+                 "and mark the lost issued keys missing",
+        )
 
-    def handle(self, *args: Any, dry_run: bool, **options: Any) -> None:
+    def handle(self, *args: Any, dry_run: bool, force: bool, **options: Any) -> None:
+        # A refused list ends the command with its sentence and a non-zero exit.
         with proxy_client() as client:
-            report = keys_reconcile(client=client, dry_run=dry_run)
+            report = keys_reconcile(client=client, dry_run=dry_run, force=force)
         for line in report.lines():
             self.stdout.write(line)
