@@ -187,6 +187,7 @@ def pool_generate(
               "proxy answers.") % {"n": len(keys), "why": exc}
         ) from None
     with transaction.atomic():
+        keys_lock()
         _set_proxy_state((k.id for k in keys), State.PUSHED, status=Status.POOL)
         audit_record(action=Action.POOL_GENERATED, actor=by, ip=ip,
                      before={"proxy_keys": len(before)},
@@ -380,6 +381,7 @@ def keys_reconcile(
         # A suspended or expired key leaves the proxy only once its value is safely kept,
         # so that it can come back; the escrow is written before the list is.
         with transaction.atomic():
+            keys_lock()
             for key_id, value in to_escrow:
                 ApiKey.objects.filter(id=key_id, status__in=ApiKey.RETURNABLE).update(
                     escrow=escrow_seal(value)
@@ -392,6 +394,7 @@ def keys_reconcile(
     pushed_ids = present_wanted + [k.id for k in to_push] + [k.id for k in new_keys]
     pushed_ids += list(returning)
     with transaction.atomic():
+        keys_lock()
         _set_proxy_state(pushed_ids, State.PUSHED, status__in=ApiKey.WANTED_AT_PROXY)
         # Back at the proxy: the encrypted copy has done its job.
         ApiKey.objects.filter(
@@ -782,10 +785,12 @@ def person_set_active(
     called with the state the person already has, it only puts the keys in line."""
     now = timezone.now()
     with transaction.atomic():
+        keys_lock()  # first: this transaction moves several key rows
         # The row lock orders two changes of one person on PostgreSQL; the keys then follow
-        # the state in the database, never a stale `person` instance.
+        # the state in the database, never a stale `person` instance. NO KEY: rows that
+        # merely point at the person (an audit row of theirs) are not held up by it.
         was = (
-            User.objects.select_for_update().filter(pk=person.pk)
+            User.objects.select_for_update(no_key=True).filter(pk=person.pk)
             .values_list("is_active", flat=True).get()
         )
         report = PersonKeysReport(changed=was != active)
