@@ -91,7 +91,8 @@ def pool_keys_create(*, count: int, progress: Progress | None = None) -> list[Ap
 
 
 @contextmanager
-def _proxy_write_lease(*, wait: float = PROXY_WRITE_WAIT_SECONDS) -> Iterator[None]:
+def _proxy_write_lease(*, wait: float | None = None) -> Iterator[None]:
+    wait = PROXY_WRITE_WAIT_SECONDS if wait is None else wait
     try:
         with lease(PROXY_WRITE_LEASE, wait=wait):
             yield
@@ -281,7 +282,7 @@ def keys_reconcile(
     client: ProxyClient,
     dry_run: bool = False,
     force: bool = False,
-    lease_wait: float = PROXY_WRITE_WAIT_SECONDS,
+    lease_wait: float | None = None,
     by: Any = None,
     ip: str | None = None,
 ) -> ReconcileReport:
@@ -582,7 +583,7 @@ def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
 
 
 def keys_reconcile_quietly(
-    *, budget: float | None = None, lease_wait: float = PROXY_WRITE_WAIT_SECONDS
+    *, budget: float | None = None, lease_wait: float | None = None
 ) -> ReconcileReport | None:
     """Reconciles now if the proxy answers; otherwise (unreachable, refused, busy, an
     implausible list) the change stays pending and the next sync or `reconcile_keys` run

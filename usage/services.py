@@ -532,27 +532,31 @@ def usage_snapshot_ingest(*, apis: Any, fence: Callable[[], None] | None = None)
     proxy (lists shorter, or a different detail where the cursor points) is read from zero.
     `fence` (the sync lease's) runs inside that transaction: a sync that lost its lease
     commits nothing, so two syncs never count the same tail."""
-    cursors = {
-        (c.key_hash, c.model): (c.seen, c.last_timestamp) for c in SnapshotCursor.objects.all()
-    }
-    plan: list[tuple[str, str, list[Any], int, str, str]] = []
-    moved: list[SnapshotCursor] = []
-    for key_hash, model, details, key, reason in R.snapshot_entries(apis):
-        n = len(details)
-        seen, last_ts = cursors.get((key_hash, model), (0, ""))
-        start = 0
-        if 0 < seen <= n and _timestamp_of(details[seen - 1]) == last_ts:
-            start = seen
-        if start == n:
-            continue
-        plan.append((key_hash, model, details, start, key, reason))
-        moved.append(SnapshotCursor(
-            key_hash=key_hash, model=model, seen=n, last_timestamp=_timestamp_of(details[-1])
-        ))
     books = Books.load()
     with transaction.atomic():
         if fence is not None:
             fence()
+        # The cursors are read inside the fenced transaction: a sync that took the lease
+        # over from a frozen one sees what that one committed, never a stale plan.
+        cursors = {
+            (c.key_hash, c.model): (c.seen, c.last_timestamp)
+            for c in SnapshotCursor.objects.all()
+        }
+        plan: list[tuple[str, str, list[Any], int, str, str]] = []
+        moved: list[SnapshotCursor] = []
+        for key_hash, model, details, key, reason in R.snapshot_entries(apis):
+            n = len(details)
+            seen, last_ts = cursors.get((key_hash, model), (0, ""))
+            start = 0
+            if 0 < seen <= n and _timestamp_of(details[seen - 1]) == last_ts:
+                start = seen
+            if start == n:
+                continue
+            plan.append((key_hash, model, details, start, key, reason))
+            moved.append(SnapshotCursor(
+                key_hash=key_hash, model=model, seen=n,
+                last_timestamp=_timestamp_of(details[-1]),
+            ))
         aside: list[R.Quarantined] = []
         try:
             with transaction.atomic():

@@ -288,3 +288,22 @@ def test_last_used_and_counts_survive_a_revoked_key_between_pop_and_count(
     ApiKey.objects.filter(pk=people_keys[0].key.pk).update(status="revoked")
     sync()
     assert requests_counted() == 3
+
+
+def test_a_sync_that_lost_its_lease_commits_no_snapshot(snapshot_proxy, people_keys):
+    """A frozen sync whose lease was taken over meanwhile must not count the same tail as
+    the sync that took over: its fence refuses inside the counting transaction."""
+    from datetime import timedelta
+
+    from keyportal.locks import Held, lease_acquire
+    from usage.models import SnapshotCursor
+    from usage.services import SYNC_LEASE, SyncFailed, usage_sync_pass
+
+    fill(snapshot_proxy, people_keys, 3)
+    assert lease_acquire(name=SYNC_LEASE)  # the sync that took over
+    stale = Held(SYNC_LEASE, "this-host:1:1:frozen", timedelta(seconds=30))
+
+    with pytest.raises(SyncFailed, match="took over the lease"):
+        usage_sync_pass(held=stale)
+
+    assert requests_counted() == 0 and not SnapshotCursor.objects.exists()
