@@ -1,6 +1,7 @@
 """Usage records of both proxy generations, reduced to the rows the portal counts.
 
-A row is a list (it is stored as JSON in UsageBatch, and lists are what JSON gives back):
+A row is a list (older versions stored rows as JSON in UsageBatch, and lists are what JSON
+gives back):
 `[key_hash, model, hour, failed, input, output, reasoning, cached, cache_creation, total,
 timestamp]`, where `key_hash` is the SHA-256 of the client key (the plaintext is dropped here,
 before anything is stored), `hour` is the UTC hour as `YYYY-MM-DDTHH` and `timestamp` the

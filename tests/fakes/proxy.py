@@ -46,6 +46,17 @@ MODELS: dict[str, tuple[str, str, int, int, bool]] = {
 }
 
 
+class SettableClock:
+    """A clock tests move by hand (`clock.now += 300`): for the fake's `clock` and the
+    portal's refusal latch."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Fault:
     path: str  # management path prefix, e.g. "/api-keys"

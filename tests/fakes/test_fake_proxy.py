@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.fakes.proxy import FakeProxy
+from tests.fakes.proxy import FakeProxy, SettableClock
 
 KEY = "mgmt"
 
@@ -155,12 +155,7 @@ def test_read_only_config_fails_writes(proxy):
     assert answer.status_code == 500 and answer.json()["error"].startswith("failed to save config")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+Clock = SettableClock
 
 
 @pytest.fixture

@@ -13,18 +13,14 @@ import pytest
 from pool import upstream
 from pool.upstream import ProxyClient, UpstreamRefused
 from tests.conftest import MANAGEMENT_KEY
+from tests.fakes.proxy import SettableClock
 
 pytestmark = pytest.mark.django_db
 MINUTE, HOUR = 60, 3600
 PROBE = ("GET", "/usage-statistics-enabled")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+Clock = SettableClock
 
 
 @pytest.fixture

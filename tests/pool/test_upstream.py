@@ -19,6 +19,7 @@ from pool.upstream import (
     UpstreamUnexpected,
     UpstreamUnreachable,
 )
+from tests.fakes.proxy import SettableClock
 
 BASE = "http://proxy.test:8317"
 M = f"{BASE}/v0/management"
@@ -362,17 +363,11 @@ def test_without_a_budget_every_call_gets_the_whole_timeout(client, rsps, monoto
 # --- the refusal latch's probe (the schedule is tested against the fake proxy) --------------
 
 
-class LatchClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
-def latch_clock(monkeypatch) -> LatchClock:
-    fake = LatchClock()
+def latch_clock(monkeypatch) -> SettableClock:
+    fake = SettableClock()
     monkeypatch.setattr("pool.upstream.clock", fake)
     return fake
 
