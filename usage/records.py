@@ -199,7 +199,17 @@ def row_of(raw: Any, *, key_hash: str, model: str, hours: _Hours) -> Row:
             inp, out, rsn, cached, created, total, ts]
 
 
-def queue_rows(body: bytes | str) -> tuple[list[Row], list[Quarantined]]:
+class QueueReader:
+    """What reading queue records remembers from one pop to the next of a drain (every pop
+    holds the same few keys, models and hours): key hashes, checked model names, hours."""
+
+    def __init__(self) -> None:
+        self.digest, self.hours, self.model_ok = key_hasher(), _Hours(), text_checker("model")
+
+
+def queue_rows(
+    body: bytes | str, reader: QueueReader | None = None
+) -> tuple[list[Row], list[Quarantined]]:
     """Rows out of a `/usage-queue` answer, and the records set aside.
     Raises UpstreamUnexpected when the answer as a whole is not a list of records."""
     try:
@@ -208,7 +218,8 @@ def queue_rows(body: bytes | str) -> tuple[list[Row], list[Quarantined]]:
         raise UpstreamUnexpected("The proxy's usage queue answer is not JSON.") from None
     if type(items) is not list:
         raise UpstreamUnexpected("The proxy's usage queue answer is not a list of records.")
-    digest, hours, model_ok = key_hasher(), _Hours(), text_checker("model")
+    reader = reader or QueueReader()
+    digest, hours, model_ok = reader.digest, reader.hours, reader.model_ok
     rows: list[Row] = []
     aside: list[Quarantined] = []
     for item in items:

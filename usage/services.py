@@ -151,10 +151,13 @@ _PG_TYPES = {
 }
 
 
-def _pg_array(values: Iterable[Any]) -> str:
+def _pg_array(values: Iterable[Any], kind: str = "text") -> str:
     """A PostgreSQL array literal of numbers, dates, times or text (None is NULL), built
     here because the driver's per-element adaptation costs more than the whole upsert. Text
-    is quoted and escaped; the texts here passed usage.records' checks (no NUL)."""
+    is quoted and escaped; the texts here passed usage.records' checks (no NUL). Integers,
+    dates and ISO times need no quotes."""
+    if kind in ("bigint", "date", "timestamptz"):
+        return "{" + ",".join(map(str, values)) + "}"
     items = []
     for v in values:
         if v is None:
@@ -179,7 +182,10 @@ def _write(cursor: Any, kind: str, params: list[tuple[Any, ...]]) -> None:
         conflict, adds = ("person_id", "day"), _DAY_COLUMNS[2:]
     if connection.vendor == "postgresql":
         sql = _upsert_sql(table, columns, conflict, adds, arrays=_PG_TYPES[kind])
-        cursor.execute(sql, [_pg_array(column) for column in zip(*params)])
+        cursor.execute(sql, [
+            _pg_array(column, pg_type)
+            for column, pg_type in zip(zip(*params), _PG_TYPES[kind])
+        ])
     else:
         cursor.executemany(_upsert_sql(table, columns, conflict, adds), params)
 
@@ -210,6 +216,7 @@ class Books:
 
     prices: PriceBook
     keys: KeyIndex
+    reader: R.QueueReader = field(default_factory=R.QueueReader)
 
     @classmethod
     def load(cls) -> Books:
@@ -329,7 +336,8 @@ def _last_used_forward(used: dict[int, Any]) -> None:
                 f"UPDATE {table} AS k SET {column} = v.ts "
                 "FROM unnest(%s::bigint[], %s::timestamptz[]) AS v(id, ts) "
                 f"WHERE k.{pk} = v.id AND (k.{column} IS NULL OR k.{column} < v.ts)",
-                [_pg_array(i for i, _ts in ordered), _pg_array(ts for _i, ts in ordered)],
+                [_pg_array((i for i, _ts in ordered), "bigint"),
+                 _pg_array((ts for _i, ts in ordered), "timestamptz")],
             )
         else:
             cursor.executemany(
@@ -411,10 +419,12 @@ def usage_pop_store(*, body: bytes) -> int:
         return UsageBatch.objects.create(raw=body_seal(body), size=len(body)).pk
 
 
-def _queue_rows(body: bytes) -> tuple[list[R.Row], list[R.Quarantined], str]:
+def _queue_rows(
+    body: bytes, reader: R.QueueReader | None = None
+) -> tuple[list[R.Row], list[R.Quarantined], str]:
     """Rows, records set aside, and why the answer as a whole could not be read (if so)."""
     try:
-        return (*R.queue_rows(body), "")
+        return (*R.queue_rows(body, reader), "")
     except UpstreamUnexpected as exc:
         # Nothing in it can be told apart; it is not kept either, as it may hold keys.
         return [], [R.Quarantined(f"{exc} ({len(body)} bytes, not kept)"[:200], "")], str(exc)
@@ -432,11 +442,11 @@ def usage_batch_apply(
         raw, legacy = UsageBatch.objects.values_list("raw", "rows").get(pk=batch_id)
         if raw is not None:
             body = body_open(raw)
+    books = books or Books.load()
     if body is None:
         rows, aside, answer_error = legacy or [], [], ""
     else:
-        rows, aside, answer_error = _queue_rows(body)
-    books = books or Books.load()
+        rows, aside, answer_error = _queue_rows(body, books.reader)
     with transaction.atomic():
         claimed = UsageBatch.objects.filter(pk=batch_id, applied_at__isnull=True).update(
             applied_at=now, raw=None, rows=None, error="", record_count=len(rows) + len(aside),

@@ -228,7 +228,7 @@ def test_a_body_sealed_with_another_secret_waits_for_it(fake_proxy, people_keys,
                                                         monkeypatch):
     fill(fake_proxy, people_keys, 3)
     with monkeypatch.context() as patched:
-        patched.setattr(services, "_queue_rows", lambda body: 1 / 0)
+        patched.setattr(services, "_queue_rows", lambda body, reader=None: 1 / 0)
         with pytest.raises(CommandError):
             sync()
     original = settings.SECRET_KEY
