@@ -3,9 +3,11 @@
     .venv/bin/python bench/ingest.py [--count 1000000] [--batch 5000] [--keys 3000]
 
 Generates `count` usage records shaped like the proxy's real answers (tests/fixtures/), then
-ingests them with the real code on a throw-away SQLite database:
-- queue: each popped body goes through `usage_queue_body_ingest` (parse, hash keys, commit
-  the batch, count it) — exactly what `sync_usage` does after the HTTP call;
+ingests them with the real code on a throw-away SQLite database, or on the PostgreSQL
+database DATABASE_URL names (its tables are emptied first):
+- queue: each popped body goes through `usage_queue_body_ingest` (seal and commit the body,
+  parse, hash keys, count it) — exactly what `sync_usage` does after the HTTP call; timed pop
+  by pop against `json.loads` of the same body, interleaved;
 - snapshot: one cumulative `/usage` body through `json.loads` + `usage_snapshot_ingest`, then
   a second run over the same body (what a sync right after finds: nothing new).
 Prints wall time as a ratio to `json.loads` of the same bytes, and peak traced memory
@@ -105,8 +107,9 @@ def snapshot_body(count: int, keys: list[str]) -> bytes:
     return json.dumps(answer).encode()
 
 
-def timed(fn) -> float:
-    gc.collect()
+def timed(fn, *, collect: bool = False) -> float:
+    if collect:
+        gc.collect()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -137,18 +140,13 @@ def bench_queue(count: int, batch: int, keys: list[str]) -> None:
     print(f"queue: {count:,} records in {len(bodies):,} pops of {batch:,}, "
           f"{size / 1e6:,.1f} MB (generated in {time.perf_counter() - started:.1f} s)")
 
-    def decode_all() -> None:
-        for body in bodies:
-            json.loads(body)  # not kept: ingest keeps one pop at a time as well
-
-    t_json = timed(decode_all)
     now, books = timezone.now(), Books.load()
-
-    def ingest() -> None:
-        for body in bodies:
-            usage_queue_body_ingest(body=body, now=now, books=books)
-
-    t_ingest = timed(ingest)
+    # Interleaved, pop by pop, so that both sides of the ratio run under the same load on
+    # the machine (timed minutes apart, the baseline alone moved by 20 %).
+    t_json = t_ingest = 0.0
+    for body in bodies:
+        t_json += timed(lambda: json.loads(body))  # not kept: ingest holds one pop as well
+        t_ingest += timed(lambda: usage_queue_body_ingest(body=body, now=now, books=books))
     stored = sum(UsageSnapshot.objects.values_list("requests", flat=True))
     assert stored == count - len(range(0, count, 50)), stored  # every 50th is foreign
     # Memory: one pop at a time is all that is ever held, so trace a sample of pops.
@@ -173,21 +171,27 @@ def bench_snapshot(count: int, keys: list[str]) -> None:
     body = snapshot_body(count, keys)
     print(f"snapshot: {count:,} details, {len(body) / 1e6:,.1f} MB "
           f"(generated in {time.perf_counter() - started:.1f} s)")
-    t_json = timed(lambda: json.loads(body))
+
+    # The baseline is timed right before and right after each sync and averaged, so that a
+    # change of load on the machine moves both sides of the ratio.
+    def around(fn) -> tuple[float, float]:
+        before = timed(lambda: json.loads(body), collect=True)
+        took = timed(fn, collect=True)
+        return took, (before + timed(lambda: json.loads(body), collect=True)) / 2
 
     def sync_once() -> None:
         snapshot = parse_usage_snapshot(json.loads(body))
         usage_snapshot_ingest(apis=snapshot.apis)
 
-    t_first = timed(sync_once)
+    t_first, t_json = around(sync_once)
     stored = sum(UsageSnapshot.objects.values_list("requests", flat=True))
     assert stored == count - len(range(0, count, 50)), stored
-    t_again = timed(sync_once)
+    t_again, t_json_again = around(sync_once)
     assert sum(UsageSnapshot.objects.values_list("requests", flat=True)) == stored
     peak = traced_peak(sync_once)  # a run with nothing new still decodes the whole body
     print(f"  json.loads {t_json:.2f} s, first sync {t_first:.2f} s "
           f"-> {t_first / t_json:.2f}x json.loads; sync right after {t_again:.2f} s "
-          f"-> {t_again / t_json:.2f}x")
+          f"-> {t_again / t_json_again:.2f}x")
     print(f"  peak traced memory (sync with nothing new) {peak / 1e6:,.0f} MB = "
           f"{peak / len(body):.2f}x the payload")
     from usage.models import SnapshotCursor
