@@ -48,7 +48,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "keyportal.apps.PortalAdminConfig",  # django.contrib.admin with the portal's site class
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
