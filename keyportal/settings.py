@@ -235,6 +235,10 @@ PORTAL_RATE_PER_EMAIL = number("PORTAL_RATE_PER_EMAIL", "5")
 # Keys one person may add per window (the my-keys page and the API), so that a signed-in
 # person cannot drain the pool.
 PORTAL_RATE_KEYS_PER_PERSON = number("PORTAL_RATE_KEYS_PER_PERSON", "10")
+# The admin's password sign-in is refused for the rest of a window once a client address, or
+# an account, has had this many wrong passwords in it (shared cache; each refusal audited).
+PORTAL_ADMIN_LOGIN_FAILURES = number("PORTAL_ADMIN_LOGIN_FAILURES", "10")
+PORTAL_ADMIN_LOGIN_WINDOW_SECONDS = number("PORTAL_ADMIN_LOGIN_WINDOW_SECONDS", "900")
 LOGIN_REDIRECT_URL = "/my-keys"
 
 # --- Usage ---

@@ -18,6 +18,9 @@ def admin_login(request: HttpRequest) -> HttpResponse:
             "The admin and the staff pages need your password: sign in with it below."
         ))
     response = admin.site.login(request)
+    form = (getattr(response, "context_data", None) or {}).get("form")
+    if getattr(form, "throttled", False):
+        response.status_code = 429
     # The login view redirects only after a correct password (a refused one renders the form).
     if request.method == "POST" and response.status_code == 302 and request.user.is_authenticated:
         mark_password_signin(request)
