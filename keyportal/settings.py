@@ -216,6 +216,11 @@ LOGGING = {
         # urllib3 logs whole request lines at DEBUG; a DELETE ?value=<key> would put a key
         # in the log, so it stays at WARNING whatever LOG_LEVEL says.
         "urllib3": {"level": "WARNING"},
+        # Django's own handlers (a console one under DEBUG, mail to ADMINS) have no redaction:
+        # its records go to the root handler above instead. Refused requests are logged with
+        # their path, and a path can hold a sign-in link's token.
+        "django": {"handlers": [], "propagate": True},
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }
 
