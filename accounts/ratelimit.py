@@ -7,19 +7,38 @@ import hashlib
 from django.core.cache import cache
 
 
-def rate_limited(*, scope: str, ident: str, limit: int, window: int) -> bool:
-    """Counts one hit for `ident` in `scope`; True once more than `limit` hits fell in the
-    current window. The identity is hashed: cache keys never hold an address in clear."""
+def _key(scope: str, ident: str) -> str:
+    # The identity is hashed: cache keys never hold an address in clear.
     digest = hashlib.sha256(ident.encode()).hexdigest()[:32]
-    key = f"rate:{scope}:{digest}"
+    return f"rate:{scope}:{digest}"
+
+
+def rate_hit(*, scope: str, ident: str, window: int) -> int:
+    """Counts one hit for `ident` in `scope`; the hits in the current window, this one
+    included."""
+    key = _key(scope, ident)
     # add() starts the window only if none is running; incr() then counts. On the database
     # cache incr is a read and a write, so two processes may both count one less now and then:
     # a limit a few hits loose, never a person locked out wrongly.
     if cache.add(key, 1, timeout=window):
-        return limit < 1
+        return 1
     try:
-        hits = cache.incr(key)
+        return cache.incr(key)
     except ValueError:  # the window ended between add() and incr()
         cache.add(key, 1, timeout=window)
-        hits = 1
-    return hits > limit
+        return 1
+
+
+def rate_hits(*, scope: str, ident: str) -> int:
+    """The hits counted for `ident` in `scope`'s current window, counting none."""
+    return cache.get(_key(scope, ident), 0)
+
+
+def rate_reset(*, scope: str, ident: str) -> None:
+    cache.delete(_key(scope, ident))
+
+
+def rate_limited(*, scope: str, ident: str, limit: int, window: int) -> bool:
+    """Counts one hit for `ident` in `scope`; True once more than `limit` hits fell in the
+    current window."""
+    return rate_hit(scope=scope, ident=ident, window=window) > limit

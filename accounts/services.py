@@ -32,6 +32,9 @@ def _link_new(*, email: str, purpose: str, name: str = "", label: str = "") -> s
     with transaction.atomic():
         # Housekeeping: links a day past their expiry are of no use to anyone.
         SignInLink.objects.filter(expires_at__lt=now - timedelta(days=1)).delete()
+        # Only the newest link works: one forwarded, left in an old mail or logged somewhere
+        # stops working when the person asks for another.
+        _links_retire(email=email, purpose=purpose)
         SignInLink.objects.create(
             token_hash=token_digest(raw),
             email=email,
@@ -42,6 +45,12 @@ def _link_new(*, email: str, purpose: str, name: str = "", label: str = "") -> s
             expires_at=now + timedelta(minutes=settings.PORTAL_LINK_MINUTES),
         )
     return raw
+
+
+def _links_retire(*, email: str, purpose: str) -> int:
+    """Deletes the person's unused links for `purpose`: a retired link is as unknown as a
+    made-up one. Used links stay until housekeeping (they no longer work anyway)."""
+    return SignInLink.objects.filter(email=email, purpose=purpose, used_at__isnull=True).delete()[0]
 
 
 def signin_link_send(
@@ -115,6 +124,7 @@ def signin_link_redeem(
         if used != 1:
             raise LinkInvalid
         link = SignInLink.objects.get(token_hash=digest)
+        _links_retire(email=link.email, purpose=purpose)
         if purpose == Purpose.REGISTER:
             user = person_get_or_create(email=link.email, name=link.name)
         else:

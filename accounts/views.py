@@ -4,7 +4,7 @@ pool) happens in pool.views.register_confirm: accounts never imports pool."""
 from __future__ import annotations
 
 from django.conf import settings
-from django.contrib.auth import login, logout
+from django.contrib.auth import logout
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -16,6 +16,7 @@ from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
 from accounts.ratelimit import rate_limited
 from accounts.services import LinkInvalid, signin_link_peek, signin_link_redeem, signin_link_send
+from accounts.signin import link_login
 from keyportal.audit import client_ip
 
 Purpose = SignInLink.Purpose
@@ -105,7 +106,7 @@ def login_link(request: HttpRequest, token: str) -> HttpResponse:
         user, _link = signin_link_redeem(token=token, purpose=Purpose.LOGIN, ip=client_ip(request))
     except LinkInvalid:
         return link_gone(request)
-    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    link_login(request, user)
     return HttpResponseRedirect(reverse("my-keys"), status=303)
 
 

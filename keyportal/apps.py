@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
 
 
 class KeyportalConfig(AppConfig):
@@ -9,3 +10,11 @@ class KeyportalConfig(AppConfig):
 
     def ready(self) -> None:
         from keyportal import checks  # noqa: F401 - registers the system checks
+
+
+class PortalAdminConfig(admin_apps.AdminConfig):
+    """The admin, served by the portal's own site class (keyportal.admin_site)."""
+
+    default = False  # named in INSTALLED_APPS; "keyportal" itself stays KeyportalConfig
+
+    default_site = "keyportal.admin_site.PortalAdminSite"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -79,3 +80,26 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     if settings.PORTAL_POOL_MIN < 0:
         problems.append(Error("PORTAL_POOL_MIN cannot be negative.", id="keyportal.E004"))
     return problems
+
+
+FILE_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+
+
+@register()
+def email_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """django-environ reads `filemail:///var/mail/kp` as the relative path var/mail/kp (and
+    `filemail://var/mail/kp` as just `mail`): links would land in a folder below wherever the
+    portal happened to start. An absolute path needs four slashes."""
+    if getattr(settings, "EMAIL_BACKEND", "") != FILE_BACKEND:
+        return []
+    path = str(getattr(settings, "EMAIL_FILE_PATH", "") or "")
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute():
+        return []
+    return [
+        Warning(
+            f"EMAIL_URL names a file-based email backend with a relative folder ({path!r}): "
+            "emails would be written below the directory the portal was started from.",
+            hint="Give an absolute folder with four slashes: filemail:////var/mail/keyportal",
+            id="keyportal.W004",
+        )
+    ]

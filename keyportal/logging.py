@@ -8,14 +8,24 @@ import re
 from django.conf import settings
 
 
+# The one-time links' token segment: /login/<token>, /register/<token>, with or without the
+# host. Django logs the path of a refused request (CSRF failures, 4xx/5xx) and the link still
+# works when the POST was refused, so the token must not reach the log.
+LINK_TOKEN = re.compile(r"(/(?:login|register)/)[^/\s?#\"'<>]+")
+
+
 class RedactSecretsFilter(logging.Filter):
-    """Masks the management key and anything shaped like a portal key in every record.
+    """Masks the management key, anything shaped like a portal key and sign-in link tokens in
+    every record.
 
     Code never logs keys on purpose; this is the net under that rule, for messages that
     carry text from elsewhere (an upstream error body, a third-party library)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # args that do not fit the format: logging reports it, not us
+            return True
         redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
@@ -29,4 +39,4 @@ def redact(text: str) -> str:
     prefix = getattr(settings, "PORTAL_KEY_PREFIX", "")
     if prefix:
         text = re.sub(re.escape(prefix) + r"[A-Za-z0-9_\-]{8,}", prefix + "[redacted]", text)
-    return text
+    return LINK_TOKEN.sub(r"\1[redacted]", text)

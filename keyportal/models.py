@@ -47,6 +47,9 @@ class AuditEvent(models.Model):
         PRICES_RECOMPUTED = "prices_recomputed", _("cost recomputed")
         PERSON_DEACTIVATED = "person_deactivated", _("person deactivated")
         PERSON_REACTIVATED = "person_reactivated", _("person reactivated")
+        ADMIN_LOGIN_THROTTLED = (
+            "admin_login_throttled", _("admin sign-in refused (too many failures)")
+        )
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

@@ -48,7 +48,7 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "keyportal.apps.PortalAdminConfig",  # django.contrib.admin with the portal's site class
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -216,6 +216,11 @@ LOGGING = {
         # urllib3 logs whole request lines at DEBUG; a DELETE ?value=<key> would put a key
         # in the log, so it stays at WARNING whatever LOG_LEVEL says.
         "urllib3": {"level": "WARNING"},
+        # Django's own handlers (a console one under DEBUG, mail to ADMINS) have no redaction:
+        # its records go to the root handler above instead. Refused requests are logged with
+        # their path, and a path can hold a sign-in link's token.
+        "django": {"handlers": [], "propagate": True},
+        "django.server": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }
 
@@ -235,6 +240,10 @@ PORTAL_RATE_PER_EMAIL = number("PORTAL_RATE_PER_EMAIL", "5")
 # Keys one person may add per window (the my-keys page and the API), so that a signed-in
 # person cannot drain the pool.
 PORTAL_RATE_KEYS_PER_PERSON = number("PORTAL_RATE_KEYS_PER_PERSON", "10")
+# The admin's password sign-in is refused for the rest of a window once a client address, or
+# an account, has had this many wrong passwords in it (shared cache; each refusal audited).
+PORTAL_ADMIN_LOGIN_FAILURES = number("PORTAL_ADMIN_LOGIN_FAILURES", "10")
+PORTAL_ADMIN_LOGIN_WINDOW_SECONDS = number("PORTAL_ADMIN_LOGIN_WINDOW_SECONDS", "900")
 LOGIN_REDIRECT_URL = "/my-keys"
 
 # --- Usage ---

@@ -8,7 +8,6 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.contrib.auth import login
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
@@ -20,6 +19,7 @@ from accounts.forms import EmailField
 from accounts.models import SignInLink, User, normalize_email
 from accounts.ratelimit import rate_limited
 from accounts.services import LinkInvalid, person_get_or_create, signin_link_peek
+from accounts.signin import link_login
 from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, json_body
 from keyportal.audit import client_ip
@@ -86,7 +86,7 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
         return link_gone(request)
     except PoolEmpty:
         return pool_empty(request, "pool/pool_empty.html")
-    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    link_login(request, user)
     return key_shown(request, issued, "pool/key_shown.html")
 
 

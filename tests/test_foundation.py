@@ -98,3 +98,20 @@ def test_log_lines_lose_keys_and_the_management_key(settings):
     message = record.getMessage()
     assert "AbCdEfGh" not in message and "top-secret-mgmt" not in message
     assert "sk-kp-[redacted]" in message and "[management key]" in message
+
+
+@pytest.mark.parametrize("email_url, warned", [
+    ("filemail:///var/mail/keyportal", True),  # three slashes: var/mail/keyportal
+    ("filemail://mail", True),
+    ("filemail:////var/mail/keyportal", False),
+    ("consolemail://", False),
+    ("smtp+tls://user:pw@smtp.example.com:587", False),
+])
+def test_a_relative_email_file_folder_is_warned_about(settings, email_url, warned):
+    import environ
+
+    for name, value in environ.Env.email_url_config(email_url).items():
+        setattr(settings, name, value)
+    ids = _check_ids({"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"},
+                     settings)
+    assert ids == ({"keyportal.W004"} if warned else set())

@@ -13,7 +13,6 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from django import forms
-from django.contrib.admin.views.decorators import staff_member_required
 from django.db.models import Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -23,6 +22,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_GET
 
+from keyportal.admin_site import staff_password_required
 from usage.models import UsageSnapshot
 
 CHUNK_ROWS = 2000  # rows per database fetch and per chunk written to the client
@@ -128,7 +128,7 @@ def csv_lines(rows: QuerySet[UsageSnapshot, dict[str, Any]]) -> Iterator[str]:
 
 
 @require_GET
-@staff_member_required
+@staff_password_required
 def usage_export(request: HttpRequest) -> HttpResponse:
     """The form; with valid dates, the CSV. Bad dates answer 400 with the form and nothing
     streamed."""

@@ -9,7 +9,6 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import admin, messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404, render
@@ -22,6 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.http import reswap, retarget
 
 from accounts.models import User
+from keyportal.admin_site import staff_password_required
 from keyportal.audit import client_ip
 from pool.forms import KeyLabelForm
 from pool.models import ApiKey
@@ -133,7 +133,7 @@ def _admin_page(request: HttpRequest, template: str, context: dict[str, Any],
                   status=status)
 
 
-@staff_member_required
+@staff_password_required
 @require_GET
 def staff_leaderboard(request: HttpRequest) -> HttpResponse:
     period = request.GET.get("period", "7d")
@@ -180,7 +180,7 @@ def _proxy_report() -> ProxyReport:
     return report
 
 
-@staff_member_required
+@staff_password_required
 @require_GET
 def staff_proxy(request: HttpRequest) -> HttpResponse:
     report = _proxy_report()
