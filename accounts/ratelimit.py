@@ -7,6 +7,8 @@ import hashlib
 from django.conf import settings
 from django.core.cache import cache
 
+from accounts.models import mailbox_email
+
 
 def rate_limited(*, scope: str, ident: str, limit: int, window: int) -> bool:
     """Counts one hit for `ident` in `scope`; True once more than `limit` hits fell in the
@@ -37,7 +39,8 @@ def link_requests_limited(*, form_name: str, ip: str | None, email: str) -> bool
         scope=f"{form_name}:ip", ident=ip or "", limit=settings.PORTAL_RATE_PER_IP, window=window
     ):
         return True
+    # Per mailbox: links for ann+1@, ann+2@ ... all land in ann@'s inbox.
     return rate_limited(
-        scope=f"{form_name}:email", ident=email, limit=settings.PORTAL_RATE_PER_EMAIL,
+        scope=f"{form_name}:email", ident=mailbox_email(email), limit=settings.PORTAL_RATE_PER_EMAIL,
         window=window,
     )

@@ -228,6 +228,10 @@ PORTAL_ALLOWED_EMAIL_DOMAINS = [
     d.strip().lower().lstrip("@") for d in env.list("PORTAL_ALLOWED_EMAIL_DOMAINS", default=[])
     if d.strip()
 ]
+# One person per mailbox: ann+ci@x.com signs in and registers as ann@x.com, and links go to
+# ann@x.com. People already stored with a +tag keep their address. Turn off only when a mail
+# server treats "+" as an ordinary character (ann+ci would be someone else's mailbox).
+PORTAL_FOLD_PLUS_ADDRESSING = env.bool("PORTAL_FOLD_PLUS_ADDRESSING", default=True)
 # Rate limits on /login and /register, counted in the shared cache over a window: per client
 # address and per email address.
 PORTAL_RATE_WINDOW_SECONDS = number("PORTAL_RATE_WINDOW_SECONDS", "900")

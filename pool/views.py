@@ -19,6 +19,7 @@ from django.views.decorators.http import require_http_methods
 from accounts.forms import EMAIL_MAX_LENGTH, EmailField
 from accounts.models import SignInLink, User, normalize_email
 from accounts.ratelimit import rate_limited
+from accounts.selectors import person_by_email, person_email
 from accounts.services import LinkInvalid, person_get_or_create, signin_link_peek
 from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, body_int, body_str, json_body
@@ -100,12 +101,12 @@ def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = Fa
     raw = body_str(body, "email")
     if not raw:
         return request.user
-    email = normalize_email(raw)
+    email = normalize_email(raw)  # a +tag is folded below, with the person (person_email)
     if len(email) > EMAIL_MAX_LENGTH:  # no one can have it; the lookup need not run
         raise ApiError(_("The email address is too long (at most %(max)d characters).")
                        % {"max": EMAIL_MAX_LENGTH})
     if api_token_of(request) is None:
-        if email != request.user.email:
+        if person_email(email=email) != request.user.email:
             raise ApiError(_("You can only reach your own keys."), 403)
         return request.user
     if create:
@@ -114,7 +115,7 @@ def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = Fa
         except forms.ValidationError as exc:
             raise ApiError(" ".join(exc.messages)) from None
         return person_get_or_create(email=email)
-    person = User.objects.filter(email=email).first()
+    person = person_by_email(email=email)
     if person is None:
         raise ApiError(_("No person uses this email address."), 404)
     return person
