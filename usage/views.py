@@ -27,6 +27,8 @@ def _cost_fields(cost: Decimal | None, unpriced: int) -> dict[str, Any]:
 
 @api_view(methods=("GET",))
 def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
+    if "\x00" in email:  # PostgreSQL cannot even compare text holding NUL; no one has it
+        return api_error(_("No such person."), 404)
     email = person_email(email=email)
     if not request.user.is_staff and email != request.user.email:
         return api_error(_("You may only read your own usage."), 403)
