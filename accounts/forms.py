@@ -4,7 +4,11 @@ from django import forms
 from django.conf import settings
 from django.utils.translation import gettext_lazy as _
 
-from accounts.models import normalize_email
+from accounts.models import User, normalize_email
+
+# What the users table can hold (254, RFC 5321's path limit); Django's form field would allow
+# 320, and PostgreSQL would then refuse the row with an error instead of a message.
+EMAIL_MAX_LENGTH: int = User._meta.get_field("email").max_length or 254
 
 
 def email_domain_allowed(email: str) -> bool:
@@ -14,6 +18,10 @@ def email_domain_allowed(email: str) -> bool:
 
 class EmailField(forms.EmailField):
     """An address in its stored form, at a domain the portal accepts."""
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("max_length", EMAIL_MAX_LENGTH)
+        super().__init__(**kwargs)  # type: ignore[arg-type]
 
     def clean(self, value: str | None) -> str:
         email = normalize_email(super().clean(value) or "")

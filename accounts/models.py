@@ -22,6 +22,20 @@ def normalize_email(raw: str) -> str:
     return raw.strip().lower()
 
 
+def mailbox_email(email: str) -> str:
+    """The mailbox a normalised address delivers to: with PORTAL_FOLD_PLUS_ADDRESSING on,
+    `ann+ci@x.com` is `ann@x.com`, so one mailbox cannot register as many people by
+    inventing tags. Off: the address as it is (for mail servers where `+` is an ordinary
+    character and `ann+ci` is somebody else)."""
+    if not settings.PORTAL_FOLD_PLUS_ADDRESSING:
+        return email
+    local, at, domain = email.rpartition("@")
+    base = local.split("+", 1)[0]
+    if not at or not base:  # "+tag@x.com": nothing to fold into
+        return email
+    return f"{base}@{domain}"
+
+
 class Limits(models.Model):
     """Usage limits: tokens and cost per day and per month, each optional (empty: no limit).
     People, keys and the defaults for new people all carry them; day and month follow the

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+from django.conf import settings
 from django.core.cache import cache
+
+from accounts.models import mailbox_email
 
 
 def _key(scope: str, ident: str) -> str:
@@ -42,3 +45,21 @@ def rate_limited(*, scope: str, ident: str, limit: int, window: int) -> bool:
     """Counts one hit for `ident` in `scope`; True once more than `limit` hits fell in the
     current window."""
     return rate_hit(scope=scope, ident=ident, window=window) > limit
+
+
+def link_requests_limited(*, form_name: str, ip: str | None, email: str) -> bool:
+    """Counts one request for a sign-in or registration link; True when it is refused. The
+    client address is counted first, and an address over its limit stops there: counting the
+    email too would let one address spend a victim's email budget and lock them out. (An
+    email over its limit still spends the address's budget: an address asking too often for
+    anything should run out.)"""
+    window = settings.PORTAL_RATE_WINDOW_SECONDS
+    if rate_limited(
+        scope=f"{form_name}:ip", ident=ip or "", limit=settings.PORTAL_RATE_PER_IP, window=window
+    ):
+        return True
+    # Per mailbox: links for ann+1@, ann+2@ ... all land in ann@'s inbox.
+    return rate_limited(
+        scope=f"{form_name}:email", ident=mailbox_email(email), limit=settings.PORTAL_RATE_PER_EMAIL,
+        window=window,
+    )

@@ -13,7 +13,8 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts.models import ApiToken, SignInLink, User, normalize_email, token_digest
+from accounts.models import ApiToken, SignInLink, User, token_digest
+from accounts.selectors import person_email
 from keyportal.audit import Action, audit_record
 
 Purpose = SignInLink.Purpose
@@ -67,8 +68,12 @@ def signin_link_send(
 
     The caller answers the same whatever happens here. A sign-in asked for an address with
     no (active) account gets a note pointing at registration instead of a link, so the
-    inbox's owner learns what the page must not say."""
-    email = normalize_email(email)
+    inbox's owner learns what the page must not say.
+
+    The message goes to the address of the person it is for (`person_email`): with +tags
+    folded, `ann+ci@x.com` asks for `ann@x.com`'s link, and only that mailbox may receive it
+    (where `+` is not a tag, `ann+ci` is someone else's mailbox)."""
+    email = person_email(email=email)
     minutes = settings.PORTAL_LINK_MINUTES
     if purpose == Purpose.LOGIN and not User.objects.filter(email=email, is_active=True).exists():
         template, subject, context = (
@@ -96,8 +101,9 @@ def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
 
 def person_get_or_create(*, email: str, name: str = "") -> User:
     """The person with this address, created (with the staff's defaults for new people) when
-    there is none; safe when two requests create the same person at the same moment."""
-    email = normalize_email(email)
+    there is none; safe when two requests create the same person at the same moment. A +tag
+    is folded into its mailbox's person (`person_email`)."""
+    email = person_email(email=email)
     user = User.objects.filter(email=email).first()
     if user is not None:
         return user

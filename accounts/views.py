@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
-from accounts.ratelimit import rate_limited
+from accounts.ratelimit import link_requests_limited
 from accounts.services import LinkInvalid, signin_link_peek, signin_link_redeem, signin_link_send
 from accounts.signin import link_login
 from keyportal.audit import client_ip
@@ -24,18 +24,8 @@ LINK_ROUTES = {Purpose.LOGIN: "login-link", Purpose.REGISTER: "register-link"}
 
 
 def too_many(request: HttpRequest, email: str, form_name: str) -> bool:
-    """Counts this submission per address and per email (both always, so one cannot be
-    spent to save the other); True when either is over its limit."""
-    window = settings.PORTAL_RATE_WINDOW_SECONDS
-    by_ip = rate_limited(
-        scope=f"{form_name}:ip", ident=client_ip(request) or "",
-        limit=settings.PORTAL_RATE_PER_IP, window=window,
-    )
-    by_email = rate_limited(
-        scope=f"{form_name}:email", ident=email, limit=settings.PORTAL_RATE_PER_EMAIL,
-        window=window,
-    )
-    return by_ip or by_email
+    """Counts this submission per client address, then per email; True when refused."""
+    return link_requests_limited(form_name=form_name, ip=client_ip(request), email=email)
 
 
 def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -> None:

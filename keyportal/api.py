@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils.translation import gettext as _
@@ -40,17 +41,93 @@ def api_token_of(request: HttpRequest) -> ApiToken | None:
     return getattr(request, "api_token", None)
 
 
-def json_body(request: HttpRequest) -> dict[str, Any]:
-    """The request's JSON object; an empty body counts as `{}`."""
-    if not request.body:
-        return {}
+# The API's bodies are a few short fields; anything bigger is refused before it is read.
+MAX_BODY_BYTES = 64 * 1024
+# Bodies are flat objects; a cap on nesting keeps the parser and the checks below shallow.
+MAX_DEPTH = 20
+
+
+def _too_large() -> ApiError:
+    return ApiError(_("The body is too large."), 413)
+
+
+def _body_bytes(request: HttpRequest) -> bytes:
     try:
-        body = json.loads(request.body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(_("The body is not valid JSON.")) from None
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    if declared > MAX_BODY_BYTES:
+        raise _too_large()
+    try:
+        raw = request.body  # Django refuses more than DATA_UPLOAD_MAX_MEMORY_SIZE itself
+    except RequestDataTooBig:
+        raise _too_large() from None
+    if len(raw) > MAX_BODY_BYTES:
+        raise _too_large()
+    return raw
+
+
+def _check_values(body: Any) -> None:
+    """Refuses what would fail later, deep in a form, a hash or the database, as a 500: nesting
+    past MAX_DEPTH, and strings with lone surrogates (they cannot be encoded as UTF-8) or NUL
+    characters (PostgreSQL text cannot hold them). Iterative: no recursion to exhaust."""
+    stack: list[tuple[Any, int]] = [(body, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(_("The body is nested too deeply."))
+        if isinstance(value, dict):
+            stack.extend((k, depth + 1) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise ApiError(_("The body contains a NUL character."))
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(_("The body contains text that is not valid Unicode.")) from None
+
+
+def json_body(request: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object; an empty body counts as `{}`. Every API view that takes a
+    body reads it here, so bad input is answered alike (400, or 413 when too large)."""
+    raw = _body_bytes(request)
+    if not raw:
+        body: Any = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(_("The body is not valid JSON.")) from None
+        except RecursionError:
+            raise ApiError(_("The body is nested too deeply.")) from None
     if not isinstance(body, dict):
         raise ApiError(_("The body must be a JSON object."))
+    _check_values(body)
     return body
+
+
+def body_str(body: dict[str, Any], name: str) -> str:
+    """`body[name]` as text: missing or null is ""; any other type is refused."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ApiError(_("`%(name)s` must be a string.") % {"name": name})
+    return value
+
+
+def body_int(body: dict[str, Any], name: str) -> int | None:
+    """`body[name]` as a whole number: missing or null is None; text, floats and booleans
+    are refused (True would otherwise count as 1)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(_("`%(name)s` must be an integer.") % {"name": name})
+    return value
 
 
 def _bearer(request: HttpRequest) -> str | None:
@@ -76,6 +153,12 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
     def decorate(view: View) -> View:
         @wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            try:
+                return answer(request, *args, **kwargs)
+            except RequestDataTooBig:  # a form-encoded body read by the CSRF check
+                return api_error(str(_too_large()), 413)
+
+        def answer(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
                 response = api_error(_("Method not allowed."), 405)
                 response["Allow"] = ", ".join(methods)

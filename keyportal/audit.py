@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from typing import Any
 
+from django.conf import settings
 from django.db import models, transaction
 from django.http import HttpRequest
 
@@ -13,12 +16,48 @@ Action = AuditEvent.Action
 ActorKind = AuditEvent.ActorKind
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(proxies: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(p, strict=False) for p in proxies)
+
+
+def _trusted(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def client_ip(request: HttpRequest | None) -> str | None:
-    """The caller's address as the portal's own server saw it. X-Forwarded-For is not
-    trusted: anyone can send it, and an audit trail must not be writable by its subjects."""
+    """The caller's address. X-Forwarded-For is believed only when the request came from a
+    proxy listed in PORTAL_TRUSTED_PROXIES, and only as far back as the chain of trusted
+    proxies goes: each appends the address it saw, so the right-most entry that is not a
+    trusted proxy is the client. Anything left of it was written by the client, who could have
+    written anything (and an audit trail must not be writable by its subjects)."""
     if request is None:
         return None
-    return request.META.get("REMOTE_ADDR") or None
+    remote = request.META.get("REMOTE_ADDR") or None
+    networks = _networks(tuple(settings.PORTAL_TRUSTED_PROXIES))
+    if remote is None or not networks or not _trusted(remote, networks):
+        return remote
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    client = remote
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # garbage from a proxy's left: the last proxy we trust is all we know
+        client = hop
+        if not _trusted(hop, networks):
+            break
+    return client
 
 
 def audit_record(

@@ -4,6 +4,7 @@ documents every variable."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +233,30 @@ PORTAL_ALLOWED_EMAIL_DOMAINS = [
     d.strip().lower().lstrip("@") for d in env.list("PORTAL_ALLOWED_EMAIL_DOMAINS", default=[])
     if d.strip()
 ]
+# One person per mailbox: ann+ci@x.com signs in and registers as ann@x.com, and links go to
+# ann@x.com. People already stored with a +tag keep their address. Turn off only when a mail
+# server treats "+" as an ordinary character (ann+ci would be someone else's mailbox).
+PORTAL_FOLD_PLUS_ADDRESSING = env.bool("PORTAL_FOLD_PLUS_ADDRESSING", default=True)
 # Rate limits on /login and /register, counted in the shared cache over a window: per client
 # address and per email address.
 PORTAL_RATE_WINDOW_SECONDS = number("PORTAL_RATE_WINDOW_SECONDS", "900")
 PORTAL_RATE_PER_IP = number("PORTAL_RATE_PER_IP", "20")
 PORTAL_RATE_PER_EMAIL = number("PORTAL_RATE_PER_EMAIL", "5")
+# Proxies in front of the portal (nginx, a load balancer), comma-separated addresses or
+# networks (10.0.0.5, 10.1.0.0/16, ::1). When a request comes from one of them, the client
+# address (rate limits, the audit log) is the right-most X-Forwarded-For entry that is not
+# itself one of them; otherwise it is REMOTE_ADDR, and X-Forwarded-For is ignored. Empty (the
+# default): nothing is trusted, which behind a proxy puts everyone in one rate-limit budget.
+PORTAL_TRUSTED_PROXIES: list[str] = [
+    p.strip() for p in env.list("PORTAL_TRUSTED_PROXIES", default=[]) if p.strip()
+]
+for _proxy in PORTAL_TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"PORTAL_TRUSTED_PROXIES: {_proxy!r} is not an IP address or network."
+        ) from None
 # Keys one person may add per window (the my-keys page and the API), so that a signed-in
 # person cannot drain the pool.
 PORTAL_RATE_KEYS_PER_PERSON = number("PORTAL_RATE_KEYS_PER_PERSON", "10")

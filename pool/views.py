@@ -15,13 +15,14 @@ from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
 
-from accounts.forms import EmailField
+from accounts.forms import EMAIL_MAX_LENGTH, EmailField
 from accounts.models import SignInLink, User, normalize_email
 from accounts.ratelimit import rate_limited
+from accounts.selectors import person_by_email, person_email
 from accounts.services import LinkInvalid, person_get_or_create, signin_link_peek
 from accounts.signin import link_login
 from accounts.views import link_gone
-from keyportal.api import ApiError, api_token_of, api_view, json_body
+from keyportal.api import ApiError, api_token_of, api_view, body_int, body_str, json_body
 from keyportal.audit import client_ip
 from pool.forms import KeyLabelForm, KeyRevokeForm
 from pool.models import ApiKey, key_digest
@@ -97,14 +98,15 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
 
 
 def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = False) -> User:
-    raw = body.get("email")
-    if raw in (None, ""):
+    raw = body_str(body, "email")
+    if not raw:
         return request.user
-    if not isinstance(raw, str):
-        raise ApiError(_("`email` must be a string."))
-    email = normalize_email(raw)
+    email = normalize_email(raw)  # a +tag is folded below, with the person (person_email)
+    if len(email) > EMAIL_MAX_LENGTH:  # no one can have it; the lookup need not run
+        raise ApiError(_("The email address is too long (at most %(max)d characters).")
+                       % {"max": EMAIL_MAX_LENGTH})
     if api_token_of(request) is None:
-        if email != request.user.email:
+        if person_email(email=email) != request.user.email:
             raise ApiError(_("You can only reach your own keys."), 403)
         return request.user
     if create:
@@ -113,7 +115,7 @@ def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = Fa
         except forms.ValidationError as exc:
             raise ApiError(" ".join(exc.messages)) from None
         return person_get_or_create(email=email)
-    person = User.objects.filter(email=email).first()
+    person = person_by_email(email=email)
     if person is None:
         raise ApiError(_("No person uses this email address."), 404)
     return person
@@ -141,7 +143,7 @@ def _form_error(form: forms.Form) -> ApiError:
 @api_view(methods=("POST",))
 def api_register_key(request: HttpRequest) -> JsonResponse:
     body = json_body(request)
-    form = KeyLabelForm({"label": body.get("label") or ""})
+    form = KeyLabelForm({"label": body_str(body, "label")})
     if not form.is_valid():
         raise _form_error(form)
     person = _api_person(request, body, create=True)
@@ -174,7 +176,7 @@ def api_my_keys(request: HttpRequest) -> JsonResponse:
 @api_view(methods=("POST",))
 def api_revoke_key(request: HttpRequest) -> JsonResponse:
     body = json_body(request)
-    form = KeyRevokeForm({"id": body.get("id"), "key": body.get("key")})
+    form = KeyRevokeForm({"id": body_int(body, "id"), "key": body_str(body, "key")})
     if not form.is_valid():
         raise _form_error(form)
     person = _api_person(request, body)

@@ -8,7 +8,8 @@ from typing import Any
 from django.http import HttpRequest, JsonResponse
 from django.utils.translation import gettext as _
 
-from accounts.models import User, normalize_email
+from accounts.models import User
+from accounts.selectors import person_email
 from keyportal.api import api_error, api_view
 from usage.selectors import keys_with_usage, people_with_usage, usage_totals
 from usage.models import UsageSnapshot
@@ -26,7 +27,9 @@ def _cost_fields(cost: Decimal | None, unpriced: int) -> dict[str, Any]:
 
 @api_view(methods=("GET",))
 def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
-    email = normalize_email(email)
+    if "\x00" in email:  # PostgreSQL cannot even compare text holding NUL; no one has it
+        return api_error(_("No such person."), 404)
+    email = person_email(email=email)
     if not request.user.is_staff and email != request.user.email:
         return api_error(_("You may only read your own usage."), 403)
     person = User.objects.filter(email=email).first()

@@ -118,7 +118,8 @@ def test_session_posts_need_the_csrf_token(ann, ready_keys):
         ("{not json", "not valid JSON"),
         ("[1, 2]", "JSON object"),
         ({"label": "x" * 101}, "at most 100 characters"),
-        ({"label": 5, "email": 7}, "`email` must be a string"),
+        ({"label": "x", "email": 7}, "`email` must be a string"),
+        ({"label": 5}, "`label` must be a string"),
     ],
 )
 def test_bad_input_is_a_json_400_and_changes_nothing(client, ann, ready_keys, body, message):
