@@ -4,6 +4,8 @@ from collections.abc import Callable
 
 import pytest
 
+from accounts.models import ApiToken, User
+from accounts.services import api_token_new
 from pool.models import ApiKey
 from pool.services import pool_keys_create
 
@@ -37,3 +39,18 @@ def proxy_keys(fake_proxy) -> list[str]:
     with ProxyClient.from_settings() as client:
         pool_generate(count=3, client=client)
     return fake_proxy.api_keys[1:]
+
+
+@pytest.fixture
+def staff(db) -> User:
+    return User.objects.create_user("ops@example.com", password="x" * 12, is_staff=True)
+
+
+@pytest.fixture
+def token(staff) -> str:
+    """A staff API token's raw value (automation acting for people)."""
+    raw = api_token_new()
+    item = ApiToken(user=staff, name="automation")
+    item.set_token(raw)
+    item.save()
+    return raw

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from accounts.models import ApiToken, User
-from accounts.services import api_token_new
+from accounts.models import User
 from keyportal.api import MAX_BODY_BYTES
 from keyportal.models import AuditEvent
 from pool.models import ApiKey
@@ -19,20 +18,6 @@ pytestmark = pytest.mark.django_db
 
 ENDPOINTS = ["/api/register-key", "/api/my-keys", "/api/revoke-key"]
 LONG_EMAIL = "a" * 64 + "@" + ("d" * 63 + ".") * 3 + "example.com"  # valid, 268 characters
-
-
-@pytest.fixture
-def staff(db) -> User:
-    return User.objects.create_user("ops@example.com", password="x" * 12, is_staff=True)
-
-
-@pytest.fixture
-def token(staff) -> str:
-    raw = api_token_new()
-    item = ApiToken(user=staff, name="automation")
-    item.set_token(raw)
-    item.save()
-    return raw
 
 
 @pytest.fixture(params=["session", "token"])

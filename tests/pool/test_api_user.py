@@ -9,7 +9,6 @@ import pytest
 from django.test import Client
 
 from accounts.models import ApiToken, User
-from accounts.services import api_token_new
 from pool.models import ApiKey, key_digest
 from pool.services import key_assign
 
@@ -20,20 +19,6 @@ Status, State = ApiKey.Status, ApiKey.ProxyState
 def post(client, url: str, body=None, **headers):
     data = body if isinstance(body, (str, bytes)) else json.dumps(body or {})
     return client.post(url, data, content_type="application/json", headers=headers)
-
-
-@pytest.fixture
-def staff(db) -> User:
-    return User.objects.create_user("ops@example.com", password="x" * 12, is_staff=True)
-
-
-@pytest.fixture
-def token(staff) -> str:
-    raw = api_token_new()
-    item = ApiToken(user=staff, name="automation")
-    item.set_token(raw)
-    item.save()
-    return raw
 
 
 def bearer(raw: str) -> dict[str, str]:
