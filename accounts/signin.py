@@ -4,6 +4,7 @@ API ask for a password sign-in first, even when the person is staff."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth import login
 from django.http import HttpRequest
 
@@ -23,7 +24,10 @@ def link_login(request: HttpRequest, user: User) -> None:
 
 
 def mark_password_signin(request: HttpRequest) -> None:
+    """Marks the session as a password sign-in (the admin's), which opens the staff pages and
+    the admin: it lasts PORTAL_STAFF_SESSION_SECONDS, not a person's SESSION_COOKIE_AGE."""
     request.session[SIGNIN_METHOD_KEY] = BY_PASSWORD
+    request.session.set_expiry(settings.PORTAL_STAFF_SESSION_SECONDS)
 
 
 def signed_in_by_link(request: HttpRequest) -> bool:

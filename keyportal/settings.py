@@ -66,6 +66,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "keyportal.csp.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
@@ -157,14 +158,34 @@ vars().update(env.email_url_config(setting("EMAIL_URL", "consolemail://")))
 DEFAULT_FROM_EMAIL = setting("DEFAULT_FROM_EMAIL", "Key Portal <keyportal@localhost>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 
-# Behind TLS in production, turn these on; `make run` serves plain HTTP on 127.0.0.1.
-SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=False)
+# HTTPS. PORTAL_HTTPS=true is the one switch for a portal served over TLS (directly or by a
+# proxy that sets X-Forwarded-Proto): plain-HTTP requests are redirected, browsers are told
+# to use HTTPS only (HSTS), cookies go over HTTPS only, and X-Forwarded-Proto: https from the
+# proxy counts as a secure request. Off by default: `make run` serves plain HTTP on 127.0.0.1.
+# The older SECURE_COOKIES and BEHIND_TLS_PROXY still turn on their part alone.
+PORTAL_HTTPS = env.bool("PORTAL_HTTPS", default=False)
+SESSION_COOKIE_SECURE = PORTAL_HTTPS or env.bool("SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-if env.bool("BEHIND_TLS_PROXY", default=False):
+if PORTAL_HTTPS or env.bool("BEHIND_TLS_PROXY", default=False):
+    # Only safe when the proxy overwrites X-Forwarded-Proto (nginx: proxy_set_header
+    # X-Forwarded-Proto $scheme;) and the portal cannot be reached around the proxy.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = PORTAL_HTTPS
+SECURE_HSTS_SECONDS = number("PORTAL_HSTS_SECONDS", "31536000") if PORTAL_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = PORTAL_HTTPS and env.bool(
+    "PORTAL_HSTS_INCLUDE_SUBDOMAINS", default=True
+)
+# Preloading puts the domain in browsers' built-in HTTPS-only lists, which takes months to
+# undo: off unless asked for. Django's deploy check warns about it (security.W021); that
+# warning is silenced while preload is deliberately off.
+SECURE_HSTS_PRELOAD = PORTAL_HTTPS and env.bool("PORTAL_HSTS_PRELOAD", default=False)
+SILENCED_SYSTEM_CHECKS: list[str] = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# People's sessions last SESSION_COOKIE_AGE (Django's two weeks); a staff member's password
+# sign-in to the admin (which also opens /staff/ and the staff API) lasts this many seconds.
+PORTAL_STAFF_SESSION_SECONDS = number("PORTAL_STAFF_SESSION_SECONDS", str(12 * 3600))
 
 # --- The proxy (CLIProxyAPI) ---------------------------------------------------------------
 # Base URL of the proxy, e.g. http://127.0.0.1:8317 (the Management API lives under

@@ -30,5 +30,12 @@ os.environ.update(
         "USAGE_QUEUE_BATCH": "1000",
         "USAGE_FOLLOW_INTERVAL": "15",
         "USAGE_BATCH_KEEP_DAYS": "7",
+        "PORTAL_HTTPS": "false",
+        "SECURE_COOKIES": "false",
+        "BEHIND_TLS_PROXY": "false",
+        "PORTAL_HSTS_SECONDS": "31536000",
+        "PORTAL_HSTS_INCLUDE_SUBDOMAINS": "true",
+        "PORTAL_HSTS_PRELOAD": "false",
+        "PORTAL_STAFF_SESSION_SECONDS": "43200",
     }
 )
