@@ -9,7 +9,14 @@ class KeyportalConfig(AppConfig):
     verbose_name = "Key Portal"
 
     def ready(self) -> None:
+        from django.conf import settings
+
         from keyportal import checks  # noqa: F401 - registers the system checks
+        from keyportal.sqlite_file import create_private_sqlite_files
+
+        # Before any connection opens (they open lazily, after start-up): a SQLite file the
+        # portal creates is private to its user from the start.
+        create_private_sqlite_files(settings.DATABASES)
 
 
 class PortalAdminConfig(admin_apps.AdminConfig):

@@ -103,3 +103,23 @@ def email_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             id="keyportal.W004",
         )
     ]
+
+
+@register()
+def sqlite_file_mode(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """A SQLite file that group or others may read hands them the sessions, password hashes
+    and escrowed keys in it (the portal creates its file 0600; an older one may be 0644)."""
+    from keyportal.sqlite_file import exposed_files, sqlite_files
+
+    problems: list[Any] = []
+    for alias, path in sqlite_files(settings.DATABASES):
+        exposed = exposed_files(path)
+        if exposed:
+            problems.append(Warning(
+                f"The SQLite database file {str(path)!r} ({alias}) can be read or written by "
+                "users other than its owner: it holds sessions, password hashes and escrowed "
+                "keys.",
+                hint="chmod 600 " + " ".join(str(p) for p in exposed),
+                id="keyportal.W005",
+            ))
+    return problems
