@@ -193,3 +193,31 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
         return wrapper
 
     return decorate
+
+
+def staff_page_or_token(view: View) -> View:
+    """For the staff pages that have a machine-readable use (the CSV export, the
+    leaderboard): a staff API token (`Authorization: Bearer`) is let in as its person, with
+    `request.api_token` set, so the view can answer a script in its own format; everyone else
+    goes through staff_password_required (the admin's password sign-in). A wrong or revoked
+    token is answered 401 JSON, never a redirect to a login page a script cannot follow."""
+    from keyportal.admin_site import staff_password_required
+
+    page = staff_password_required(view)
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        raw = _bearer(request)
+        if raw is None:
+            request.api_token = None  # type: ignore[attr-defined]
+            return page(request, *args, **kwargs)
+        token = api_token_authenticate(raw=raw) if raw else None
+        if token is None:
+            response = api_error(_("The API token is invalid or revoked."), 401)
+            response["WWW-Authenticate"] = "Bearer"
+            return response
+        request.user = token.user
+        request.api_token = token  # type: ignore[attr-defined]
+        return view(request, *args, **kwargs)
+
+    return wrapper

@@ -15,14 +15,14 @@ from typing import Any
 from django import forms
 from django.db.models import Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_GET
 
-from keyportal.admin_site import staff_password_required
+from keyportal.api import api_token_of, staff_page_or_token
 from usage.models import UsageSnapshot
 
 CHUNK_ROWS = 2000  # rows per database fetch and per chunk written to the client
@@ -128,11 +128,17 @@ def csv_lines(rows: QuerySet[UsageSnapshot, dict[str, Any]]) -> Iterator[str]:
 
 
 @require_GET
-@staff_password_required
+@staff_page_or_token
 def usage_export(request: HttpRequest) -> HttpResponse:
     """The form; with valid dates, the CSV. Bad dates answer 400 with the form and nothing
-    streamed."""
+    streamed. A staff API token caller gets the CSV the same way, and bad or missing dates as
+    JSON 400 (`error`, and `fields` with each field's messages)."""
     form = ExportForm(request.GET or None)
+    if api_token_of(request) is not None and not form.is_valid():
+        return JsonResponse({
+            "error": _("Give the period as ?from=YYYY-MM-DD&to=YYYY-MM-DD (both included)."),
+            "fields": {name: [str(m) for m in errors] for name, errors in form.errors.items()},
+        }, status=400)
     if not form.is_valid():
         context = {"form": form, "title": _("Export usage")}
         return render(request, "usage/export.html", context, status=400 if form.is_bound else 200)

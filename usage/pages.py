@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -22,6 +22,7 @@ from django_htmx.http import reswap, retarget
 
 from accounts.models import User
 from keyportal.admin_site import staff_password_required
+from keyportal.api import api_error, api_token_of, staff_page_or_token
 from keyportal.audit import client_ip
 from pool.forms import KeyLabelForm
 from pool.models import ApiKey
@@ -34,7 +35,7 @@ from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
 from usage.models import SyncRun
 from usage.selectors import (
-    PERIODS, RANKINGS, key_usage, keys_with_usage, last_sync, leaderboard, sync_backlog,
+    PERIODS, RANKINGS, Leaderboard, Totals, key_usage, keys_with_usage, last_sync, leaderboard, sync_backlog,
     totals_of_keys,
 )
 
@@ -133,9 +134,30 @@ def _admin_page(request: HttpRequest, template: str, context: dict[str, Any],
                   status=status)
 
 
-@staff_password_required
+def _totals_json(totals: Totals) -> dict[str, Any]:
+    # The known cost as a string (exact decimal); cost_complete false: part has no price.
+    return {"requests": totals.requests, "tokens": totals.tokens, "cost": str(totals.cost),
+            "cost_complete": totals.unpriced_requests == 0}
+
+
+def _leaderboard_json(board: Leaderboard) -> JsonResponse:
+    return JsonResponse({
+        "period": board.period, "by": board.by,
+        "since": board.since.isoformat() if board.since else None,
+        "totals": _totals_json(board.totals), "active_people": board.active_people,
+        "people_with_keys": board.people_with_keys, "keys_held": board.keys_held,
+        "rows": [
+            {"rank": n, "email": row.person.email, "name": row.person.name,
+             **_totals_json(row.totals), "share": row.share}
+            for n, row in enumerate(board.rows, 1)
+        ],
+    })
+
+
+@staff_page_or_token
 @require_GET
 def staff_leaderboard(request: HttpRequest) -> HttpResponse:
+    """The page; for a staff API token caller, the same board as JSON."""
     period = request.GET.get("period", "7d")
     by = request.GET.get("by", "tokens")
     if period not in PERIODS or by not in RANKINGS:
@@ -143,9 +165,13 @@ def staff_leaderboard(request: HttpRequest) -> HttpResponse:
                   "%(rankings)s.") % {
             "periods": ", ".join(PERIODS), "rankings": ", ".join(RANKINGS)
         }
+        if api_token_of(request) is not None:
+            return api_error(error, 400)
         return _admin_page(request, "usage/leaderboard.html", {"error": error,
                            "title": _("Leaderboard")}, status=400)
     board = leaderboard(period=period, by=by)
+    if api_token_of(request) is not None:
+        return _leaderboard_json(board)
     keys_url = reverse("admin:pool_apikey_changelist")
     return _admin_page(request, "usage/leaderboard.html", {
         "title": _("Leaderboard"), "board": board, "periods": PERIODS, "rankings": RANKINGS,
