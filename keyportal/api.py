@@ -165,13 +165,9 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
                 return response
             raw = _bearer(request)
             if raw is not None:
-                token = api_token_authenticate(raw=raw) if raw else None
-                if token is None:
-                    response = api_error(_("The API token is invalid or revoked."), 401)
-                    response["WWW-Authenticate"] = "Bearer"
-                    return response
-                request.user = token.user
-                request.api_token = token  # type: ignore[attr-defined]
+                refused = _sign_in_by_token(request, raw)
+                if refused is not None:
+                    return refused
             else:
                 request.api_token = None  # type: ignore[attr-defined]
                 if not request.user.is_authenticated:
@@ -195,6 +191,19 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
     return decorate
 
 
+def _sign_in_by_token(request: HttpRequest, raw: str) -> HttpResponse | None:
+    """Lets the request in as the token's staff person (`request.api_token` set); a wrong
+    or revoked token gets the 401 JSON answer, which is returned."""
+    token = api_token_authenticate(raw=raw) if raw else None
+    if token is None:
+        response = api_error(_("The API token is invalid or revoked."), 401)
+        response["WWW-Authenticate"] = "Bearer"
+        return response
+    request.user = token.user
+    request.api_token = token  # type: ignore[attr-defined]
+    return None
+
+
 def staff_page_or_token(view: View) -> View:
     """For the staff pages that have a machine-readable use (the CSV export, the
     leaderboard): a staff API token (`Authorization: Bearer`) is let in as its person, with
@@ -211,13 +220,6 @@ def staff_page_or_token(view: View) -> View:
         if raw is None:
             request.api_token = None  # type: ignore[attr-defined]
             return page(request, *args, **kwargs)
-        token = api_token_authenticate(raw=raw) if raw else None
-        if token is None:
-            response = api_error(_("The API token is invalid or revoked."), 401)
-            response["WWW-Authenticate"] = "Bearer"
-            return response
-        request.user = token.user
-        request.api_token = token  # type: ignore[attr-defined]
-        return view(request, *args, **kwargs)
+        return _sign_in_by_token(request, raw) or view(request, *args, **kwargs)
 
     return wrapper
