@@ -159,11 +159,6 @@ class Held:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def renew(self) -> None:
-        """Renew now (the heartbeat does it anyway)."""
-        if not lease_renew(name=self.name, holder=self.holder, ttl=self.ttl):
-            self.lost.set()
-
     def fence(self) -> None:
         """Inside a transaction: raises LeaseLost unless this holder still holds the lease,
         and keeps the lease row locked until the transaction ends, so that nobody takes it
