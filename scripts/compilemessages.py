@@ -61,6 +61,8 @@ def parse_po(path: Path) -> list[Entry]:
     def finish() -> None:
         nonlocal entry, current, started
         if started and not entry.obsolete:
+            if not entry.msgstr:
+                raise ValueError(f"{path}: the entry {entry.msgid!r} has no msgstr")
             entries.append(entry)
         entry, current, started = Entry(), None, False
 
@@ -95,6 +97,8 @@ def parse_po(path: Path) -> list[Entry]:
             continue
         if keyword in ("msgctxt", "msgid") and started and current and current[0] == "msgstr":
             finish()  # entries not separated by a blank line
+        if keyword.startswith("msgstr") and current is None:
+            raise ValueError(f"{where}: msgstr without a msgid")
         started = True
         if keyword.startswith("msgstr["):
             index = int(keyword[len("msgstr["):-1])
