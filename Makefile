@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test setup setup-dev serve migrate clean
+.PHONY: run test setup setup-dev serve migrate clean messages translations
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
 .env: | $(VENV)/.run-deps
 	$(BIN)/python scripts/bootstrap_env.py
 
-setup: $(VENV)/.run-deps .env migrate
+setup: $(VENV)/.run-deps .env migrate translations
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+
+# The .mo catalogs are built from the committed .po files by a pure-Python compiler: no GNU
+# gettext (msgfmt) is needed to run or test the portal. Only `make messages` needs gettext.
+translations: | $(BIN)/python
+	$(BIN)/python scripts/compilemessages.py
+
+# After changing strings: re-extract them into locale/*/django.po (needs gettext's xgettext and
+# msgmerge; scripts/messages.sh installs them when missing and it may), then translate.
+messages: $(VENV)/.run-deps
+	bash scripts/messages.sh
 
 # Migrations include the shared cache's table (keyportal/migrations/0003_cache_table.py):
 # no separate `createcachetable` step.
@@ -43,7 +53,7 @@ run: setup
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 
 # The browser tests drive Debian's chromium; scripts/browser.sh installs it when missing.
-setup-dev: $(VENV)/.dev-deps
+setup-dev: $(VENV)/.dev-deps translations
 	bash scripts/browser.sh
 
 test: setup-dev

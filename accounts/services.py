@@ -93,6 +93,17 @@ def signin_link_send(
     send_mail(subject, render_to_string(template, context), None, [email])
 
 
+def person_language_set(*, user: User, language: str) -> bool:
+    """Remembers the language `user` reads the portal in, so that emails sent later without a
+    request (limit warnings, expiry notices) are written in it. False for an unknown code."""
+    if language not in dict(settings.LANGUAGES):
+        return False
+    if user.language != language:
+        User.objects.filter(pk=user.pk).update(language=language)
+        user.language = language
+    return True
+
+
 def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
     """The usable link for `token`, without using it (e-mail scanners fetch links too)."""
     link = SignInLink.objects.filter(token_hash=token_digest(token), purpose=purpose).first()

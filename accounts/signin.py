@@ -7,8 +7,10 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth import login
 from django.http import HttpRequest
+from django.utils import translation
 
 from accounts.models import User
+from accounts.services import person_language_set
 
 SIGNIN_METHOD_KEY = "keyportal_signin_method"
 BY_LINK = "link"
@@ -21,6 +23,10 @@ def link_login(request: HttpRequest, user: User) -> None:
     # login() keeps the session data when the same person was already signed in (it only
     # cycles the key): the mark must be written over, so it always says how they came last.
     request.session[SIGNIN_METHOD_KEY] = BY_LINK
+    if not user.language:
+        # Their first sign-in: the language the page was read in (the switch's cookie or the
+        # browser's Accept-Language) is the one to email them in later.
+        person_language_set(user=user, language=translation.get_language())
 
 
 def mark_password_signin(request: HttpRequest) -> None:

@@ -137,6 +137,13 @@ LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = setting("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# Numbers group by thousands (4,220,812) and table dates read 2026-11-23 22:32 in every
+# language: keyportal/formats/<locale>/formats.py override Django's per-language formats.
+USE_THOUSAND_SEPARATOR = True
+FORMAT_MODULE_PATH = ["keyportal.formats"]
+# The language switch's choice: a year, like Django's default, but never sent to other sites.
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SAMESITE = "Lax"
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
@@ -166,6 +173,7 @@ SERVER_EMAIL = DEFAULT_FROM_EMAIL
 PORTAL_HTTPS = env.bool("PORTAL_HTTPS", default=False)
 SESSION_COOKIE_SECURE = PORTAL_HTTPS or env.bool("SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+LANGUAGE_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
 from accounts.models import LimitDefaults, SignInLink, User
@@ -710,14 +710,14 @@ def _expiry_warnings(*, now: datetime) -> int:
             expiry_notified_at=now
         ):
             continue
-        person_email(
-            to=key.owner.email,
-            subject=_("Your Key Portal key %(key)s expires soon") % {"key": key.masked},
-            body=_("Your key \"%(label)s\" (%(key)s) expires on %(when)s. After that it stops "
-                   "working; add a new key on your keys page before then.")
-            % {"label": key.label, "key": key.masked,
-               "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z")},
-        )
+        with translation.override(key.owner.email_language):  # cron: no request's language
+            subject = _("Your Key Portal key %(key)s expires soon") % {"key": key.masked}
+            body = _("Your key \"%(label)s\" (%(key)s) expires on %(when)s. After that it stops "
+                     "working; add a new key on your keys page before then.") % {
+                "label": key.label, "key": key.masked,
+                "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z"),
+            }
+        person_email(to=key.owner.email, subject=subject, body=body)
         warned += 1
     return warned
 

@@ -8,13 +8,16 @@ msgstr[n], "#, fuzzy"), so this script reads it and writes the GNU .mo layout th
 `gettext` (and so Django) reads. Fuzzy entries and untranslated ones are left out, as msgfmt
 does. A .mo newer than its .po is left alone, so `make run` costs nothing the second time.
 
-Usage: python scripts/compilemessages.py [--force] [--check]
-  --check  compile nothing; exit 1 when a .mo is missing or older than its .po
+Usage: python scripts/compilemessages.py [--force | --check | --untranslated]
+  --force         compile every .po, changed or not
+  --check         compile nothing; exit 1 when a .mo is missing or older than its .po
+  --untranslated  compile nothing; list the entries left empty or fuzzy (exit 1 if any)
 """
 
 from __future__ import annotations
 
 import ast
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -162,21 +165,37 @@ def stale(po: Path) -> bool:
     return not mo.exists() or mo.stat().st_mtime < po.stat().st_mtime
 
 
+def compile_all(*, force: bool = False) -> list[Path]:
+    """Writes the .mo of every .po that changed since (or all, with `force`); the written."""
+    written = []
+    for po in po_files():
+        if force or stale(po):
+            mo = po.with_suffix(".mo")
+            tmp = mo.with_suffix(f".mo.{os.getpid()}.tmp")
+            tmp.write_bytes(mo_bytes(parse_po(po)))
+            tmp.replace(mo)  # atomic: a running server (or a parallel run) never reads half a file
+            written.append(mo)
+    return written
+
+
+def untranslated(po: Path) -> list[str]:
+    """The msgids of `po` with an empty or fuzzy translation."""
+    return [e.msgid for e in parse_po(po) if e.msgid and not e.translated]
+
+
 def main(argv: list[str]) -> int:
-    force, check = "--force" in argv, "--check" in argv
-    pos = po_files()
-    if check:
-        old = [po for po in pos if stale(po)]
+    if "--untranslated" in argv:
+        missing = [(po, msgid) for po in po_files() for msgid in untranslated(po)]
+        for po, msgid in missing:
+            print(f"{po.relative_to(ROOT)}: {msgid!r}")
+        return 1 if missing else 0
+    if "--check" in argv:
+        old = [po for po in po_files() if stale(po)]
         for po in old:
             print(f"{po.with_suffix('.mo').relative_to(ROOT)} is missing or older than its .po")
         return 1 if old else 0
-    for po in pos:
-        if force or stale(po):
-            mo = po.with_suffix(".mo")
-            tmp = mo.with_suffix(".mo.tmp")
-            tmp.write_bytes(mo_bytes(parse_po(po)))
-            tmp.replace(mo)  # atomic: a running server never reads half a file
-            print(f"compiled {mo.relative_to(ROOT)}")
+    for mo in compile_all(force="--force" in argv):
+        print(f"compiled {mo.relative_to(ROOT)}")
     return 0
 
 
