@@ -13,6 +13,8 @@ admin.site.index_title = _("Administration")
 
 urlpatterns = [
     path("admin/login/", keyportal_views.admin_login, name="admin-login"),
+    path("admin/totp/", keyportal_views.admin_totp, name="admin-totp"),
+    path("admin/totp/setup/", keyportal_views.admin_totp_setup, name="admin-totp-setup"),
     path("admin/", admin.site.urls),
     path("", include("accounts.urls")),
     path("", include("pool.urls")),
