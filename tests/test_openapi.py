@@ -632,7 +632,7 @@ def test_the_docs_page_lists_every_endpoint(client, django_assert_num_queries):
         assert f"{op.method.upper()} {openapi.path_of(op.url_name)}" in page
         assert escape(str(op.summary)) in page
     assert "Authorization: Bearer" in page and "X-CSRFTOKEN" in page
-    assert '"error": "Authentication required."' in page
+    assert escape('"error": "Authentication required."') in page
     assert "sk-kp-3f…9a1c" in page  # a made-up example, never a real key
 
 
