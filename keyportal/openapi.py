@@ -69,8 +69,10 @@ def _key_fields() -> dict[str, Any]:
         "masked": {"type": "string", "description": _("The key's prefix and last four "
                    "characters; the full value is never shown again."),
                    "examples": ["sk-kp-3f…9a1c"]},
-        "status": {"type": "string", "enum": list(ApiKey.Status.values)},
-        "proxy_state": {"type": "string", "enum": list(ApiKey.ProxyState.values)},
+        "status": {"type": "string", "enum": list(ApiKey.Status.values),
+                   "examples": [ApiKey.Status.ACTIVE.value]},
+        "proxy_state": {"type": "string", "enum": list(ApiKey.ProxyState.values),
+                        "examples": [ApiKey.ProxyState.PUSHED.value]},
         "issued_at": _TIME_OR_NULL,
         "last_used_at": _TIME_OR_NULL,
         "revoked_at": _TIME_OR_NULL,
@@ -257,9 +259,9 @@ _STANDARD: dict[int, Promise] = {
     400: _("Bad input: the body or a parameter is not what this endpoint takes. Nothing "
            "was changed."),
     401: _("No session and no token, or the API token is invalid or revoked."),
-    403: _("Signed in, but not allowed: a missing or wrong CSRF token, a staff-only "
-           "endpoint, or a staff session from an emailed link (staff need their password "
-           "sign-in or an API token)."),
+    403: _("Signed in, but not allowed: a session without the CSRF token, someone else's "
+           "keys or usage, a staff-only endpoint, or a staff session from an emailed link "
+           "(staff need their password sign-in or an API token)."),
     404: _("No such person or key, or not one the caller may reach."),
     405: _("The method is not allowed; the Allow header lists the one that is."),
     413: _("The body is too large."),
