@@ -22,6 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.functional import Promise
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 OPENAPI_VERSION = "3.1.0"
@@ -326,12 +327,17 @@ def _ok(description: str | Promise, schema: str) -> Answer:
     return Answer(description, schema)
 
 
+# The staff reports answer a caller without a token with the admin's sign-in page instead.
+_BAD_TOKEN = Answer(_("The API token is invalid or revoked."))
 # Django's require_GET answers other methods 405 with an empty body (and an Allow header).
 _GET_ONLY = Answer(_("The method is not allowed; use GET."), schema=None)
 
 
 def operations() -> tuple[Operation, ...]:
+    from usage.export import COLUMNS
     from usage.selectors import PERIODS, RANKINGS
+
+    columns = ", ".join(str(c) for c in COLUMNS)
 
     return (
         Operation(
@@ -403,8 +409,8 @@ def operations() -> tuple[Operation, ...]:
             _("Leaderboard"),
             _("People ranked by usage over a period. A staff API token gets JSON; a browser "
               "session gets the page in the admin instead."),
-            _answers(401,
-                     s200=_ok(_("The ranking."), "Leaderboard"),
+            _answers(s200=_ok(_("The ranking."), "Leaderboard"),
+                     s401=_BAD_TOKEN,
                      s400=Answer(_("Unknown period or ranking.")),
                      s405=_GET_ONLY),
             auth=(TOKEN,), staff=True,
@@ -421,9 +427,10 @@ def operations() -> tuple[Operation, ...]:
             _("Usage per day, person and key, as CSV, streamed. Days are the portal's time "
               "zone. A staff API token gets the CSV or a JSON refusal; a browser session "
               "gets the export form instead."),
-            _answers(401,
-                     s200=Answer(_("The CSV, one row per key and day, keys masked."),
+            _answers(s200=Answer(_("The CSV, one row per key and day, keys masked. "
+                                   "Columns: %(columns)s.") % {"columns": columns},
                                  schema=None, media=CSV),
+                     s401=_BAD_TOKEN,
                      s400=Answer(_("Missing or bad dates."), "FieldsError"),
                      s405=_GET_ONLY),
             auth=(TOKEN,), staff=True,
@@ -635,7 +642,7 @@ def example_json(schema: dict[str, Any], components: dict[str, Any]) -> str:
 
 
 def type_label(schema: dict[str, Any]) -> str:
-    """"string", "integer or null", "array of Key", "Error": a schema as a few words."""
+    """"string", "integer | null", "array of Key", "Error": a schema as a few words."""
     if "$ref" in schema:
         return schema["$ref"].rsplit("/", 1)[-1]
     kind = schema.get("type", "object")
@@ -643,7 +650,8 @@ def type_label(schema: dict[str, Any]) -> str:
     words = []
     for item in kinds:
         if item == "array":
-            words.append(f"array of {type_label(schema.get('items', {}))}")
+            items = type_label(schema.get("items", {}))
+            words.append(gettext("array of %(items)s") % {"items": items})
         elif item == "string" and schema.get("format"):
             words.append(f"string ({schema['format']})")
         else:
@@ -651,7 +659,22 @@ def type_label(schema: dict[str, Any]) -> str:
     text = " | ".join(words)
     if "enum" in schema:
         text += ": " + ", ".join(str(v) for v in schema["enum"])
+    if "default" in schema:
+        text += " (" + gettext("default: %(value)s") % {"value": schema["default"]} + ")"
     return text
+
+
+Segments = list[tuple[str, bool]]
+
+
+def segments(text: str) -> list[Segments]:
+    """Paragraphs of `text`, each as (text, is_code) pieces: the descriptions mark names
+    with backticks, as CommonMark does, and the page shows them as code (escaped by the
+    template like any text)."""
+    return [
+        [(piece, n % 2 == 1) for n, piece in enumerate(paragraph.split("`")) if piece]
+        for paragraph in text.split("\n\n")
+    ]
 
 
 @dataclass(frozen=True)
@@ -678,7 +701,7 @@ class Endpoint:
     path: str
     anchor: str
     summary: str
-    description: list[str]
+    description: list[Segments]
     auth: list[str]
     fields: list[FieldRow]
     answers: list[AnswerRow]
@@ -732,7 +755,7 @@ def endpoints(doc: dict[str, Any]) -> dict[str, list[Endpoint]]:
             ]
             groups[item["tags"][0]].append(Endpoint(
                 method=method.upper(), path=path, anchor=item["operationId"],
-                summary=item["summary"], description=item["description"].split("\n\n"),
+                summary=item["summary"], description=segments(item["description"]),
                 auth=auth, fields=_fields(item, components),
                 answers=_answer_rows(item, components),
             ))

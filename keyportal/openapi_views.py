@@ -8,7 +8,14 @@ from django.shortcuts import render
 from django.urls import get_script_prefix
 from django.views.decorators.http import require_GET
 
-from keyportal.openapi import OPENAPI_MEDIA, TAGS, document, endpoints, example_json
+from keyportal.openapi import (
+    OPENAPI_MEDIA,
+    TAGS,
+    document,
+    endpoints,
+    example_json,
+    segments,
+)
 
 
 def _server_url(request: HttpRequest) -> str:
@@ -26,7 +33,7 @@ def api_docs(request: HttpRequest) -> HttpResponse:
     doc = document(server_url=_server_url(request))
     groups = [(TAGS[tag], items) for tag, items in endpoints(doc).items() if items]
     return render(request, "api_docs.html", {
-        "info": doc["info"], "server": doc["servers"][0]["url"], "groups": groups,
+        "info": doc["info"], "intro": segments(doc["info"]["description"]), "server": doc["servers"][0]["url"], "groups": groups,
         "schemes": doc["components"]["securitySchemes"],
         "error_example": example_json({"$ref": "#/components/schemas/Error"},
                                       doc["components"]["schemas"]),

@@ -95,12 +95,6 @@ def test_dates_and_emails_are_really_checked():
     assert {"date-time", "date", "email"} <= set(FORMATS.checkers)
 
 
-def test_schema_texts_follow_the_language(client):
-    english = _schema_of(client)
-    assert english["info"]["title"] == "Key Portal API"
-    assert english["paths"]["/api/register-key"]["post"]["summary"] == "Issue a key"
-
-
 def test_every_example_on_the_docs_page_matches_its_schema(client):
     doc = _schema_of(client)
     for name in doc["components"]["schemas"]:
@@ -150,9 +144,8 @@ def test_every_url_that_answers_json_is_documented(fake_proxy, staff, token):  #
             answered_json.add(route)
 
     assert answered_json - documented == set()
-    # The probe reaches the API: all the token-reachable documented paths answered JSON.
-    assert {openapi.route_of(op.url_name) for op in openapi.operations()
-            if op.url_name != "usage-export"} <= answered_json
+    # The probe does reach JSON: every documented path answered it at least once.
+    assert answered_json == documented
 
 
 def test_documented_methods_are_exactly_what_the_views_allow(token):  # noqa: F811
@@ -634,6 +627,8 @@ def test_the_docs_page_lists_every_endpoint(client, django_assert_num_queries):
     assert "Authorization: Bearer" in page and "X-CSRFTOKEN" in page
     assert escape('"error": "Authentication required."') in page
     assert "sk-kp-3f…9a1c" in page  # a made-up example, never a real key
+    assert "the person named by <code>email</code>" in page and "`" not in page
+    assert "string: today, 7d, 30d, all (default: 7d)" in page
 
 
 def test_the_docs_page_for_a_signed_in_person(client, ann, django_assert_num_queries):
