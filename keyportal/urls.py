@@ -5,6 +5,7 @@ from django.urls import include, path
 from django.utils.translation import gettext_lazy as _
 
 from accounts import views as accounts_views
+from keyportal import openapi_views
 from keyportal import views as keyportal_views
 
 admin.site.site_header = _("Key Portal")
@@ -20,4 +21,6 @@ urlpatterns = [
     path("", include("pool.urls")),
     path("", include("usage.urls")),
     path("", accounts_views.home, name="home"),
+    path("api/schema", openapi_views.api_schema, name="api-schema"),
+    path("api/docs", openapi_views.api_docs, name="api-docs"),
 ]
