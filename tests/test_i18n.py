@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.template import Context, Template
-from django.utils import translation
+from django.utils import timezone, translation
 from django.utils.formats import date_format, number_format
 
 from scripts.compilemessages import Entry, mo_bytes, parse_po, untranslated
@@ -200,12 +200,43 @@ def test_numbers_group_by_thousands_and_table_dates_are_iso_like(language):
         assert date_format(WHEN.date(), "SHORT_DATE_FORMAT") == "2026-11-23"
 
 
-def test_no_template_renders_a_primary_key_with_a_thousands_separator():
-    """USE_THOUSAND_SEPARATOR writes `{{ key.pk }}` as `1,234`: an id, anchor or query string
-    made of it breaks from the 1000th row. Ids go through `|unlocalize` (or `{% url %}`)."""
+BIG = 12345  # a primary key past 1,000
+
+
+@pytest.fixture
+def big_ids(db):
+    """A person and a key whose primary keys are 12345, with some usage."""
+    from accounts.models import User
+    from pool.models import ApiKey
+    from pool.services import pool_keys_create
+    from tests.usage.conftest import served
+
+    owner = User.objects.create_user("li@example.com", id=BIG)
+    [key] = pool_keys_create(count=1)
+    ApiKey.objects.filter(pk=key.pk).update(id=BIG)
+    ApiKey.objects.filter(pk=BIG).update(status="active", owner=owner, value=None,
+                                         issued_at=WHEN, label="laptop")
+    served(ApiKey.objects.get(pk=BIG), at=timezone.now(), input_tokens=4_000_000,
+           output_tokens=220_812)
+    return owner
+
+
+@pytest.mark.parametrize("language", ["en", "zh-hans"])
+def test_ids_in_pages_never_carry_a_thousands_separator(client, big_ids, admin_user, language):
+    """USE_THOUSAND_SEPARATOR writes `{{ key.pk }}` as `12,345`: an id, anchor or query
+    string made of it would break from the 1000th row. Ids go through `|unlocalize`."""
     found = []
-    for path in sorted((ROOT / "templates").rglob("*.html")):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            for match in re.finditer(r"{{\s*([\w.]+\.(?:pk|id)|[\w.]+_id)\s*}}", line):
-                found.append(f"{path.relative_to(ROOT)}:{number}: {match.group(0)}")
-    assert not found, "add |unlocalize:\n" + "\n".join(found)
+    client.force_login(big_ids)
+    pages = [("/my-keys", {}), (f"/my-keys/{BIG}", {}), (f"/my-keys/{BIG}/revoke", {}),
+             (f"/my-keys/{BIG}/revoke", {"HTTP_HX_REQUEST": "true"})]
+    for url, headers in pages:
+        answer = client.get(url, HTTP_ACCEPT_LANGUAGE=language, **headers)
+        assert answer.status_code == 200, url
+        html = answer.content.decode()
+        found += [f"{url}: {attr}" for attr in re.findall(r'[\w-]+="[^"]*12,345[^"]*"', html)]
+    assert "4,220,812" in client.get("/my-keys").content.decode()  # numbers are grouped
+    client.force_login(admin_user)
+    html = client.get("/staff/leaderboard?period=all", HTTP_ACCEPT_LANGUAGE=language).content.decode()
+    assert "li@example.com" in html
+    found += [f"/staff/leaderboard: {attr}" for attr in re.findall(r'[\w-]+="[^"]*12,345[^"]*"', html)]
+    assert not found, "add |unlocalize to these ids:\n" + "\n".join(found)
