@@ -50,6 +50,8 @@ class AuditEvent(models.Model):
         ADMIN_LOGIN_THROTTLED = (
             "admin_login_throttled", _("admin sign-in refused (too many failures)")
         )
+        PRICE_CHANGED = "price_changed", _("model price changed")
+        DISPLAY_CURRENCY_CHANGED = "display_currency_changed", _("display currency changed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)
