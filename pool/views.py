@@ -14,6 +14,7 @@ from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.forms import EMAIL_MAX_LENGTH, EmailField
@@ -208,6 +209,7 @@ def api_key_pool_status(request: HttpRequest) -> JsonResponse:
 KEY_TESTS_PER_MINUTE = 10
 
 
+@sensitive_post_parameters("key")  # an error report never carries the key
 @login_required
 @require_POST
 def key_test(request: HttpRequest) -> HttpResponse:

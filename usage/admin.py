@@ -94,13 +94,9 @@ class ModelPriceAdmin(admin.ModelAdmin):
     # Every change to a price is audited: it changes what people are told they spent.
     def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
-        if change:
-            audit_form_changes(request=request, obj=obj, form=form, fields=PRICE_FIELDS,
-                               action=Action.PRICE_CHANGED)
-        else:
-            audit_record(action=Action.PRICE_CHANGED, actor=request.user, target=obj,
-                         ip=client_ip(request), before=None,
-                         after={name: _plain(getattr(obj, name)) for name in PRICE_FIELDS})
+        # A new price: every field filled in counts as changed (from nothing).
+        audit_form_changes(request=request, obj=obj, form=form, fields=PRICE_FIELDS,
+                           action=Action.PRICE_CHANGED)
 
     def delete_model(self, request: HttpRequest, obj: ModelPrice) -> None:
         _audit_price_deleted(request, obj)
@@ -171,14 +167,10 @@ class ModelPriceAdmin(admin.ModelAdmin):
         )
 
 
-def _plain(value: Any) -> Any:
-    return value if value is None or isinstance(value, (int, str, bool)) else str(value)
-
-
 def _audit_price_deleted(request: HttpRequest, obj: ModelPrice) -> None:
+    before = {name: str(getattr(obj, name) or "") for name in PRICE_FIELDS}
     audit_record(action=Action.PRICE_CHANGED, actor=request.user, target=obj,
-                 ip=client_ip(request),
-                 before={name: _plain(getattr(obj, name)) for name in PRICE_FIELDS}, after=None)
+                 ip=client_ip(request), before=before, after=None)
 
 
 @admin.register(DisplayCurrency)

@@ -143,3 +143,16 @@ def test_the_key_shown_page_has_every_snippet_with_the_key_and_addresses(client,
         assert f'data-copy="{name}"' in body
     assert f'<input type="hidden" name="key" value="{value}">' in body
     assert 'hx-post="/my-keys/test-key"' in body and "<script" not in body.split("</head>")[1]
+
+
+def test_an_error_report_would_not_carry_the_key(signed_in, rf):
+    from django.views.debug import SafeExceptionReporterFilter
+
+    from pool.views import key_test
+
+    _client, key, value = signed_in
+    request = rf.post(URL, {"key": value})
+    request.user, request.htmx = key.owner, False
+    key_test(request)  # the decorator marks the request as the view runs
+    cleaned = SafeExceptionReporterFilter().get_post_parameters(request)
+    assert cleaned["key"] != value and value not in str(cleaned)

@@ -129,7 +129,8 @@ def test_price_changes_are_audited(admin_client):
     assert response.status_code == 302
     price = ModelPrice.objects.get(model="glm-4.6")
     added = AuditEvent.objects.get(action="price_changed", target_id=str(price.pk))
-    assert added.before is None and added.after["output"] == "2.2"
+    assert added.before["output"] is None and added.after["output"] == "2.2"
+    assert added.after["model"] == "glm-4.6"
     admin_client.post(f"/admin/usage/modelprice/{price.pk}/change/", {
         "model": "glm-4.6", "input": "0.6", "output": "2.4", "cache_read": "0.11",
         "cache_write": "0.6", "source": "docs.z.ai", "taken_on": "2026-11-29",
