@@ -82,3 +82,22 @@ def test_chinese_names_survive_the_round_trip(admin_client, usage):  # noqa: F81
     response = admin_client.get(URL, {"from": "2026-03-01", "to": "2026-03-01"})
     raw = b"".join(response.streaming_content)
     assert raw.startswith(b"\xef\xbb\xbf") and "王小明".encode() in raw
+
+
+def test_a_staff_token_can_ask_for_a_preset(client, usage, monkeypatch):  # noqa: F811
+    from accounts.models import ApiToken, User
+    from accounts.services import api_token_new
+
+    raw = api_token_new()
+    token = ApiToken(user=User.objects.create_user("ops@example.com", password="x" * 12,
+                                                   is_staff=True), name="reports")
+    token.set_token(raw)
+    token.save()
+    monkeypatch.setattr(timezone, "localdate", lambda *a, **k: date(2026, 3, 2))
+    response = client.get(URL, {"preset": "today"}, HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(
+        b"".join(response.streaming_content).decode("utf-8-sig"))))
+    assert {r["date"] for r in rows} == {"2026-03-02"} and len(rows) == 2
+    bad = client.get(URL, {"preset": "fortnight"}, HTTP_AUTHORIZATION=f"Bearer {raw}")
+    assert bad.status_code == 400 and "preset" in bad.json()["fields"]
