@@ -269,6 +269,9 @@ PORTAL_ALLOWED_EMAIL_DOMAINS = [
 # ann@x.com. People already stored with a +tag keep their address. Turn off only when a mail
 # server treats "+" as an ordinary character (ann+ci would be someone else's mailbox).
 PORTAL_FOLD_PLUS_ADDRESSING = env.bool("PORTAL_FOLD_PLUS_ADDRESSING", default=True)
+# With folding on, how many people one mailbox may hold (counting people stored with a +tag
+# before folding was on): registering one more is refused with an email saying so.
+PORTAL_PEOPLE_PER_MAILBOX = number("PORTAL_PEOPLE_PER_MAILBOX", "1")
 # Rate limits on /login and /register, counted in the shared cache over a window: per client
 # address and per email address.
 PORTAL_RATE_WINDOW_SECONDS = number("PORTAL_RATE_WINDOW_SECONDS", "900")
