@@ -53,6 +53,8 @@ class AuditEvent(models.Model):
         TOTP_ENABLED = "totp_enabled", _("authenticator app set up")
         TOTP_DISABLED = "totp_disabled", _("authenticator app removed")
         TOTP_FAILED = "totp_failed", _("wrong authenticator code")
+        PRICE_CHANGED = "price_changed", _("model price changed")
+        DISPLAY_CURRENCY_CHANGED = "display_currency_changed", _("display currency changed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

@@ -334,7 +334,7 @@ _GET_ONLY = Answer(_("The method is not allowed; use GET."), schema=None)
 
 
 def operations() -> tuple[Operation, ...]:
-    from usage.export import COLUMNS
+    from usage.export import COLUMNS, PRESETS
     from usage.selectors import PERIODS, RANKINGS
 
     columns = ", ".join(str(c) for c in COLUMNS)
@@ -424,21 +424,27 @@ def operations() -> tuple[Operation, ...]:
         Operation(
             "usage-export", "get", "exportUsage", TAG_STAFF,
             _("Usage export (CSV)"),
-            _("Usage per day, person and key, as CSV, streamed. Days are the portal's time "
-              "zone. A staff API token gets the CSV or a JSON refusal; a browser session "
-              "gets the export form instead."),
-            _answers(s200=Answer(_("The CSV, one row per key and day, keys masked. "
-                                   "Columns: %(columns)s.") % {"columns": columns},
+            _("Usage per day, person, key and model, as CSV (UTF-8 with a byte order mark), "
+              "streamed. Days are the portal's time zone. A staff API token gets the CSV or a "
+              "JSON refusal; a browser session gets the export form instead."),
+            _answers(s200=Answer(_("The CSV, one row per key, model and day, keys masked, "
+                                   "cost in USD. Columns: %(columns)s; with a display "
+                                   "currency set, one more: the cost in it.")
+                                 % {"columns": columns},
                                  schema=None, media=CSV),
                      s401=_BAD_TOKEN,
                      s400=Answer(_("Missing or bad dates."), "FieldsError"),
                      s405=_GET_ONLY),
             auth=(TOKEN,), staff=True,
             params=(
-                Param("from", "query", _("The first day (YYYY-MM-DD)."),
-                      {"type": "string", "format": "date"}),
-                Param("to", "query", _("The last day, included (YYYY-MM-DD)."),
-                      {"type": "string", "format": "date"}),
+                Param("from", "query", _("The first day (YYYY-MM-DD); needed unless preset."),
+                      {"type": "string", "format": "date"}, False),
+                Param("to", "query", _("The last day, included (YYYY-MM-DD); needed unless "
+                                       "preset."),
+                      {"type": "string", "format": "date"}, False),
+                Param("preset", "query", _("A ready-made period instead of from and to, "
+                                           "counted from today in the portal's time zone."),
+                      {"type": "string", "enum": list(PRESETS)}, False),
             ),
         ),
         Operation(
