@@ -50,6 +50,7 @@ class AuditEvent(models.Model):
         ADMIN_LOGIN_THROTTLED = (
             "admin_login_throttled", _("admin sign-in refused (too many failures)")
         )
+        KEY_RENAMED = "key_renamed", _("key renamed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)
