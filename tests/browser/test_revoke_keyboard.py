@@ -181,3 +181,43 @@ def test_adding_a_key_empties_the_label_so_enter_cannot_issue_a_twin(live_server
     expect(page.locator("#add-form input[name=label]")).to_have_value("")
     assert ApiKey.objects.filter(owner=dana, label="ci").count() == 1
     expect(page.locator("#key-table")).to_contain_text("ci")
+
+
+@pytest.fixture
+def nojs_page(page):
+    """A second tab in the same browser with JavaScript off: htmx never runs."""
+    context = page.context.browser.new_context(java_script_enabled=False)
+    context.set_default_timeout(15_000)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
+
+
+def test_without_javascript_everything_is_a_plain_page(live_server, nojs_page, dana, two_keys):
+    page = nojs_page
+    laptop, _ci = two_keys
+    open_my_keys(page, live_server, dana)
+    page.set_viewport_size({"width": 390, "height": 844})
+
+    page.locator("#add-form input[name=label]").fill("phone")
+    page.get_by_role("button", name="Add key").click()
+    expect(page.locator("#key-value")).to_be_visible()  # the full "your new key" page
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+    page.goto(f"{live_server.url}/my-keys")
+    page.locator(f"#rename-{laptop.pk}").click()
+    expect(page).to_have_url(re.compile(f"/my-keys/{laptop.pk}/rename$"))
+    page.get_by_label("Label").fill("old laptop")
+    page.get_by_role("button", name="Save").click()
+    expect(page).to_have_url(re.compile("/my-keys$"))
+    expect(page.locator(".messages")).to_contain_text("is now labelled “old laptop”")
+
+    page.locator(f"#revoke-{laptop.pk}").click()
+    expect(page).to_have_url(re.compile(f"/my-keys/{laptop.pk}/revoke$"))
+    page.get_by_role("button", name="Revoke").click()
+    expect(page).to_have_url(re.compile("/my-keys$"))
+    expect(page.locator(".messages")).to_contain_text(f"Key {laptop.masked} is revoked.")
+    expect(page.locator("details.revoked summary")).to_have_text("Revoked (1)")
+    laptop.refresh_from_db()
+    assert (laptop.status, laptop.label) == (ApiKey.Status.REVOKED, "old laptop")
