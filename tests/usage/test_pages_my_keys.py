@@ -267,6 +267,7 @@ def test_revoked_keys_are_folded_below_the_live_ones(client, ann, proxy_keys):
     live, revoked = page.split('<details class="revoked"', 1)
     assert f'id="key-{new.pk}"' in live and f'id="key-{old.pk}"' not in live
     assert "<summary>Revoked (1)</summary>" in revoked and f'id="key-{old.pk}"' in revoked
+    assert "Your API keys</caption>" in live and "Your revoked keys</caption>" in revoked
     assert "autofocus" not in page.split("<details", 1)[1].split("</summary>", 1)[0]
 
 
