@@ -162,7 +162,7 @@ def test_the_masked_key_stays_on_one_line_at_1280(live_server, page, dana_with_k
     assert page_width(page) <= 1280
 
 
-def test_admin_index_names_the_staff_pages_on_one_line(live_server, page):
+def test_staff_pages_fit_a_phone_and_name_their_pages_on_one_line(live_server, page):
     User.objects.create_superuser("boss@example.com", "a-long-password-1")
     page.goto(f"{live_server.url}/admin/login/")
     page.locator("#id_username").fill("boss@example.com")
@@ -176,3 +176,6 @@ def test_admin_index_names_the_staff_pages_on_one_line(live_server, page):
         box = link.bounding_box()
         assert box is not None and box["width"] > box["height"] * 3, (size, box)
         assert link.evaluate("a => a.getClientRects().length") == 1
+    for path in ("/admin/", "/staff/leaderboard", "/staff/proxy", "/staff/export"):
+        page.goto(f"{live_server.url}{path}")
+        assert page_width(page) <= PHONE["width"], path
