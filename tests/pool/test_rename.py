@@ -182,3 +182,13 @@ def test_the_api_refuses_bad_input_and_others_keys(client, ann, bob, key):
     assert post(client, {"label": "x"}).status_code == 400  # which key?
     key.refresh_from_db()
     assert key.label == "laptop" and renames() == []
+
+
+def test_the_rename_page_and_row_cost_a_fixed_number_of_queries(
+    client, ann, key, django_assert_num_queries
+):
+    client.force_login(ann)
+    with django_assert_num_queries(3):  # session, person, the key
+        assert client.get(f"/my-keys/{key.pk}/rename").status_code == 200
+    with django_assert_num_queries(3):
+        assert client.get(f"/my-keys/{key.pk}/rename", headers=HTMX).status_code == 200
