@@ -61,7 +61,9 @@ def _label_form(data: Any = None, *, key: ApiKey | None = None) -> KeyLabelForm:
     """The add form, or a key's rename form (its own ids: several can share a page)."""
     if key is None:
         return KeyLabelForm(data)
-    return KeyLabelForm(data, initial={"label": key.label}, auto_id=f"rename-{key.pk}-%s")
+    form = KeyLabelForm(data, initial={"label": key.label}, auto_id=f"rename-{key.pk}-%s")
+    form.fields["label"].widget.attrs["autofocus"] = True  # htmx also honours it after a swap
+    return form
 
 
 def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
@@ -145,8 +147,6 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     """GET shows the form (in the key's row with htmx, a page without); POST renames."""
     key = get_object_or_404(ApiKey, pk=pk, owner=request.user)
     form = _label_form(request.POST if request.method == "POST" else None, key=key)
-    if request.htmx:
-        form.fields["label"].widget.attrs["autofocus"] = True  # htmx focuses it after the swap
     if request.method == "GET" or not form.is_valid():
         if request.htmx:  # 200: htmx swaps only 2xx answers, and the errors must show
             return render(request, "pool/key_rename.html#edit-row", {"key": key, "form": form})
@@ -155,7 +155,9 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     label = form.cleaned_data["label"]
     key_rename(key=key, label=label, by=request.user, ip=client_ip(request))
     if label:
-        message = _("Key %(key)s is now labelled “%(label)s”.") % {"key": key.masked, "label": label}
+        message = _("Key %(key)s is now labelled “%(label)s”.") % {
+            "key": key.masked, "label": label,
+        }
     else:
         message = _("Key %(key)s has no label now.") % {"key": key.masked}
     if request.htmx:

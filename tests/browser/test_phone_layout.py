@@ -102,7 +102,8 @@ def test_my_keys_fits_a_phone_with_keys_as_cards(live_server, page, dana_with_ke
     on_screen(page, page.locator("dl.totals dd").last, 390)
     # Unused: a dash, not $0.0000; the suspended key says so.
     expect(page.locator(f"#key-{keys['unused'].pk} td[data-label=Cost]")).to_have_text("—")
-    expect(page.locator(f"#key-{keys['suspended'].pk}")).to_contain_text("over your monthly token limit")
+    expect(page.locator(f"#key-{keys['suspended'].pk}")).to_contain_text(
+        "over your monthly token limit")
 
     # The revoked key is folded away, and fits too once unfolded.
     revoked = page.locator(f"#key-{keys['revoked'].pk}")
