@@ -34,7 +34,8 @@ def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -
 
     signin_link_send(
         email=email, purpose=purpose, link_url=link_url,
-        register_url=request.build_absolute_uri(reverse("register")), **extra,
+        register_url=request.build_absolute_uri(reverse("register")),
+        login_url=request.build_absolute_uri(reverse("login")), **extra,
     )
 
 

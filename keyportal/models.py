@@ -50,6 +50,9 @@ class AuditEvent(models.Model):
         ADMIN_LOGIN_THROTTLED = (
             "admin_login_throttled", _("admin sign-in refused (too many failures)")
         )
+        TOTP_ENABLED = "totp_enabled", _("authenticator app set up")
+        TOTP_DISABLED = "totp_disabled", _("authenticator app removed")
+        TOTP_FAILED = "totp_failed", _("wrong authenticator code")
         KEY_RENAMED = "key_renamed", _("key renamed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
