@@ -55,6 +55,7 @@ class AuditEvent(models.Model):
         TOTP_FAILED = "totp_failed", _("wrong authenticator code")
         PRICE_CHANGED = "price_changed", _("model price changed")
         DISPLAY_CURRENCY_CHANGED = "display_currency_changed", _("display currency changed")
+        KEY_RENAMED = "key_renamed", _("key renamed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

@@ -248,6 +248,20 @@ def schemas() -> dict[str, dict[str, Any]]:
                 "email": _body_email(),
             },
         },
+        "RenameKeyRequest": {
+            "type": "object",
+            "description": _("Give the key's `id`, or its full value as `key`, and its new "
+                             "`label` (an empty string removes the label)."),
+            "required": ["label"],
+            "properties": {
+                "id": {"type": ["integer", "null"], "minimum": 1, "examples": [12]},
+                "key": {"type": ["string", "null"], "maxLength": key_max},
+                "label": {"type": "string", "maxLength": label_max, "description": _(
+                    "The new label: no control characters or line breaks."),
+                    "examples": ["build box"]},
+                "email": _body_email(),
+            },
+        },
     }
 
 
@@ -369,6 +383,15 @@ def operations() -> tuple[Operation, ...]:
               "a revoked key again answers it unchanged."),
             _answers(400, 401, 403, 404, 405, 413, s200=_ok(_("The revoked key."), "Key")),
             body="RevokeKeyRequest",
+        ),
+        Operation(
+            "api-rename-key", "post", "renameKey", TAG_KEYS,
+            _("Rename a key"),
+            _("Gives one of the caller's keys (or of the person named by `email`, for a staff "
+              "token), found by id or by full value, a new label. The change is in the audit "
+              "log."),
+            _answers(400, 401, 403, 404, 405, 413, s200=_ok(_("The renamed key."), "Key")),
+            body="RenameKeyRequest",
         ),
         Operation(
             "api-key-pool-status", "get", "poolStatus", TAG_KEYS,

@@ -633,6 +633,23 @@ def key_revoke(*, key: ApiKey, by: User, ip: str | None = None) -> bool:
     return bool(changed)
 
 
+def key_rename(*, key: ApiKey, label: str, by: User, ip: str | None = None) -> bool:
+    """Gives a key a new label (a clean one: see pool.forms.label_clean). False, and no audit
+    row, when the label is the one it has."""
+    with transaction.atomic():
+        before = ApiKey.objects.select_for_update().filter(id=key.id).values_list(
+            "label", flat=True
+        ).first()
+        if before is None or before == label:
+            key.refresh_from_db()
+            return False
+        ApiKey.objects.filter(id=key.id).update(label=label)
+        audit_record(action=Action.KEY_RENAMED, actor=by, target=key, ip=ip,
+                     before={"label": before}, after={"label": label})
+    key.refresh_from_db()
+    return True
+
+
 def keys_reconcile_quietly(
     *, budget: float | None = None, lease_wait: float | None = None
 ) -> ReconcileReport | None:

@@ -34,6 +34,7 @@ from pool.services import (
     IssuedKey,
     PoolEmpty,
     key_assign,
+    key_rename,
     key_revoke,
     keys_reconcile_in_request,
     pool_empty_notify,
@@ -176,9 +177,8 @@ def api_my_keys(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"email": person.email, "keys": [_key_json(k) for k in _my_keys(person)]})
 
 
-@api_view(methods=("POST",))
-def api_revoke_key(request: HttpRequest) -> JsonResponse:
-    body = json_body(request)
+def _api_key(request: HttpRequest, body: dict[str, Any]) -> ApiKey:
+    """The key a body names by `id` or full `key`, among the keys of the person it acts for."""
     form = KeyRevokeForm({"id": body_int(body, "id"), "key": body_str(body, "key")})
     if not form.is_valid():
         raise _form_error(form)
@@ -190,9 +190,29 @@ def api_revoke_key(request: HttpRequest) -> JsonResponse:
         key = owned.filter(key_hash=key_digest(form.cleaned_data["key"])).first()
     if key is None:
         raise ApiError(_("No such key."), 404)
+    return key
+
+
+@api_view(methods=("POST",))
+def api_revoke_key(request: HttpRequest) -> JsonResponse:
+    body = json_body(request)
+    key = _api_key(request, body)
     if key_revoke(key=key, by=request.user, ip=client_ip(request)):
         keys_reconcile_in_request()  # committed already: a slow proxy only postpones removal
         key.refresh_from_db()
+    return JsonResponse(_key_json(key))
+
+
+@api_view(methods=("POST",))
+def api_rename_key(request: HttpRequest) -> JsonResponse:
+    body = json_body(request)
+    if "label" not in body:  # a missing label must not wipe the one the key has
+        raise ApiError(_("Give the new `label` (an empty string removes it)."))
+    form = KeyLabelForm({"label": body_str(body, "label")})
+    if not form.is_valid():
+        raise _form_error(form)
+    key = _api_key(request, body)
+    key_rename(key=key, label=form.cleaned_data["label"], by=request.user, ip=client_ip(request))
     return JsonResponse(_key_json(key))
 
 

@@ -358,6 +358,48 @@ def revoke_too_big(fx):
     return _post(_signed_in(fx, "ann"), "/api/revoke-key", _TOO_BIG)
 
 
+# rename-key
+
+
+@case("api-rename-key", "post", 200)
+def rename(fx):
+    key = _ann_key(fx)
+    return _post(_signed_in(fx, "ann"), "/api/rename-key", {"id": key.pk, "label": "box"})
+
+
+@case("api-rename-key", "post", 400)
+def rename_without_label(fx):
+    key = _ann_key(fx)
+    return _post(_signed_in(fx, "ann"), "/api/rename-key", {"id": key.pk})
+
+
+@case("api-rename-key", "post", 401)
+def rename_anonymous(fx):
+    return _post(Client(), "/api/rename-key", {"id": 1, "label": "x"})
+
+
+@case("api-rename-key", "post", 403)
+def rename_for_someone_else(fx):
+    return _post(_signed_in(fx, "ann"), "/api/rename-key",
+                 {"id": 1, "label": "x", "email": "bob@example.com"})
+
+
+@case("api-rename-key", "post", 404)
+def rename_someone_elses_key(fx):
+    key = _ann_key(fx)
+    return _post(_signed_in(fx, "bob"), "/api/rename-key", {"id": key.pk, "label": "x"})
+
+
+@case("api-rename-key", "post", 405)
+def rename_by_get(fx):
+    return _signed_in(fx, "ann").get("/api/rename-key")
+
+
+@case("api-rename-key", "post", 413)
+def rename_too_big(fx):
+    return _post(_signed_in(fx, "ann"), "/api/rename-key", _TOO_BIG)
+
+
 # key-pool-status
 
 

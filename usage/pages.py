@@ -18,7 +18,7 @@ from django.utils import timezone
 from django.utils.cache import patch_vary_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
-from django_htmx.http import reswap, retarget
+from django_htmx.http import reswap, retarget, trigger_client_event
 
 from accounts.models import User
 from keyportal.admin_site import staff_password_required
@@ -28,8 +28,8 @@ from pool.forms import KeyLabelForm
 from pool.models import ApiKey
 from pool.selectors import PoolStatus, pool_status
 from pool.services import (
-    ImplausibleKeyList, PoolEmpty, ReconcileReport, key_assign, key_revoke, keys_reconcile,
-    keys_reconcile_in_request,
+    ImplausibleKeyList, PoolEmpty, ReconcileReport, key_assign, key_rename, key_revoke,
+    keys_reconcile, keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
@@ -49,13 +49,32 @@ def _my_keys(user: User) -> list[ApiKey]:
 
 def _table_context(user: User, **extra: Any) -> dict[str, Any]:
     keys = _my_keys(user)
-    return {"keys": keys, "totals": totals_of_keys(keys), **extra}
+    # Revoked keys are folded under "Revoked (n)": split in Python, still one query.
+    revoked = [k for k in keys if k.status == ApiKey.Status.REVOKED]
+    return {
+        "keys": keys, "totals": totals_of_keys(keys), "revoked_keys": revoked,
+        "live_keys": [k for k in keys if k.status != ApiKey.Status.REVOKED], **extra,
+    }
+
+
+def _label_form(data: Any = None, *, key: ApiKey | None = None) -> KeyLabelForm:
+    """The add form, or a key's rename form (its own ids: several can share a page)."""
+    if key is None:
+        return KeyLabelForm(data)
+    form = KeyLabelForm(data, initial={"label": key.label}, auto_id=f"rename-{key.pk}-%s")
+    form.fields["label"].widget.attrs["autofocus"] = True  # htmx also honours it after a swap
+    return form
+
+
+def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
+    # static/js/portal.js moves focus there once htmx has settled the swap.
+    return trigger_client_event(response, "kp:focus", {"selector": selector}, after="settle")
 
 
 @login_required
 @require_GET
 def my_keys(request: HttpRequest) -> HttpResponse:
-    context = _table_context(request.user, form=KeyLabelForm())
+    context = _table_context(request.user, form=_label_form())
     template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
     response = render(request, template, context)
     patch_vary_headers(response, ["HX-Request"])
@@ -65,7 +84,7 @@ def my_keys(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def key_add(request: HttpRequest) -> HttpResponse:
-    form = KeyLabelForm(request.POST)
+    form = _label_form(request.POST)
     if form.is_valid() and key_limit_reached(request.user):
         form.add_error(
             "label",
@@ -74,6 +93,7 @@ def key_add(request: HttpRequest) -> HttpResponse:
         )
     if not form.is_valid():
         if request.htmx:
+            form.fields["label"].widget.attrs["autofocus"] = True  # htmx focuses it after the swap
             response = render(request, "pool/my_keys.html#add-form", {"form": form})
             return reswap(retarget(response, "#add-form"), "outerHTML")
         return render(request, "pool/my_keys.html", _table_context(request.user, form=form),
@@ -83,18 +103,21 @@ def key_add(request: HttpRequest) -> HttpResponse:
             user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
         )
     except PoolEmpty:
-        return pool_empty(
+        response = pool_empty(
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
         )
+        return _focus_after_settle(response, "#issued h2") if request.htmx else response
     if not request.htmx:
         return key_shown(request, issued, "pool/key_shown.html")
-    # The new key's panel, plus the table (out of band) so it lists the new key too.
+    # The new key's panel; out of band, the table (so it lists the new key too) and an empty
+    # add form (Enter in the old one would issue a second key with the same label).
     response = key_shown(request, issued, "pool/key_shown.html#issued")
-    table = render_to_string(
-        "pool/my_keys.html#key-table", _table_context(request.user, oob=True), request=request
-    )
-    response.content += table.encode()
-    return response
+    for part, context in (("key-table", _table_context(request.user, oob=True)),
+                          ("add-form", {"form": _label_form(), "oob": True})):
+        response.content += render_to_string(
+            f"pool/my_keys.html#{part}", context, request=request
+        ).encode()
+    return _focus_after_settle(response, "#issued h2")
 
 
 @login_required
@@ -107,11 +130,42 @@ def key_revoke_view(request: HttpRequest, pk: int) -> HttpResponse:
         return render(request, template, {"key": key})
     if key_revoke(key=key, by=request.user, ip=client_ip(request)):
         keys_reconcile_in_request()  # committed already: a slow proxy only postpones removal
+        message = _("Key %(key)s is revoked.") % {"key": key.masked}
+    else:
+        message = _("Key %(key)s is already revoked.") % {"key": key.masked}
+    if request.htmx:
+        # The whole list again: the key moves under "Revoked (n)", which takes the focus.
+        return render(request, "pool/key_revoke.html#revoked",
+                      _table_context(request.user, focus_revoked=True, message=message))
+    messages.success(request, message)
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
+    """GET shows the form (in the key's row with htmx, a page without); POST renames."""
+    key = get_object_or_404(ApiKey, pk=pk, owner=request.user)
+    form = _label_form(request.POST if request.method == "POST" else None, key=key)
+    if request.method == "GET" or not form.is_valid():
+        if request.htmx:  # 200: htmx swaps only 2xx answers, and the errors must show
+            return render(request, "pool/key_rename.html#edit-row", {"key": key, "form": form})
+        status = 200 if request.method == "GET" else 400
+        return render(request, "pool/key_rename.html", {"key": key, "form": form}, status=status)
+    label = form.cleaned_data["label"]
+    key_rename(key=key, label=label, by=request.user, ip=client_ip(request))
+    if label:
+        message = _("Key %(key)s is now labelled “%(label)s”.") % {
+            "key": key.masked, "label": label,
+        }
+    else:
+        message = _("Key %(key)s has no label now.") % {"key": key.masked}
     if request.htmx:
         # The row again, with its usage columns: read back through the annotated query.
         row = keys_with_usage(owner=request.user).get(pk=key.pk)
-        return render(request, "pool/my_keys.html#key-row", {"key": row})
-    messages.success(request, _("Key %(key)s is revoked.") % {"key": key.masked})
+        response = render(request, "pool/key_rename.html#renamed", {"key": row, "message": message})
+        return _focus_after_settle(response, f"#rename-{key.pk}")
+    messages.success(request, message)
     return HttpResponseRedirect(reverse("my-keys"), status=303)
 
 

@@ -10,6 +10,7 @@ urlpatterns = [
     path("my-keys/add", pages.key_add, name="key-add"),
     path("my-keys/<int:pk>", pages.key_detail, name="key-detail"),
     path("my-keys/<int:pk>/revoke", pages.key_revoke_view, name="key-revoke"),
+    path("my-keys/<int:pk>/rename", pages.key_rename_view, name="key-rename"),
     # Staff pages sit outside /admin/, whose catch-all would swallow them.
     path("staff/leaderboard", pages.staff_leaderboard, name="staff-leaderboard"),
     path("staff/proxy", pages.staff_proxy, name="staff-proxy"),

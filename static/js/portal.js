@@ -21,3 +21,50 @@ document.addEventListener("click", async (event) => {
   button.textContent = button.dataset.copied || "✓";
   setTimeout(() => { button.textContent = label; }, 1500);
 });
+
+// --- In-place actions on /my-keys (htmx) ------------------------------------------------------
+// Focus goes where the person's next step is, Esc backs out of a confirm or rename row, and the
+// live region (#key-status, aria-live) says what happened — or that it failed.
+
+function focusOn(selector) {
+  const target = selector && document.querySelector(selector);
+  if (!target) return;
+  if (target.tabIndex < 0 && !target.hasAttribute("tabindex")) target.setAttribute("tabindex", "-1");
+  target.focus();
+}
+
+// A server answer asks for focus with `HX-Trigger-After-Settle: {"kp:focus": {"selector": …}}`.
+document.addEventListener("kp:focus", (event) => focusOn(event.detail && event.detail.selector));
+
+// A Cancel link names where focus returns (data-focus-after): its own row is swapped away.
+let focusAfterSettle = null;
+document.addEventListener("htmx:beforeRequest", (event) => {
+  const elt = event.detail.elt;
+  focusAfterSettle = (elt && elt.dataset && elt.dataset.focusAfter) || null;
+  const status = document.getElementById("key-status");
+  if (status) status.textContent = "";
+});
+document.addEventListener("htmx:afterSettle", () => {
+  if (!focusAfterSettle) return;
+  const selector = focusAfterSettle;
+  focusAfterSettle = null;
+  focusOn(selector);
+});
+
+function sayFailed() {
+  focusAfterSettle = null;
+  const status = document.getElementById("key-status");
+  if (status) status.textContent = status.dataset.failed || "";
+}
+document.addEventListener("htmx:responseError", sayFailed);
+document.addEventListener("htmx:sendError", sayFailed);
+document.addEventListener("htmx:timeout", sayFailed);
+
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Escape" || !(event.target instanceof Element)) return;
+  const row = event.target.closest("tr.confirm, tr.edit");
+  const cancel = row && row.querySelector("[data-cancel]");
+  if (!cancel) return;
+  event.preventDefault();
+  cancel.click();
+});

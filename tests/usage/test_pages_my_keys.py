@@ -3,6 +3,7 @@ and anonymously; with and without htmx."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 from decimal import Decimal
@@ -105,26 +106,29 @@ def test_each_key_shows_its_usage_and_the_totals_are_on_top(client, ann, bob, ma
     # $3.00 is known, the ci key's usage has no price: the total says it is a lower bound.
     assert "≥ $3.00" in totals and "cost-partial" in totals
     laptop_row = page.split(f'<tr id="key-{laptop.pk}">', 1)[1].split("</tr>", 1)[0]
-    assert '<td class="num">3</td>' in laptop_row and "$3.00" in laptop_row
+    assert '<td class="num" data-label="Requests">3</td>' in laptop_row and "$3.00" in laptop_row
     ci_row = page.split(f'<tr id="key-{ci.pk}">', 1)[1].split("</tr>", 1)[0]
     assert "cost-unknown" in ci_row and "$0" not in ci_row
     assert "1,000" not in page  # Bob's usage is not Ann's
 
 
-def test_a_key_without_usage_costs_nothing(client, ann, ready_keys):
+def test_a_key_without_usage_shows_a_dash_for_its_cost(client, ann, ready_keys):
     key = key_assign(user=ann, label="new").key
     client.force_login(ann)
     page = client.get("/my-keys").content.decode()
     row = page.split(f'<tr id="key-{key.pk}">', 1)[1].split("</tr>", 1)[0]
-    assert '<td class="num">0</td>' in row and "$0.0000" in row and "unknown" not in row
+    assert '<td class="num" data-label="Requests">0</td>' in row
+    cost = row.split('data-label="Cost">', 1)[1].split("</td>", 1)[0]
+    assert "—" in cost and "$" not in cost and "unknown" not in cost
 
 
 def test_revoked_row_keeps_its_usage(client, ann, proxy_keys):
     key = key_assign(user=ann, label="laptop").key
     served(key, at=timezone.now(), requests=7)
     client.force_login(ann)
-    row = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX).content.decode()
-    assert "status-revoked" in row and '<td class="num">7</td>' in row
+    page = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX).content.decode()
+    row = page.split(f'<tr id="key-{key.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert "status-revoked" in row and '<td class="num" data-label="Requests">7</td>' in row
 
 
 # --- add ------------------------------------------------------------------------------------
@@ -147,8 +151,22 @@ def test_adding_a_key_with_htmx_swaps_in_the_key_and_the_table(client, ann, read
     assert response.status_code == 200 and "<html" not in body
     assert "no-store" in response["Cache-Control"]
     assert 'id="key-value"' in body
-    assert '<div id="key-table" class="table-wrap" hx-swap-oob="true">' in body
+    assert '<div id="key-table" class="key-list" hx-swap-oob="true">' in body
     assert ApiKey.objects.filter(owner=ann).count() == 1
+
+
+def test_adding_a_key_with_htmx_empties_the_label_and_moves_focus_to_the_key(
+    client, ann, ready_keys
+):
+    client.force_login(ann)
+    response = client.post("/my-keys/add", {"label": "ci"}, headers=HTMX)
+    body = response.content.decode()
+    form = body.split('<form id="add-form"', 1)[1].split("</form>", 1)[0]
+    assert 'hx-swap-oob="true"' in form
+    assert 'name="label"' in form and 'value="ci"' not in form  # Enter cannot issue it twice
+    assert json.loads(response["HX-Trigger-After-Settle"]) == {
+        "kp:focus": {"selector": "#issued h2"}
+    }
 
 
 def test_a_bad_label_is_refused_on_the_field_and_changes_nothing(client, ann, ready_keys):
@@ -223,13 +241,34 @@ def test_revoke_kills_the_key_and_removes_it_from_the_proxy(
     assert b"is revoked" in client.get("/my-keys").content
 
 
-def test_revoke_with_htmx_answers_the_new_row(client, ann, proxy_keys):
+def test_revoke_with_htmx_answers_the_list_with_the_key_folded_away(client, ann, proxy_keys):
     key = key_assign(user=ann, label="laptop").key
+    other = key_assign(user=ann, label="ci").key
     client.force_login(ann)
-    row = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX)
-    body = row.content.decode().lstrip()
-    assert row.status_code == 200 and body.startswith(f'<tr id="key-{key.pk}">')
-    assert "status-revoked" in body and "Revoke" not in body
+    response = client.post(f"/my-keys/{key.pk}/revoke", headers=HTMX)
+    body = response.content.decode().lstrip()
+    assert response.status_code == 200 and body.startswith('<div id="key-table"')
+    live, revoked = body.split('<details class="revoked"', 1)
+    assert f'id="key-{other.pk}"' in live and f'id="key-{key.pk}"' not in live
+    assert "Revoked (1)" in revoked and "autofocus" in revoked
+    row = revoked.split(f'<tr id="key-{key.pk}">', 1)[1].split("</tr>", 1)[0]
+    assert "status-revoked" in row and "/revoke" not in row
+    # The live region's sentence, out of band.
+    status = body.split('<p id="key-status" hx-swap-oob="innerHTML">', 1)[1].split("</p>", 1)[0]
+    assert status == f"Key {key.masked} is revoked."
+
+
+def test_revoked_keys_are_folded_below_the_live_ones(client, ann, proxy_keys):
+    old = key_assign(user=ann, label="old").key
+    new = key_assign(user=ann, label="new").key
+    client.force_login(ann)
+    client.post(f"/my-keys/{old.pk}/revoke")
+    page = client.get("/my-keys").content.decode()
+    live, revoked = page.split('<details class="revoked"', 1)
+    assert f'id="key-{new.pk}"' in live and f'id="key-{old.pk}"' not in live
+    assert "<summary>Revoked (1)</summary>" in revoked and f'id="key-{old.pk}"' in revoked
+    assert "Your API keys</caption>" in live and "Your revoked keys</caption>" in revoked
+    assert "autofocus" not in page.split("<details", 1)[1].split("</summary>", 1)[0]
 
 
 def test_revoke_while_the_proxy_is_down_leaves_removal_pending(client, ann, ready_keys, settings):

@@ -1,0 +1,80 @@
+"""The portal's own 404 and 500 pages (templates/404.html, templates/500.html), with DEBUG off as
+in production: styled like the rest, a way home, and nothing of the failure's insides."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connections
+from django.http import HttpRequest, HttpResponse
+from django.template.loader import get_template
+from django.test import Client
+from django.urls import include, path
+
+from pool.services import key_assign
+from tests.pool.conftest import _make_ready_keys
+
+pytestmark = pytest.mark.django_db
+
+MANAGEMENT_KEY = "mgmt-secret-4b1d8e0c"
+
+
+def _boom(request: HttpRequest) -> HttpResponse:
+    # An exception whose message carries secrets, as an upstream error or a bug might.
+    from django.conf import settings
+
+    raise RuntimeError(f"exploded with {settings.CLIPROXY_MANAGEMENT_KEY} {settings.SECRET_KEY}")
+
+
+urlpatterns = [path("boom", _boom), path("", include("keyportal.urls"))]
+
+
+@pytest.fixture
+def production(settings):
+    settings.DEBUG = False
+    settings.CLIPROXY_MANAGEMENT_KEY = MANAGEMENT_KEY
+    settings.SECRET_KEY = "secret-key-for-this-test-0123456789abcdef"
+    return settings
+
+
+def test_a_missing_page_gets_the_portals_404(client, production):
+    response = client.get("/no/such/page")
+    body = response.content.decode()
+    assert response.status_code == 404
+    assert "<title>Page not found · Key Portal</title>" in body
+    assert "css/portal.css" in body  # styled like every other page
+    assert 'href="/"' in body and "Back to the portal" in body
+
+
+def test_someone_elses_key_gets_the_same_404(client, ann, bob, production):
+    _make_ready_keys(1)
+    key = key_assign(user=ann, label="laptop").key
+    client.force_login(bob)
+    response = client.get(f"/my-keys/{key.pk}")
+    assert response.status_code == 404 and b"Page not found" in response.content
+    assert b"laptop" not in response.content and key.masked.encode() not in response.content
+    assert b"bob@example.com" in response.content  # the header knows who is signed in
+
+
+@pytest.mark.urls(__name__)
+def test_a_crash_gets_the_portals_500_without_the_traceback_or_secrets(production):
+    client = Client(raise_request_exception=False)
+    response = client.get("/boom")
+    body = response.content.decode()
+    assert response.status_code == 500
+    assert "<title>Something went wrong · Key Portal</title>" in body
+    assert 'href="/"' in body and "Back to the portal" in body
+    for leak in ("Traceback", "RuntimeError", "exploded", MANAGEMENT_KEY, production.SECRET_KEY):
+        assert leak not in body
+
+
+def test_the_500_page_renders_with_no_context_and_no_database(production):
+    # Django's server_error renders 500.html with no context at all; it must not need the
+    # database either (the failure may be the database).
+    for alias in connections:
+        connections[alias].close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("django.db.backends.base.base.BaseDatabaseWrapper.ensure_connection",
+                      lambda self: (_ for _ in ()).throw(AssertionError("500.html used the DB")))
+        body = get_template("500.html").render()
+    assert "<title>Something went wrong · Key Portal</title>" in body
+    assert "Sign in" in body  # no user in the context: the anonymous header
