@@ -120,6 +120,10 @@ class ProxySetting:
     def answer_key(self) -> str:
         return self.name.rsplit("/", 1)[-1]
 
+    @property
+    def slug(self) -> str:
+        return self.name.replace("/", "-")
+
 
 STATISTICS = "usage-statistics-enabled"
 RETENTION = "redis-usage-queue-retention-seconds"
@@ -276,6 +280,15 @@ def _entry_from(kind: ProviderKind, index: int, raw: Any) -> UpstreamEntry:
     )
 
 
+def pick_entry(entries: list[UpstreamEntry], *, index: int, ref: str) -> UpstreamEntry:
+    """The entry at `index` if it is still the one `ref` names: a page's index goes stale
+    when someone else changes the list, and a PATCH by a stale index edits another entry."""
+    if not 0 <= index < len(entries) or entries[index].ref != ref:
+        raise EntryChanged(_("That entry has changed or moved at the proxy since the page was "
+                             "shown; nothing was changed. Look again and retry."))
+    return entries[index]
+
+
 def models_json(models: list[ModelAlias]) -> list[dict[str, str]]:
     return [{"name": m.name, "alias": m.alias} for m in models]
 
@@ -398,11 +411,7 @@ class ProxyAdminClient(ProxyClient):
 
     def upstream_entry(self, kind: ProviderKind, *, index: int, ref: str) -> UpstreamEntry:
         """The entry at `index`, read now, and only if it is still the one named by `ref`."""
-        entries = self.upstream_entries(kind)
-        if not 0 <= index < len(entries) or entries[index].ref != ref:
-            raise EntryChanged(_("That entry has changed or moved at the proxy since the page "
-                                 "was shown; nothing was changed. Look again and retry."))
-        return entries[index]
+        return pick_entry(self.upstream_entries(kind), index=index, ref=ref)
 
     def upstream_add(self, kind: ProviderKind, entry: dict[str, Any]) -> list[UpstreamEntry]:
         """Appends `entry`: the proxy has no "add", so the list is read and PUT whole, each
