@@ -517,7 +517,7 @@ def auth_files(request: HttpRequest) -> HttpResponse:
         return _failed(request, exc, back)
     _audit(request, Action.PROXY_AUTH_FILE_CHANGED, name, None, described,
            detail="uploaded to /auth-files")
-    messages.success(request, _("%(name)s is uploaded.") % {"name": name})
+    messages.success(request, _("Uploaded %(name)s.") % {"name": name})
     return HttpResponseRedirect(back)
 
 
@@ -545,5 +545,5 @@ def auth_file_delete(request: HttpRequest) -> HttpResponse:
     _audit(request, Action.PROXY_AUTH_FILE_CHANGED, name,
            {"name": name, "provider": found.provider, "email": found.email}, None,
            detail="deleted from /auth-files")
-    messages.success(request, _("%(name)s is deleted.") % {"name": name})
+    messages.success(request, _("Deleted %(name)s.") % {"name": name})
     return HttpResponseRedirect(back)
