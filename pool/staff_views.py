@@ -25,6 +25,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from keyportal.admin_site import staff_password_required
@@ -88,6 +89,14 @@ def _unseal(request: HttpRequest, action: str) -> dict[str, Any] | None:
             or pending.get("a") != action or time.time() - pending.get("t", 0) > PENDING_TTL):
         return None
     return pending.get("d")
+
+
+def _submitted(request: HttpRequest, action: str) -> tuple[bool, Any]:
+    """(confirmed, data): the change a confirmation page sealed (data None when it is not
+    valid), or else the form as posted (None on a GET)."""
+    if "pending" in request.POST:
+        return True, _unseal(request, action)
+    return False, request.POST if request.method == "POST" else None
 
 
 def _confirm(request: HttpRequest, *, title: str, action: str, data: dict[str, Any],
@@ -171,6 +180,10 @@ def _settings_page(request: HttpRequest, *, form: SettingChangeForm | None = Non
             rows, retention, error = _settings_rows(client)
     except UpstreamError as exc:
         error = str(exc)
+    if rows and not any(row.supported for row in rows):
+        error = _("The proxy answered 404 to every setting: its management API is probably "
+                  "disabled (remote-management.secret-key is empty in its config.yaml).")
+        rows = []
     return _page(request, "admin/proxy/settings.html", {
         "title": _("Proxy settings"), "rows": rows, "error": error, "form": form,
         "retention": retention, "retention_name": RETENTION,
@@ -182,8 +195,7 @@ def _settings_page(request: HttpRequest, *, form: SettingChangeForm | None = Non
 
 def _setting_change(request: HttpRequest) -> HttpResponse:
     back = reverse("staff-proxy-settings")
-    confirmed = "pending" in request.POST
-    data = _unseal(request, "setting") if confirmed else request.POST
+    confirmed, data = _submitted(request, "setting")
     if data is None:
         return _expired(request, back)
     form = SettingChangeForm(data)
@@ -314,12 +326,21 @@ def _value_summary(kind: ProviderKind, value: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FIELD_LABELS = {
+    "keys": gettext_lazy("Key"), "name": gettext_lazy("Name"),
+    "base_url": gettext_lazy("Base URL"), "proxy_url": gettext_lazy("Proxy URL"),
+    "models": gettext_lazy("Models"), "disabled": gettext_lazy("Disabled"),
+    "provider": gettext_lazy("Provider"), "email": gettext_lazy("Account"),
+}
+
+
 def _changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(label, before, after) for each field that differs, for a confirmation page."""
     def text(v: Any) -> str:
         return ", ".join(map(str, v)) if isinstance(v, list) else ("" if v is None else str(v))
 
-    return [(key, text(before.get(key)), text(after[key])) for key in after
-            if text(before.get(key)) != text(after[key])]
+    return [(str(FIELD_LABELS.get(key, key)), text(before.get(key)), text(after[key]))
+            for key in after if text(before.get(key)) != text(after[key])]
 
 
 def _upstream_form_page(request: HttpRequest, kind: ProviderKind, form: UpstreamForm,
@@ -333,9 +354,7 @@ def _upstream_form_page(request: HttpRequest, kind: ProviderKind, form: Upstream
 @require_http_methods(["GET", "POST"])
 def upstream_add(request: HttpRequest, kind: str) -> HttpResponse:
     provider, back = _kind(kind), reverse("staff-proxy-upstreams")
-    confirmed = "pending" in request.POST
-    data = _unseal(request, f"add:{kind}") if confirmed else (
-        request.POST if request.method == "POST" else None)
+    confirmed, data = _submitted(request, f"add:{kind}")
     if confirmed and data is None:
         return _expired(request, back)
     form = UpstreamForm(data, kind=provider, adding=True)
@@ -366,9 +385,7 @@ def upstream_add(request: HttpRequest, kind: str) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def upstream_edit(request: HttpRequest, kind: str, index: int) -> HttpResponse:
     provider, back = _kind(kind), reverse("staff-proxy-upstreams")
-    confirmed = "pending" in request.POST
-    data = _unseal(request, f"edit:{kind}:{index}") if confirmed else (
-        request.POST if request.method == "POST" else None)
+    confirmed, data = _submitted(request, f"edit:{kind}:{index}")
     if confirmed and data is None:
         return _expired(request, back)
     ref = (data or request.GET).get("ref", "")
@@ -406,8 +423,7 @@ def _entry_action(request: HttpRequest, kind: str, index: int, action: str,
                   describe: Callable[[UpstreamEntry], tuple[str, str, Any, str]]) -> HttpResponse:
     """Disable/enable and delete: confirm, then re-read, check, act and audit."""
     provider, back = _kind(kind), reverse("staff-proxy-upstreams")
-    confirmed = "pending" in request.POST
-    data = _unseal(request, f"{action}:{kind}:{index}") if confirmed else request.POST
+    confirmed, data = _submitted(request, f"{action}:{kind}:{index}")
     if data is None:
         return _expired(request, back)
     try:
@@ -490,9 +506,8 @@ def auth_files(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         return _auth_files_page(request, AuthFileUploadForm())
     back = reverse("staff-proxy-auth-files")
-    confirmed = "pending" in request.POST
+    confirmed, pending = _submitted(request, "upload")
     if confirmed:
-        pending = _unseal(request, "upload")
         if pending is None:
             return _expired(request, back)
         name, content = pending["name"], base64.b64decode(pending["content"])
@@ -508,7 +523,8 @@ def auth_files(request: HttpRequest) -> HttpResponse:
     if not confirmed:
         return _confirm(request, title=_("Upload an auth file"), action="upload",
                         data={"name": name, "content": base64.b64encode(content).decode()},
-                        changes=[(k, "", v) for k, v in described.items() if v], back=back,
+                        changes=_changes({}, {k: v for k, v in described.items() if v}),
+                        back=back,
                         button=_("Yes, upload it"))
     try:
         with _client() as client:
@@ -525,8 +541,7 @@ def auth_files(request: HttpRequest) -> HttpResponse:
 @require_POST
 def auth_file_delete(request: HttpRequest) -> HttpResponse:
     back = reverse("staff-proxy-auth-files")
-    confirmed = "pending" in request.POST
-    data = _unseal(request, "delete-file") if confirmed else request.POST
+    confirmed, data = _submitted(request, "delete-file")
     if data is None:
         return _expired(request, back)
     name = str(data.get("name", "")).strip()

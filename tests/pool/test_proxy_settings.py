@@ -254,3 +254,29 @@ def test_a_proxy_that_does_not_answer_in_time_is_named(staff_client, proxy, sett
     page = staff_client.get(URL).content.decode()
     assert "did not answer within" in page
     assert len(proxy.management_requests) == 1  # the rest were not asked
+
+
+# --- the config.yaml line edit (pool.proxy_admin.config_with_retention) ----------------------
+
+
+def test_the_retention_line_is_replaced_or_added_and_nothing_else_moves():
+    from pool.proxy_admin import ConfigEditRefused, config_with_retention
+
+    text = "# mine\nport: 8317\nredis-usage-queue-retention-seconds: 60  # s\napi-keys:\n  - k\n"
+    assert config_with_retention(text, 3600) == text.replace("60  # s", "3600")
+    assert config_with_retention("port: 8317", 120) == (
+        "port: 8317\nredis-usage-queue-retention-seconds: 120\n")
+    quoted = 'redis-usage-queue-retention-seconds: "90"\n'
+    assert config_with_retention(quoted, 5) == "redis-usage-queue-retention-seconds: 5\n"
+    with pytest.raises(ConfigEditRefused):
+        config_with_retention("redis-usage-queue-retention-seconds: 1\n"
+                              "redis-usage-queue-retention-seconds: 2\n", 5)
+    with pytest.raises(ConfigEditRefused):  # nested, or a value the portal does not parse
+        config_with_retention("redis-usage-queue-retention-seconds: &anchor 60\n", 5)
+
+
+def test_a_proxy_with_management_off_is_not_called_an_old_version(staff_client, proxy):
+    proxy.management_enabled = False  # every /v0/management route answers 404
+    page = staff_client.get(URL).content.decode()
+    assert "management API is probably disabled" in page and "<form" not in page.split(
+        'id="proxy-settings"', 1)[1]

@@ -217,3 +217,16 @@ def test_a_wrong_management_key_costs_one_request_then_none(staff_client, proxy,
     staff_client.get(URL)
     staff_client.post(f"{URL}/claude/0/delete", {"ref": "x"})
     assert len(proxy.management_requests) == 1 and proxy.peak_failures == 1
+
+
+def test_masking_keeps_only_what_gives_nothing_away():
+    from pool.proxy_admin import mask_secret, mask_url, parse_models, ModelAlias
+
+    assert mask_secret(CLAUDE_KEY) == "…1111" and mask_secret("short-key") == "…"
+    assert mask_secret("") == ""
+    assert mask_url("socks5://u:p@h:1080/x") == "socks5://***@h:1080/x"
+    assert mask_url("https://h/v1?key=abc&x=1") == "https://h/v1?key=***&x=***"
+    assert mask_url("https://api.anthropic.com") == "https://api.anthropic.com"
+    assert mask_url("http://[::1") == "***"
+    assert parse_models("a = b\n\n# note\nc\nd=>e") == [
+        ModelAlias("a", "b"), ModelAlias("c", ""), ModelAlias("d", "e")]
