@@ -295,9 +295,9 @@ def _entry_value(kind: ProviderKind, form_data: dict[str, Any],
         proxy = value.pop("proxy-url")
         entries = (current.raw.get("api-key-entries") or []) if current else [
             {"api-key": form_data["api_key"]}]
-        value["api-key-entries"] = [
-            {**{k: v for k, v in e.items() if k != "proxy-url"}, **({"proxy-url": proxy} if proxy else {})}
-            for e in entries if isinstance(e, dict)]
+        kept = [{k: v for k, v in e.items() if k != "proxy-url"}
+                for e in entries if isinstance(e, dict)]
+        value["api-key-entries"] = [{**e, "proxy-url": proxy} if proxy else e for e in kept]
     if current is None:
         if kind.named:
             value["name"] = form_data["name"]

@@ -9,6 +9,9 @@
   the portal came).
 - Client API: POST /v1/chat/completions, POST /v1/messages, GET /v1/models, authenticated by
   any of the proxy's key carriers, recording usage when statistics are on.
+- The routes behind the staff pages that run the proxy (`_AdminRoutes`): the scalar settings,
+  /config and /config.yaml (the queue retention), the provider key lists and /auth-files;
+  `version` makes routes a release added later answer 404.
 - Test controls: `inject()` one-shot faults (status, body, delay), `restart()` (usage gone,
   keys kept), `management_requests` (what the portal sent), a settable clock.
 
@@ -869,10 +872,11 @@ def main() -> None:
     parser.add_argument("--generation", choices=["queue", "snapshot"], default="queue")
     parser.add_argument("--key", action="append", default=[], help="a client key to start with")
     parser.add_argument("--retention", type=float, default=60.0)
+    parser.add_argument("--version", default=None, help="an older release, e.g. 6.5.0")
     args = parser.parse_args()
     proxy = FakeProxy(
         generation=args.generation, management_key=args.management_key, api_keys=args.key,
-        retention_seconds=args.retention, port=args.port,
+        retention_seconds=args.retention, port=args.port, version=args.version,
     ).start()
     print(f"fake proxy ({args.generation}) on {proxy.url}", flush=True)
     try:
