@@ -346,7 +346,8 @@ def _changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, s
 def _upstream_form_page(request: HttpRequest, kind: ProviderKind, form: UpstreamForm,
                         entry: UpstreamEntry | None, status: int = 200) -> HttpResponse:
     return _page(request, "admin/proxy/upstream_form.html", {
-        "title": (_("Edit %(what)s") if entry else _("Add to %(what)s")) % {"what": kind.label},
+        "title": _("Edit %(entry)s in %(what)s") % {"entry": entry.label, "what": kind.label}
+        if entry else _("Add to %(what)s") % {"what": kind.label},
         "kind": kind, "form": form, "entry": entry}, status=status)
 
 
