@@ -96,6 +96,11 @@ class EntryChanged(UpstreamError):
     the list meanwhile): nothing was written."""
 
 
+class DisableUnsupported(UpstreamError):
+    """The proxy took the change but its version has no such flag (it ignores unknown fields):
+    the entry is still as it was."""
+
+
 class ConfigEditRefused(UpstreamError):
     """config.yaml could not be changed safely (an unusual layout of the line to edit)."""
 
@@ -429,6 +434,22 @@ class ProxyAdminClient(ProxyClient):
         except UpstreamNotFound:
             # The route answered the GET just before: this 404 is "item not found".
             raise EntryChanged(_("The proxy no longer has that entry; nothing was changed."))
+
+    def upstream_set_disabled(self, entry: UpstreamEntry, disabled: bool) -> None:
+        """Disables or enables an entry, then reads it back: a release without the flag
+        (key lists before 6.6, OpenAI-compatible providers before late 6.9) answers ok and
+        ignores it."""
+        if entry.kind.named:
+            value: dict[str, Any] = {"disabled": disabled}
+        else:
+            kept = [m for m in entry.raw.get("excluded-models") or [] if m != DISABLE_ALL]
+            value = {"excluded-models": [*kept, DISABLE_ALL] if disabled else kept}
+        self.upstream_patch(entry.kind, index=entry.index, value=value)
+        now = self.upstream_entries(entry.kind)
+        if entry.index >= len(now) or now[entry.index].disabled is not disabled:
+            raise DisableUnsupported(
+                _("This proxy version cannot disable entries of %(what)s (it ignored the setting); "
+                  "delete the entry instead, or update the proxy.") % {"what": entry.kind.label})
 
     def upstream_delete(self, entry: UpstreamEntry, *, siblings: list[UpstreamEntry]) -> None:
         kind = entry.kind

@@ -34,7 +34,6 @@ from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.forms_proxy import AuthFileUploadForm, SettingChangeForm, UpstreamForm
 from pool.proxy_admin import (
     BOOL,
-    DISABLE_ALL,
     PROVIDERS,
     PROVIDERS_BY_SLUG,
     RETENTION,
@@ -447,12 +446,7 @@ def _entry_action(request: HttpRequest, kind: str, index: int, action: str,
 
 
 def _toggle(client: ProxyAdminClient, entry: UpstreamEntry, entries: list[UpstreamEntry]) -> None:
-    if entry.kind.named:
-        value: dict[str, Any] = {"disabled": not entry.disabled}
-    else:
-        excluded = [m for m in entry.raw.get("excluded-models") or [] if m != DISABLE_ALL]
-        value = {"excluded-models": excluded if entry.disabled else [*excluded, DISABLE_ALL]}
-    client.upstream_patch(entry.kind, index=entry.index, value=value)
+    client.upstream_set_disabled(entry, not entry.disabled)
 
 
 @staff_password_required

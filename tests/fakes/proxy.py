@@ -104,6 +104,8 @@ PATCH_FIELDS = {
 # Routes and the release that added them: a fake with an older `version` answers 404.
 ROUTES_ADDED = {"/usage-statistics-enabled": (6, 3), "/gemini-api-key": (6, 6),
                 "/auth-files/status": (6, 9)}
+# Entry fields and the release that added them (openai-compatibility's `disabled`: late 6.9).
+FIELDS_ADDED = {"excluded-models": (6, 6), "disabled": (6, 9)}
 SCALAR_SETTINGS = {"debug": False, "request-log": False, "request-retry": 3, "proxy-url": "",
                    "quota-exceeded/switch-project": True,
                    "quota-exceeded/switch-preview-model": True}
@@ -277,8 +279,8 @@ class _AdminRoutes:
             return 404, {"error": "item not found"}
         entry = dict(items[target])
         for key in PATCH_FIELDS[name]:
-            if key not in body["value"]:
-                continue
+            if key not in body["value"] or self.version < FIELDS_ADDED.get(key, (0, 0)):
+                continue  # a field this release's struct lacks is ignored, and answered ok
             value = body["value"][key]
             if key == "base-url" and name in ("codex-api-key", "openai-compatibility"):
                 if not str(value or "").strip():  # the quirk: an empty base-url deletes

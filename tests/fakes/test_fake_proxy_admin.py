@@ -125,3 +125,14 @@ def test_an_older_release_lacks_newer_routes():
         assert "disabled" not in entry and "status" not in entry  # the directory listing
     finally:
         old.stop()
+
+
+def test_an_older_release_ignores_entry_fields_it_does_not_have():
+    old = FakeProxy(generation="snapshot", management_key=KEY, version="6.5.0").start()
+    try:
+        call(old, "PUT", "/claude-api-key", json=[{"api-key": "sk-a"}])
+        answer = call(old, "PATCH", "/claude-api-key", json={"index": 0, "value": {"excluded-models": ["*"]}})
+        assert answer.json() == {"status": "ok"}  # ok, and nothing changed
+        assert old.providers["claude-api-key"] == [{"api-key": "sk-a"}]
+    finally:
+        old.stop()

@@ -230,3 +230,13 @@ def test_masking_keeps_only_what_gives_nothing_away():
     assert mask_url("http://[::1") == "***"
     assert parse_models("a = b\n\n# note\nc\nd=>e") == [
         ModelAlias("a", "b"), ModelAlias("c", ""), ModelAlias("d", "e")]
+
+
+def test_an_older_proxy_that_cannot_disable_says_so(staff_client, old_proxy):
+    seed(old_proxy)
+    page = staff_client.get(URL).content.decode()
+    asked = staff_client.post(f"{URL}/claude/0/toggle", {"ref": ref_of(page, "upstream-claude-0")})
+    done = confirm(staff_client, f"{URL}/claude/0/toggle", asked)
+    assert "cannot disable entries of Claude API keys" in done.content.decode()
+    assert "excluded-models" not in old_proxy.providers["claude-api-key"][0]
+    assert not AuditEvent.objects.exists()
