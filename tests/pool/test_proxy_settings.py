@@ -80,17 +80,37 @@ def assert_no_secret(secret: str, *responses) -> None:
 # --- who may look -----------------------------------------------------------------------------
 
 
-def test_only_staff_signed_in_with_a_password_may_look(client, ann, staff, proxy):
-    assert client.get(URL)["Location"].startswith("/admin/login/")
+# Each page, and a change posted to it.
+PAGES = [(URL, URL, {"setting": "debug", "value": "true"}),
+         ("/staff/proxy/upstreams", "/staff/proxy/upstreams/claude/0/delete", {"ref": "x"}),
+         ("/staff/proxy/auth-files", "/staff/proxy/auth-files/delete", {"name": "a.json"})]
+
+
+@pytest.mark.parametrize("page,change,data", PAGES)
+def test_only_staff_signed_in_with_a_password_may_look(client, ann, staff, proxy, page, change,
+                                                       data):
+    assert client.get(page)["Location"].startswith("/admin/login/")
+    assert client.post(change, data)["Location"].startswith("/admin/login/")
     client.force_login(ann)
-    assert client.get(URL)["Location"].startswith("/admin/login/")
+    assert client.get(page)["Location"].startswith("/admin/login/")
     client.force_login(staff)
     session = client.session
     session[SIGNIN_METHOD_KEY] = BY_LINK  # staff who came in by an emailed link
     session.save()
-    assert client.get(URL)["Location"].startswith("/admin/login/")
-    assert client.post(URL, {"setting": "debug", "value": "true"}).status_code == 302
+    assert client.get(page)["Location"].startswith("/admin/login/")
+    assert client.post(change, data)["Location"].startswith("/admin/login/")
     assert proxy.management_requests == []
+
+
+@pytest.mark.parametrize("page,change,data", PAGES)
+def test_a_wrong_management_key_costs_one_request_then_none(staff_client, proxy, settings,
+                                                            page, change, data):
+    settings.CLIPROXY_MANAGEMENT_KEY = "wrong-key"
+    assert "refused the management key" in staff_client.get(page).content.decode()
+    assert len(proxy.management_requests) == 1 and proxy.refused_logins == 1
+    assert "Nothing was sent" in staff_client.get(page).content.decode()
+    staff_client.post(change, data, follow=True)
+    assert len(proxy.management_requests) == 1 and proxy.peak_failures == 1
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -235,17 +255,6 @@ def test_a_confirmation_is_only_good_for_whoever_asked(staff_client, proxy, clie
     answer = staff_client.post(URL, {"pending": "garbage"}, follow=True)
     assert "no longer valid" in answer.content.decode()
     assert proxy.settings["debug"] is False and writes(proxy) == []
-
-
-def test_a_wrong_management_key_costs_one_request_then_none(staff_client, proxy, settings):
-    settings.CLIPROXY_MANAGEMENT_KEY = "wrong-key"
-    first = staff_client.get(URL).content.decode()
-    assert "refused the management key" in first
-    assert len(proxy.management_requests) == 1 and proxy.refused_logins == 1
-    again = staff_client.get(URL).content.decode()
-    assert "Nothing was sent" in again
-    staff_client.post(URL, {"setting": "debug", "value": "true"}, follow=True)
-    assert len(proxy.management_requests) == 1 and proxy.peak_failures == 1
 
 
 def test_a_proxy_that_does_not_answer_in_time_is_named(staff_client, proxy, settings):
