@@ -207,8 +207,9 @@ def _setting_change(request: HttpRequest) -> HttpResponse:
         with _client() as client:
             before = _read_setting(client, name)
             if before is None:  # the retention, on a proxy without a usage queue
-                raise UpstreamNotFound(_("This proxy version has no usage queue, so no "
-                                         "retention to set."))
+                messages.error(request, _("This proxy version has no usage queue, so no "
+                                          "retention to set; nothing was changed."))
+                return HttpResponseRedirect(back)
             if before == value:
                 messages.info(request, _("%(setting)s is already %(value)s: nothing to change.")
                               % {"setting": label, "value": _shown(name, value)})
