@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test setup setup-dev serve migrate clean
+.PHONY: run test setup setup-dev serve migrate clean messages translations
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,18 @@ $(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
 .env: | $(VENV)/.run-deps
 	$(BIN)/python scripts/bootstrap_env.py
 
-setup: $(VENV)/.run-deps .env migrate
+setup: $(VENV)/.run-deps .env migrate translations
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+
+# The .mo catalogs are built from the committed .po files by a pure-Python compiler: no GNU
+# gettext (msgfmt) is needed to run the portal, so `make run` needs no root and no package mirror.
+translations: | $(BIN)/python
+	$(BIN)/python scripts/compilemessages.py
+
+# After changing strings: re-extract them into locale/*/django.po (needs gettext; scripts/gettext.sh
+# installs it when missing), then translate the new entries.
+messages: $(VENV)/.run-deps
+	bash scripts/messages.sh
 
 # Migrations include the shared cache's table (keyportal/migrations/0003_cache_table.py):
 # no separate `createcachetable` step.
@@ -42,12 +52,14 @@ run: setup
 	@echo ""
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 
-# The browser tests drive Debian's chromium; scripts/browser.sh installs it when missing.
-setup-dev: $(VENV)/.dev-deps
+# The browser tests drive Debian's chromium, tests/test_i18n.py gettext's xgettext and msgfmt;
+# scripts/browser.sh and scripts/gettext.sh install them when missing.
+setup-dev: $(VENV)/.dev-deps translations
 	bash scripts/browser.sh
+	bash scripts/gettext.sh
 
 test: setup-dev
 	bash scripts/test.sh
 
 clean:
-	rm -rf $(VENV) staticfiles .pytest_cache
+	rm -rf $(VENV) staticfiles .pytest_cache locale/*/LC_MESSAGES/*.mo

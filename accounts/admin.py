@@ -97,7 +97,7 @@ class UserAdmin(BaseUserAdmin):
     show_full_result_count = False
     readonly_fields = ("date_joined", "last_login")
     fieldsets = (
-        (None, {"fields": ("email", "name", "password")}),
+        (None, {"fields": ("email", "name", "language", "password")}),
         (_("Limits (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
         (
             _("Permissions"),

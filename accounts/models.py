@@ -100,6 +100,11 @@ class User(AbstractBaseUser, PermissionsMixin, Limits):
         _("staff"), default=False, help_text=_("Can sign in to the admin with a password.")
     )
     date_joined = models.DateTimeField(_("joined"), default=timezone.now)
+    language = models.CharField(
+        _("language"), max_length=16, blank=True, choices=settings.LANGUAGES,
+        help_text=_("The portal's emails to this person (limit warnings, notices) are written "
+                    "in it. Set by the language switch; empty: the portal's default."),
+    )
 
     objects = UserManager()
 
@@ -119,6 +124,11 @@ class User(AbstractBaseUser, PermissionsMixin, Limits):
 
     def __str__(self) -> str:
         return self.email
+
+    @property
+    def email_language(self) -> str:
+        """The language to write to this person in, when no request tells it."""
+        return self.language or settings.LANGUAGE_CODE
 
     def clean(self) -> None:
         super().clean()

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts.models import ApiToken, SignInLink, User, token_digest
-from accounts.selectors import person_email
+from accounts.selectors import mailbox_full, person_email
 from keyportal.audit import Action, audit_record
 
 Purpose = SignInLink.Purpose
@@ -60,6 +60,7 @@ def signin_link_send(
     purpose: str,
     link_url: Callable[[str, str], str],
     register_url: str,
+    login_url: str = "",
     name: str = "",
     label: str = "",
 ) -> None:
@@ -73,6 +74,7 @@ def signin_link_send(
     The message goes to the address of the person it is for (`person_email`): with +tags
     folded, `ann+ci@x.com` asks for `ann@x.com`'s link, and only that mailbox may receive it
     (where `+` is not a tag, `ann+ci` is someone else's mailbox)."""
+    asked = email
     email = person_email(email=email)
     minutes = settings.PORTAL_LINK_MINUTES
     if purpose == Purpose.LOGIN and not User.objects.filter(email=email, is_active=True).exists():
@@ -80,6 +82,12 @@ def signin_link_send(
             "accounts/email/no_account.txt",
             _("Key Portal: no account for this address"),
             {"register_url": register_url},
+        )
+    elif purpose == Purpose.REGISTER and mailbox_full(email=asked):
+        template, subject, context = (
+            "accounts/email/mailbox_full.txt",
+            _("Key Portal: this mailbox already has an account"),
+            {"login_url": login_url, "limit": settings.PORTAL_PEOPLE_PER_MAILBOX},
         )
     else:
         token = _link_new(email=email, purpose=purpose, name=name, label=label)
@@ -91,6 +99,17 @@ def signin_link_send(
         )
         context = {"url": link_url(purpose, token), "minutes": minutes}
     send_mail(subject, render_to_string(template, context), None, [email])
+
+
+def person_language_set(*, user: User, language: str) -> bool:
+    """Remembers the language `user` reads the portal in, so that emails sent later without a
+    request (limit warnings, expiry notices) are written in it. False for an unknown code."""
+    if language not in dict(settings.LANGUAGES):
+        return False
+    if user.language != language:
+        User.objects.filter(pk=user.pk).update(language=language)
+        user.language = language
+    return True
 
 
 def signin_link_peek(*, token: str, purpose: str) -> SignInLink | None:
@@ -132,6 +151,8 @@ def signin_link_redeem(
         link = SignInLink.objects.get(token_hash=digest)
         _links_retire(email=link.email, purpose=purpose)
         if purpose == Purpose.REGISTER:
+            if mailbox_full(email=link.email):  # filled since this link was sent
+                raise LinkInvalid
             user = person_get_or_create(email=link.email, name=link.name)
         else:
             user = User.objects.filter(email=link.email).first()

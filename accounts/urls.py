@@ -9,4 +9,5 @@ urlpatterns = [
     path("login/<str:token>", views.login_link, name="login-link"),
     path("register", views.register_view, name="register"),
     path("logout", views.logout_view, name="logout"),
+    path("i18n/setlang/", views.language_set, name="set_language"),
 ]

@@ -11,11 +11,18 @@ from django.urls import reverse
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
 from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
 from accounts.ratelimit import link_requests_limited
-from accounts.services import LinkInvalid, signin_link_peek, signin_link_redeem, signin_link_send
+from accounts.services import (
+    LinkInvalid,
+    person_language_set,
+    signin_link_peek,
+    signin_link_redeem,
+    signin_link_send,
+)
 from accounts.signin import link_login
 from keyportal.audit import client_ip
 
@@ -34,7 +41,8 @@ def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -
 
     signin_link_send(
         email=email, purpose=purpose, link_url=link_url,
-        register_url=request.build_absolute_uri(reverse("register")), **extra,
+        register_url=request.build_absolute_uri(reverse("register")),
+        login_url=request.build_absolute_uri(reverse("login")), **extra,
     )
 
 
@@ -104,3 +112,13 @@ def login_link(request: HttpRequest, token: str) -> HttpResponse:
 def logout_view(request: HttpRequest) -> HttpResponse:
     logout(request)
     return HttpResponseRedirect(reverse("login"), status=303)
+
+
+@require_POST
+def language_set(request: HttpRequest) -> HttpResponse:
+    """Django's set_language (the cookie, the safe `next` redirect), and for a signed-in
+    person also their stored language, in which the portal's later emails are written."""
+    response = set_language(request)
+    if request.user.is_authenticated:
+        person_language_set(user=request.user, language=request.POST.get(LANGUAGE_QUERY_PARAMETER, ""))
+    return response

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest
+from django.utils.translation import gettext_lazy as _
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from accounts.totp import totp_remove
+from keyportal.audit import client_ip
 from keyportal.models import AuditEvent
 
 
@@ -25,3 +29,34 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
         return False
+
+
+# --- authenticator apps (django-otp's TOTP devices) ------------------------------------------
+# otp_totp's own admin can show a device's secret and QR code to any staff member; this one
+# lists devices and lets staff remove a colleague's (a lost phone), audited, and nothing else.
+# Setting one up happens on the staff member's own page (/admin/totp/setup/).
+
+try:
+    admin.site.unregister(TOTPDevice)
+except admin.sites.NotRegistered:
+    pass
+
+
+@admin.register(TOTPDevice)
+class AuthenticatorAdmin(admin.ModelAdmin):
+    list_display = ("user", "confirmed", "created_at", "last_used_at")
+    list_filter = ("confirmed",)
+    search_fields = ("user__email",)
+    list_select_related = ("user",)
+    fields = ("user", "confirmed", "created_at", "last_used_at")
+    readonly_fields = fields
+    actions = None
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: TOTPDevice | None = None) -> bool:
+        return False
+
+    def delete_model(self, request: HttpRequest, obj: TOTPDevice) -> None:
+        totp_remove(user=obj.user, by=request.user, ip=client_ip(request))

@@ -19,7 +19,7 @@ from django.utils.translation import gettext as _
 
 from accounts.models import ApiToken
 from accounts.services import api_token_authenticate
-from accounts.signin import signed_in_by_link
+from accounts.signin import staff_with_password
 
 View = Callable[..., HttpResponse]
 
@@ -176,9 +176,10 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
                     return api_error(_("The CSRF token is missing or wrong."), 403)
             if staff and not request.user.is_staff:
                 return api_error(_("Staff only."), 403)
-            if staff and request.api_token is None and signed_in_by_link(request):
+            if staff and request.api_token is None and not staff_with_password(request):
                 return api_error(
-                    _("Staff calls need an API token or a password sign-in to the admin."), 403
+                    _("Staff calls need an API token or a password sign-in to the admin "
+                      "(with its authenticator code, when one is set up)."), 403
                 )
             try:
                 return view(request, *args, **kwargs)

@@ -50,6 +50,11 @@ class AuditEvent(models.Model):
         ADMIN_LOGIN_THROTTLED = (
             "admin_login_throttled", _("admin sign-in refused (too many failures)")
         )
+        TOTP_ENABLED = "totp_enabled", _("authenticator app set up")
+        TOTP_DISABLED = "totp_disabled", _("authenticator app removed")
+        TOTP_FAILED = "totp_failed", _("wrong authenticator code")
+        PRICE_CHANGED = "price_changed", _("model price changed")
+        DISPLAY_CURRENCY_CHANGED = "display_currency_changed", _("display currency changed")
         PROXY_SETTING_CHANGED = "proxy_setting_changed", _("proxy setting changed")
         PROXY_UPSTREAM_CHANGED = "proxy_upstream_changed", _("proxy upstream account changed")
         PROXY_AUTH_FILE_CHANGED = "proxy_auth_file_changed", _("proxy auth file changed")

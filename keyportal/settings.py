@@ -58,6 +58,10 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "template_partials",
+    # Before keyportal: keyportal/admin.py replaces otp_totp's admin with one that never
+    # shows a device's secret.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "keyportal",
     "accounts",
     "pool",
@@ -73,6 +77,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -137,6 +142,13 @@ LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = setting("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# Numbers group by thousands (4,220,812) and table dates read 2026-11-23 22:32 in every
+# language: keyportal/formats/<locale>/formats.py override Django's per-language formats.
+USE_THOUSAND_SEPARATOR = True
+FORMAT_MODULE_PATH = ["keyportal.formats"]
+# The language switch's choice: a year, like Django's default, but never sent to other sites.
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SAMESITE = "Lax"
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
@@ -166,6 +178,7 @@ SERVER_EMAIL = DEFAULT_FROM_EMAIL
 PORTAL_HTTPS = env.bool("PORTAL_HTTPS", default=False)
 SESSION_COOKIE_SECURE = PORTAL_HTTPS or env.bool("SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+LANGUAGE_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
@@ -186,6 +199,12 @@ SILENCED_SYSTEM_CHECKS: list[str] = [] if SECURE_HSTS_PRELOAD else ["security.W0
 # People's sessions last SESSION_COOKIE_AGE (Django's two weeks); a staff member's password
 # sign-in to the admin (which also opens /staff/ and the staff API) lasts this many seconds.
 PORTAL_STAFF_SESSION_SECONDS = number("PORTAL_STAFF_SESSION_SECONDS", str(12 * 3600))
+# Staff who set up an authenticator app (/admin/totp/setup/) give a 6-digit code after their
+# password. With PORTAL_STAFF_TOTP_REQUIRED every staff member must set one up before the
+# admin opens.
+PORTAL_STAFF_TOTP_REQUIRED = env.bool("PORTAL_STAFF_TOTP_REQUIRED", default=False)
+OTP_TOTP_ISSUER = env.str("PORTAL_TOTP_ISSUER", default="Key Portal")
+OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 
 # --- The proxy (CLIProxyAPI) ---------------------------------------------------------------
 # Base URL of the proxy, e.g. http://127.0.0.1:8317 (the Management API lives under
@@ -258,6 +277,9 @@ PORTAL_ALLOWED_EMAIL_DOMAINS = [
 # ann@x.com. People already stored with a +tag keep their address. Turn off only when a mail
 # server treats "+" as an ordinary character (ann+ci would be someone else's mailbox).
 PORTAL_FOLD_PLUS_ADDRESSING = env.bool("PORTAL_FOLD_PLUS_ADDRESSING", default=True)
+# With folding on, how many people one mailbox may hold (counting people stored with a +tag
+# before folding was on): registering one more is refused with an email saying so.
+PORTAL_PEOPLE_PER_MAILBOX = number("PORTAL_PEOPLE_PER_MAILBOX", "1")
 # Rate limits on /login and /register, counted in the shared cache over a window: per client
 # address and per email address.
 PORTAL_RATE_WINDOW_SECONDS = number("PORTAL_RATE_WINDOW_SECONDS", "900")

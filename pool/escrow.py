@@ -9,6 +9,7 @@ owners replace them, as with any key the proxy lost."""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 import zlib
@@ -71,4 +72,42 @@ def body_open(sealed: bytes) -> bytes:
     try:
         return zlib.decompress(_body_cipher().decrypt(nonce, ciphertext, None))
     except (InvalidTag, zlib.error, ValueError):
+        raise EscrowUnreadable from None
+
+
+# --- unissued pool keys -----------------------------------------------------------------------
+# A pool key is handed to a person later, so a copy of the database (a backup, a stolen file)
+# must not reveal it. Its value is stored sealed with AES-256-GCM under a key derived from the
+# same secret; the key's SHA-256 (key_hash) stays in clear for matching usage.
+
+POOL_VALUE_MARK = "kpv1:"
+
+
+def _pool_cipher() -> AESGCM:
+    configured = getattr(settings, "PORTAL_ESCROW_KEY", "")
+    material = configured.encode() if configured else settings.SECRET_KEY.encode()
+    return _pool_cipher_for(material)
+
+
+@functools.lru_cache(maxsize=4)
+def _pool_cipher_for(material: bytes) -> AESGCM:
+    return AESGCM(hashlib.sha256(b"keyportal-pool-value\0" + material).digest())
+
+
+def pool_value_seal(value: str) -> str:
+    nonce = os.urandom(12)
+    sealed = nonce + _pool_cipher().encrypt(nonce, value.encode(), None)
+    return POOL_VALUE_MARK + base64.urlsafe_b64encode(sealed).decode()
+
+
+def pool_value_open(stored: str) -> str:
+    """The key's value; EscrowUnreadable when it was sealed under another secret. A value
+    written before sealing existed (no mark) is read as it is: the migration that introduced
+    sealing seals those, and this keeps a half-upgraded database readable."""
+    if not stored.startswith(POOL_VALUE_MARK):
+        return stored
+    try:
+        sealed = base64.urlsafe_b64decode(stored[len(POOL_VALUE_MARK):])
+        return _pool_cipher().decrypt(sealed[:12], sealed[12:], None).decode()
+    except (InvalidTag, ValueError):
         raise EscrowUnreadable from None

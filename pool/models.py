@@ -10,6 +10,7 @@ from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import Limits
+from pool.fields import SealedValueField
 
 
 def key_digest(value: str) -> str:
@@ -67,8 +68,9 @@ class ApiKey(Limits):
     proxy_state = models.CharField(
         _("at the proxy"), max_length=16, choices=ProxyState.choices, default=ProxyState.UNPUSHED
     )
-    # The full key exists only while the key sits unissued in the pool; issuing clears it.
-    value = models.CharField(max_length=128, null=True, blank=True, unique=True, editable=False)
+    # The full key exists only while the key sits unissued in the pool; issuing clears it. It
+    # is sealed in the database (pool.fields), so a backup reveals no key handed out later.
+    value = SealedValueField(null=True, blank=True, editable=False)
     key_hash = models.CharField(_("SHA-256"), max_length=64, unique=True, editable=False)
     prefix = models.CharField(_("prefix"), max_length=32, editable=False)
     last4 = models.CharField(_("last 4"), max_length=4, editable=False)

@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 
 from accounts.models import LimitDefaults, SignInLink, User
@@ -222,6 +222,7 @@ class ReconcileReport:
     missing: int = 0
     refilled: int = 0
     states_fixed: int = 0
+    unreadable: int = 0
     pool_unused: int = 0
     lifecycle: LifecycleReport | None = None
     forced_past: ImplausibleKeyList | None = None  # the refusal --force went past
@@ -230,7 +231,8 @@ class ReconcileReport:
     def changed(self) -> bool:
         return any(
             (self.pushed, self.restored, self.removed, self.duplicates, self.missing,
-             self.refilled, self.states_fixed, self.lifecycle and self.lifecycle.lines())
+             self.refilled, self.states_fixed, self.unreadable,
+             self.lifecycle and self.lifecycle.lines())
         )
 
     def lines(self) -> list[str]:
@@ -259,6 +261,8 @@ class ReconcileReport:
             (self.missing, _("issued keys found missing at the proxy (they cannot be pushed "
                              "again: their owners must replace them)")),
             (self.states_fixed, _("key states brought in line with the proxy")),
+            (self.unreadable, _("unissued pool keys retired because their sealed value cannot "
+                                "be read (PORTAL_ESCROW_KEY or SECRET_KEY changed)")),
         ]
         for n, what in counts:
             if n:
@@ -315,6 +319,9 @@ def keys_reconcile(
         removed: list[int] = []
         to_escrow: list[tuple[int, str]] = []
         stale_escrow: list[int] = []
+        # Pool keys whose sealed value no longer opens (the secret changed) but which the
+        # proxy still lists: the proxy's copy is sealed again under the current secret.
+        to_reseal: list[tuple[int, str]] = []
         for entry in current:
             key = portal.get(key_digest(entry))
             if key is None:
@@ -327,6 +334,8 @@ def keys_reconcile(
                 seen.add(key.id)
                 after.append(entry)
                 present_wanted.append(key.id)
+                if key.status == Status.POOL and not key.value:
+                    to_reseal.append((key.id, entry))
                 if key.escrow:
                     stale_escrow.append(key.id)
             else:
@@ -343,8 +352,12 @@ def keys_reconcile(
         report.removed = len(removed)
 
         absent = [k for k in portal.values() if k.id not in seen]
-        to_push = [k for k in absent if k.status == Status.POOL]
-        after.extend(k.value for k in to_push if k.value)
+        # An unissued key that is not at the proxy and whose value cannot be read can never
+        # be pushed or handed out: it is retired, and the pool refilled in its place.
+        unreadable = [k.id for k in absent if k.status == Status.POOL and not k.value]
+        report.unreadable = len(unreadable)
+        to_push = [k for k in absent if k.status == Status.POOL and k.value]
+        after.extend(k.value for k in to_push)
         report.pushed = len(to_push)
         returning = _escrowed_values(k for k in absent if k.status == Status.ACTIVE and k.escrow)
         after.extend(returning.values())
@@ -356,7 +369,7 @@ def keys_reconcile(
         report.missing = len(lost)
         gone = [k.id for k in absent if k.status not in ApiKey.WANTED_AT_PROXY]
 
-        unused = sum(1 for k in portal.values() if k.status == Status.POOL)
+        unused = sum(1 for k in portal.values() if k.status == Status.POOL) - len(unreadable)
         need = settings.PORTAL_POOL_TARGET - unused if unused < settings.PORTAL_POOL_MIN else 0
         if not after and not need:
             need = 1  # one unissued key keeps the list closed
@@ -383,6 +396,13 @@ def keys_reconcile(
         # so that it can come back; the escrow is written before the list is.
         with transaction.atomic():
             keys_lock()
+            for key_id, value in to_reseal:
+                ApiKey.objects.filter(id=key_id, status=Status.POOL).update(value=value)
+            if unreadable:
+                ApiKey.objects.filter(id__in=unreadable, status=Status.POOL).update(
+                    status=Status.REVOKED, value=None, revoked_at=timezone.now(),
+                    proxy_state=State.REMOVED,
+                )
             for key_id, value in to_escrow:
                 ApiKey.objects.filter(id=key_id, status__in=ApiKey.RETURNABLE).update(
                     escrow=escrow_seal(value)
@@ -411,7 +431,7 @@ def keys_reconcile(
                 after={"proxy_keys": report.proxy_after, "pushed": report.pushed,
                        "removed": report.removed, "duplicates": report.duplicates,
                        "missing": report.missing, "refilled": report.refilled,
-                       "states_fixed": report.states_fixed,
+                       "states_fixed": report.states_fixed, "unreadable": report.unreadable,
                        **({"forced": True} if report.forced_past else {})},
             )
     return report
@@ -508,6 +528,21 @@ def key_assign(
     on each other; on every database the conditional UPDATE (still unowned, still in the
     pool) is what guarantees that no key goes to two people: a caller whose row was taken
     meanwhile sees a row count of 0 and tries the next one."""
+    try:
+        return _key_assign(user=user, label=label, by=by, ip=ip)
+    except _PoolUnreadable:
+        # Sealed under a secret the portal no longer has (pool.fields): such keys are
+        # useless to anyone, so all of them leave the pool at once, in a transaction of
+        # their own (reconcile then takes them off the proxy and refills the pool).
+        _pool_unreadable_retire(timezone.now())
+    return _key_assign(user=user, label=label, by=by, ip=ip)
+
+
+class _PoolUnreadable(Exception):
+    pass
+
+
+def _key_assign(*, user: User, label: str, by: User | None, ip: str | None) -> IssuedKey:
     now = timezone.now()
     with transaction.atomic():
         for _attempt in range(ASSIGN_ATTEMPTS):
@@ -520,6 +555,8 @@ def key_assign(
             if candidate is None:
                 raise PoolEmpty
             key_id, value = candidate
+            if not value:
+                raise _PoolUnreadable
             taken = ApiKey.objects.filter(
                 id=key_id, status=Status.POOL, owner__isnull=True
             ).update(
@@ -532,6 +569,20 @@ def key_assign(
                              after={"owner": user.email, "label": label})
                 return IssuedKey(key=key, value=value)
     raise PoolEmpty
+
+
+def _pool_unreadable_retire(now: datetime) -> int:
+    unreadable = [
+        key_id for key_id, value in
+        ApiKey.objects.filter(status=Status.POOL).values_list("id", "value").iterator()
+        if not value
+    ]
+    log.warning("%d unissued keys cannot be read (the secret changed); retiring them.",
+                len(unreadable))
+    with transaction.atomic():
+        return ApiKey.objects.filter(id__in=unreadable, status=Status.POOL).update(
+            status=Status.REVOKED, value=None, revoked_at=now,
+        )
 
 
 def _default_expiry(now: datetime) -> datetime | None:
@@ -710,14 +761,14 @@ def _expiry_warnings(*, now: datetime) -> int:
             expiry_notified_at=now
         ):
             continue
-        person_email(
-            to=key.owner.email,
-            subject=_("Your Key Portal key %(key)s expires soon") % {"key": key.masked},
-            body=_("Your key \"%(label)s\" (%(key)s) expires on %(when)s. After that it stops "
-                   "working; add a new key on your keys page before then.")
-            % {"label": key.label, "key": key.masked,
-               "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z")},
-        )
+        with translation.override(key.owner.email_language):  # cron: no request's language
+            subject = _("Your Key Portal key %(key)s expires soon") % {"key": key.masked}
+            body = _("Your key \"%(label)s\" (%(key)s) expires on %(when)s. After that it stops "
+                     "working; add a new key on your keys page before then.") % {
+                "label": key.label, "key": key.masked,
+                "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z"),
+            }
+        person_email(to=key.owner.email, subject=subject, body=body)
         warned += 1
     return warned
 

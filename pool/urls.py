@@ -10,6 +10,7 @@ urlpatterns = [
     path("api/my-keys", views.api_my_keys, name="api-my-keys"),
     path("api/revoke-key", views.api_revoke_key, name="api-revoke-key"),
     path("api/key-pool-status", views.api_key_pool_status, name="api-key-pool-status"),
+    path("my-keys/test-key", views.key_test, name="key-test"),
 ]
 
 # --- staff pages that run the proxy (issue 11; pool/staff_views.py) ---

@@ -8,12 +8,14 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.debug import sensitive_post_parameters
+from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.forms import EMAIL_MAX_LENGTH, EmailField
 from accounts.models import SignInLink, User, normalize_email
@@ -25,6 +27,7 @@ from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, body_int, body_str, json_body
 from keyportal.audit import client_ip
 from pool.forms import KeyLabelForm, KeyRevokeForm
+from pool.keytest import KeyTestError, key_models
 from pool.models import ApiKey, key_digest
 from pool.selectors import pool_status
 from pool.services import (
@@ -199,3 +202,38 @@ def api_key_pool_status(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {"total": status.total, "unused": status.unused, "assigned": status.assigned}
     )
+
+
+# --- "test this key" (the key-shown page) ---------------------------------------------------
+
+KEY_TESTS_PER_MINUTE = 10
+
+
+@sensitive_post_parameters("key")  # an error report never carries the key
+@login_required
+@require_POST
+def key_test(request: HttpRequest) -> HttpResponse:
+    """The key-shown page posts the key it shows; the proxy is asked with it which models it
+    may use. Only the signed-in owner of an active key gets an answer (anything else: 404, as
+    for keys that do not exist). The key is compared by hash and never logged or shown."""
+    raw = request.POST.get("key", "")
+    key = None
+    if 0 < len(raw) <= 200:
+        key = ApiKey.objects.filter(
+            owner=request.user, key_hash=key_digest(raw), status=ApiKey.Status.ACTIVE
+        ).first()
+    if key is None:
+        raise Http404
+    context: dict[str, Any] = {"key": key, "models": None, "error": ""}
+    if rate_limited(scope="key-test", ident=str(request.user.pk), limit=KEY_TESTS_PER_MINUTE,
+                    window=60):
+        context["error"] = _("You have tested keys many times in a minute; please wait a moment.")
+    else:
+        try:
+            context["models"] = key_models(key=raw).ids
+        except KeyTestError as exc:
+            context["error"] = str(exc)
+    template = "pool/key_test.html#result" if request.htmx else "pool/key_test.html"
+    response = render(request, template, context)
+    add_never_cache_headers(response)
+    return response

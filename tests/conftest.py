@@ -94,3 +94,14 @@ def live_key(fake_proxy, ann):
     ApiKey.objects.filter(pk=key.pk).update(status=ApiKey.Status.ACTIVE, owner=ann, value=None)
     key.refresh_from_db()
     return key, value
+
+
+@pytest.fixture(autouse=True)
+def _display_currency_is_usd():
+    """The display currency is kept in process memory (usage/currency.py), so pages need no
+    query for it. Each test starts from USD, without a query, whatever an earlier test set."""
+    from usage.currency import USD, remember
+
+    remember(USD, seconds=float("inf"))
+    yield
+    remember(USD, seconds=float("inf"))

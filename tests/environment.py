@@ -39,3 +39,9 @@ os.environ.update(
         "PORTAL_STAFF_SESSION_SECONDS": "43200",
     }
 )
+
+# The translations: every locale/*.po is compiled to its .mo (pure Python, only when the .po
+# changed), so a run of `.venv/bin/pytest` reads the same catalogs as `make test` and `make run`.
+from scripts.compilemessages import compile_all  # noqa: E402
+
+compile_all()

@@ -1,20 +1,29 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from decimal import Decimal
+from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
-from django.db.models import Count, OuterRef, QuerySet, Subquery, Sum
+from django.db.models import Count, Max, OuterRef, QuerySet, Subquery, Sum
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from accounts.models import User
+from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
+from usage.currency import Currency, remember
 from usage.models import (
-    LimitNotice, ModelPrice, QuarantinedRecord, SyncRun, UsageBatch, UsageSnapshot,
+    DisplayCurrency, LimitNotice, ModelPrice, QuarantinedRecord, SyncRun, UsageBatch,
+    UsageSnapshot,
 )
+from usage.pricing import PriceBook
 from usage.selectors import usage_totals
 from usage.services import SyncFailed, usage_cost_recompute, usage_sync
 
@@ -69,6 +78,10 @@ class UsageSnapshotAdmin(ReadOnlyAdmin):
         return response
 
 
+PRICE_FIELDS = ("model", "input", "output", "cache_read", "cache_write", "source", "taken_on")
+UNPRICED_PERIODS = {"7": 7, "30": 30, "90": 90, "all": None}
+
+
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
     list_display = ("model", "input", "output", "cache_read", "cache_write", "taken_on", "source")
@@ -76,6 +89,63 @@ class ModelPriceAdmin(admin.ModelAdmin):
     search_fields = ("model",)
     list_filter = ("taken_on",)
     actions = ("recompute_cost",)
+    change_list_template = "admin/usage/modelprice/change_list.html"
+
+    # Every change to a price is audited: it changes what people are told they spent.
+    def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # A new price: every field filled in counts as changed (from nothing).
+        audit_form_changes(request=request, obj=obj, form=form, fields=PRICE_FIELDS,
+                           action=Action.PRICE_CHANGED)
+
+    def delete_model(self, request: HttpRequest, obj: ModelPrice) -> None:
+        _audit_price_deleted(request, obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[ModelPrice]) -> None:
+        for obj in queryset:
+            _audit_price_deleted(request, obj)
+        super().delete_queryset(request, queryset)
+
+    def get_urls(self) -> list[URLPattern]:
+        unpriced = path("unpriced/", self.admin_site.admin_view(self.unpriced_view),
+                        name="usage_modelprice_unpriced")
+        return [unpriced, *super().get_urls()]
+
+    def unpriced_view(self, request: HttpRequest) -> HttpResponse:
+        """Models seen in usage whose cost is unknown, with how much they were used: one
+        grouped query over the requests that had no price when they were counted, then the
+        price book says which still have none (the rest were priced since: recompute)."""
+        period = request.GET.get("period", "30")
+        if period not in UNPRICED_PERIODS:
+            period = "30"
+        days = UNPRICED_PERIODS[period]
+        rows = UsageSnapshot.objects.filter(cost__isnull=True)
+        if days is not None:
+            rows = rows.filter(hour__gte=timezone.now() - timedelta(days=days))
+        seen = list(
+            rows.values("model").annotate(
+                requests=Sum("requests"), tokens=Sum("total_tokens"), keys=Count(
+                    "api_key_id", distinct=True), last_seen=Max("hour"),
+            ).order_by("-tokens", "model")
+        )
+        book = PriceBook.load()
+        add_url = reverse("admin:usage_modelprice_add")
+        unpriced, priced_since = [], []
+        for row in seen:
+            if book.price_for(row["model"]) is None:
+                row["add_url"] = f"{add_url}?{urlencode({'model': row['model']})}"
+                unpriced.append(row)
+            else:
+                priced_since.append(row)
+        context = {
+            **self.admin_site.each_context(request), "opts": self.model._meta,
+            "title": _("Unpriced models seen"), "unpriced": unpriced,
+            "priced_since": priced_since, "period": period,
+            "periods": [("7", _("7 days")), ("30", _("30 days")), ("90", _("90 days")),
+                        ("all", _("all time"))],
+        }
+        return TemplateResponse(request, "admin/usage/modelprice/unpriced.html", context)
 
     @admin.action(description=_("Recompute the cost of past usage of the selected models"))
     def recompute_cost(self, request: HttpRequest, queryset: QuerySet[ModelPrice]) -> None:
@@ -94,6 +164,38 @@ class ModelPriceAdmin(admin.ModelAdmin):
             ngettext("Cost recomputed: %(n)d usage row changed.",
                      "Cost recomputed: %(n)d usage rows changed.", changed) % {"n": changed},
             messages.SUCCESS,
+        )
+
+
+def _audit_price_deleted(request: HttpRequest, obj: ModelPrice) -> None:
+    before = {name: str(getattr(obj, name) or "") for name in PRICE_FIELDS}
+    audit_record(action=Action.PRICE_CHANGED, actor=request.user, target=obj,
+                 ip=client_ip(request), before=before, after=None)
+
+
+@admin.register(DisplayCurrency)
+class DisplayCurrencyAdmin(admin.ModelAdmin):
+    """One row: the currency pages show costs in, and its rate. Storage stays USD."""
+
+    fields = ("code", "rate", "rate_source")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: DisplayCurrency, form: Any,
+                   change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        audit_form_changes(request=request, obj=obj, form=form, fields=("code", "rate"),
+                           action=Action.DISPLAY_CURRENCY_CHANGED)
+        remember(Currency(obj.code, obj.rate))  # this process shows it at once
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        current, _created = DisplayCurrency.objects.get_or_create(id=1)
+        return HttpResponseRedirect(
+            reverse("admin:usage_displaycurrency_change", args=[current.pk])
         )
 
 

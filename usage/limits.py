@@ -29,7 +29,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q, Sum
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
@@ -201,7 +201,7 @@ def limits_enforce(*, now: datetime, reconcile: bool = True) -> LimitsReport:
     # A deactivated person is not emailed about limits: their keys are suspended anyway.
     people = User.objects.filter(_any_limit(""), is_active=True)
     for person in people.iterator(chunk_size=500):
-        report.notices += _notify(subject=f"person:{person.pk}", to=person.email, limits=person,
+        report.notices += _notify(subject=f"person:{person.pk}", to=person, limits=person,
                                   used=by_person.get(person.pk), windows=windows, key=None)
 
     reason_order = {reason: i for i, reason in enumerate(Reason.values)}
@@ -217,7 +217,7 @@ def limits_enforce(*, now: datetime, reconcile: bool = True) -> LimitsReport:
     # A list, not an iterator: the loop writes to the table it reads, which a chunked read
     # on SQLite does not isolate from.
     for key in list(candidates):
-        report.notices += _notify(subject=f"key:{key.pk}", to=key.owner.email, limits=key,
+        report.notices += _notify(subject=f"key:{key.pk}", to=key.owner, limits=key,
                                   used=by_key.get(key.pk), windows=windows, key=key)
         crossed = _crossed(key, by_key.get(key.pk), windows, "key") + _crossed(
             key.owner, by_person.get(key.owner_id), windows, "person"
@@ -256,7 +256,7 @@ def _any_limit(prefix: str) -> Q:
     return q
 
 
-def _notify(*, subject: str, to: str, limits: Any, used: Used | None,
+def _notify(*, subject: str, to: User, limits: Any, used: Used | None,
             windows: dict[str, Window], key: ApiKey | None) -> int:
     """Emails `to` for each limit of `limits` that reached a threshold this window, once:
     the LimitNotice row is the claim (a unique insert), so concurrent syncs or a rerun never
@@ -277,7 +277,10 @@ def _notify(*, subject: str, to: str, limits: Any, used: Used | None,
         if not claimed or max(claimed) != max(reached):
             continue  # the highest threshold was already told
         threshold = max(claimed)
-        if person_email(to=to, **_message(name, threshold, amount, limit, unpriced, window, key)):
+        # Written in the person's language (cron has no request to take one from).
+        with translation.override(to.email_language):
+            message = _message(name, threshold, amount, limit, unpriced, window, key)
+        if person_email(to=to.email, **message):
             sent += 1
         else:
             # Not delivered: release the claims so that the next sync tries again.

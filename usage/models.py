@@ -294,3 +294,33 @@ class UsageDay(models.Model):
 
     def __str__(self) -> str:
         return f"{self.person_id} {self.day}"
+
+
+class DisplayCurrency(models.Model):
+    """How costs are shown (one row, set by staff): a currency and its rate to the US dollar.
+    Costs are stored and computed in USD whatever this says; pages convert when they show
+    them, and the CSV export adds a column. No row: USD."""
+
+    class Code(models.TextChoices):
+        USD = "USD", _("US dollar (USD, $)")
+        CNY = "CNY", _("Chinese yuan (CNY, ¥)")
+        EUR = "EUR", _("Euro (EUR, €)")
+
+    code = models.CharField(_("currency"), max_length=3, choices=Code.choices, default=Code.USD)
+    rate = models.DecimalField(
+        _("units of this currency per US dollar"), max_digits=12, decimal_places=6, default=1,
+        help_text=_("E.g. 7.1 for CNY. Ignored for USD. Costs stay stored in USD."),
+    )
+    rate_source = models.CharField(_("where the rate comes from"), max_length=200, blank=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("display currency")
+        verbose_name_plural = _("display currency")
+        constraints = [
+            models.CheckConstraint(condition=Q(id=1), name="displaycurrency_single_row"),
+            models.CheckConstraint(condition=Q(rate__gt=0), name="displaycurrency_rate_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.code

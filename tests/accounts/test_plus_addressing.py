@@ -83,3 +83,46 @@ def test_the_email_rate_limit_counts_the_mailbox_not_the_tag(client, settings):
     refused = client.post("/register", {"email": "eve+9@example.com"}, REMOTE_ADDR="192.0.2.9")
     assert refused.status_code == 429
     assert len(mail.outbox) == 2
+
+
+def test_a_mailbox_at_its_cap_gets_no_new_person(client, settings):
+    """People stored with a +tag before folding was on count against their mailbox's cap."""
+    settings.PORTAL_PEOPLE_PER_MAILBOX = 2
+    User.objects.create_user("ann+p1@example.com")
+    User.objects.create_user("ann+p2@example.com")
+
+    answer = client.post("/register", {"email": "ann+p3@example.com", "name": "Ann",
+                                       "label": "laptop"})
+
+    assert answer.status_code == 200  # the page says the same as always
+    assert mail.outbox[-1].to == ["ann@example.com"]
+    assert "already has 2 accounts" in mail.outbox[-1].body
+    assert "/login" in mail.outbox[-1].body and "/register/" not in mail.outbox[-1].body
+    assert User.objects.count() == 2
+
+
+def test_a_link_sent_before_the_mailbox_filled_makes_no_person(client, settings):
+    settings.PORTAL_PEOPLE_PER_MAILBOX = 1
+    client.post("/register", {"email": "bob@example.com", "name": "Bob", "label": "x"})
+    link = emailed_path()
+    User.objects.create_user("bob+old@example.com")  # e.g. staff added one meanwhile
+
+    answer = client.post(link)
+
+    assert b"no longer works" in answer.content
+    assert not User.objects.filter(email="bob@example.com").exists()
+
+
+def test_below_the_cap_and_for_existing_people_registration_works(client, settings):
+    from pool.models import ApiKey
+    from pool.services import pool_keys_create
+
+    settings.PORTAL_PEOPLE_PER_MAILBOX = 1
+    pool_keys_create(count=2)
+    ApiKey.objects.update(proxy_state=ApiKey.ProxyState.PUSHED)
+    client.post("/register", {"email": "cy@example.com", "name": "Cy", "label": "x"})
+    assert "/register/" in mail.outbox[-1].body
+    client.post(emailed_path())
+    assert User.objects.filter(email="cy@example.com").exists()
+    client.post("/register", {"email": "cy+ci@example.com", "name": "Cy", "label": "y"})
+    assert "/register/" in mail.outbox[-1].body  # the same person: a link, no refusal

@@ -8,6 +8,7 @@ from django.test import RequestFactory
 
 from keyportal.audit import audit_record, client_ip
 from keyportal.models import AuditEvent
+from tests.accounts.mailbox import emailed_path
 
 pytestmark = pytest.mark.django_db
 NGINX = "10.0.0.1"
@@ -73,3 +74,19 @@ def test_the_audit_log_records_the_forwarded_client(settings):
     request = RequestFactory().post("/", REMOTE_ADDR=NGINX, HTTP_X_FORWARDED_FOR="203.0.113.5")
     event = audit_record(action=AuditEvent.Action.LIMITS_CHANGED, ip=client_ip(request))
     assert AuditEvent.objects.get(pk=event.pk).ip == "203.0.113.5"
+
+
+def test_a_locked_email_still_signs_in_with_the_link_already_in_its_inbox(client, settings, ann):
+    settings.PORTAL_RATE_PER_IP = 100
+    settings.PORTAL_RATE_PER_EMAIL = 3
+    for n in range(10):  # someone asks for Ann's link over and over, from many addresses
+        client.post("/login", {"email": "ann@example.com"}, REMOTE_ADDR=f"198.51.100.{n}")
+    assert len(mail.outbox) == 3
+    assert client.post("/login", {"email": "ann@example.com"},
+                       REMOTE_ADDR="192.0.2.10").status_code == 429  # the email is locked
+
+    # The newest link Ann has (refused requests sent none and retired none) signs her in.
+    answer = client.post(emailed_path(-1), REMOTE_ADDR="192.0.2.10")
+
+    assert answer.status_code == 303 and answer["Location"] == "/my-keys"
+    assert client.get("/my-keys").status_code == 200

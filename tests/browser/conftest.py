@@ -19,7 +19,14 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture
-def page(monkeypatch) -> Iterator:
+def browser_context_args() -> dict:
+    """Options of the browser context `page` opens; a test module overrides this fixture to
+    browse with another locale (`{"locale": "zh-CN"}` sends Accept-Language: zh-CN)."""
+    return {}
+
+
+@pytest.fixture
+def page(monkeypatch, browser_context_args) -> Iterator:
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: run `make setup-dev` (scripts/browser.sh installs it).")
     from playwright.sync_api import sync_playwright
@@ -29,7 +36,7 @@ def page(monkeypatch) -> Iterator:
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context()
+        context = browser.new_context(**browser_context_args)
         context.set_default_timeout(15_000)
         try:
             yield context.new_page()

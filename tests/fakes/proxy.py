@@ -423,6 +423,7 @@ class FakeProxy(_AdminRoutes):
         self.popped = 0  # records handed out by /usage-queue, ever: the ledger of kill trials
         self.snapshot_records: list[dict[str, Any]] = []
         self._live_keys: list[str] = list(self.api_keys)
+        self.models_delay = 0.0  # seconds GET /v1/models takes (a slow proxy, under test)
         self._server = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -832,9 +833,7 @@ class FakeProxy(_AdminRoutes):
         if live and key not in live:  # an empty list lets everyone in: the open-proxy trap
             return self._reply(handler, 401, {"error": "Invalid API key"})
         if method == "GET" and path == "/v1/models":
-            return self._reply(
-                handler, 200, {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS]}
-            )
+            return self._client_models(handler)
         if method != "POST" or path not in ("/v1/chat/completions", "/v1/messages"):
             return self._reply(handler, 404, b"404 page not found", raw=True)
         try:
@@ -865,6 +864,19 @@ class FakeProxy(_AdminRoutes):
                 "usage": {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout},
             }
         return self._reply(handler, 200, answer)
+
+
+    def _client_models(self, handler: BaseHTTPRequestHandler) -> None:
+        """GET /v1/models for a key the proxy accepts (checked by the caller), in the shape
+        CLIProxyAPI answers: OpenAI's list object, one entry per model alias it serves."""
+        if self.models_delay:
+            time.sleep(self.models_delay)
+        data = [
+            {"id": alias, "object": "model", "created": 1_700_000_000,
+             "owned_by": provider.removeprefix("openai-compatible-")}
+            for alias, (_upstream, provider, *_rest) in MODELS.items()
+        ]
+        return self._reply(handler, 200, {"object": "list", "data": data})
 
 
 def main() -> None:

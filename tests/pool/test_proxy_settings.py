@@ -123,7 +123,7 @@ def test_every_setting_is_read_live_in_both_generations(staff_client, proxy):
     debug = page.split('id="setting-debug"', 1)[1].split("</tr>", 1)[0]
     retries = page.split('id="setting-request-retry"', 1)[1].split("</tr>", 1)[0]
     stats = page.split('id="setting-usage-statistics-enabled"', 1)[1].split("</tr>", 1)[0]
-    assert 'class="proxy-on">on' in debug and 'value="7"' in retries and 'class="bad">off' in stats
+    assert 'class="ok">on' in debug and 'value="7"' in retries and 'class="bad">off' in stats
     for name in ("request-log", "proxy-url", "quota-exceeded-switch-project",
                  "quota-exceeded-switch-preview-model"):
         assert f'id="setting-{name}"' in page

@@ -1,4 +1,4 @@
-"""/staff/export: usage per local day, person and key as streamed CSV, for staff only."""
+"""/staff/export: usage per local day, person, key and model as streamed CSV, for staff only."""
 
 from __future__ import annotations
 
@@ -46,11 +46,12 @@ def usage(settings):
 
 
 def read(response) -> list[dict[str, str]]:
-    body = b"".join(response.streaming_content).decode()
-    return list(csv.DictReader(io.StringIO(body)))
+    body = b"".join(response.streaming_content)
+    assert body.startswith("\ufeff".encode())  # the BOM Excel on Windows needs
+    return list(csv.DictReader(io.StringIO(body.decode("utf-8-sig"))))
 
 
-def test_staff_get_usage_per_local_day_person_and_key(admin_client, usage):
+def test_staff_get_usage_per_local_day_person_key_and_model(admin_client, usage):
     ann1, ann2, bob = usage
     response = admin_client.get(URL, {"from": "2026-03-01", "to": "2026-03-02"})
 
@@ -58,17 +59,23 @@ def test_staff_get_usage_per_local_day_person_and_key(admin_client, usage):
     assert response["Content-Type"].startswith("text/csv")
     assert 'filename="usage-2026-03-01-to-2026-03-02.csv"' in response["Content-Disposition"]
     rows = read(response)
-    got = [(r["date"], r["email"], r["key"], r["requests"], r["failures"], r["input tokens"],
-            r["output tokens"], r["total tokens"], r["cost (USD)"], r["requests without a price"])
+    got = [(r["date"], r["email"], r["key"], r["model"], r["requests"], r["failures"],
+            r["input tokens"], r["output tokens"], r["total tokens"], r["cost (USD)"],
+            r["requests without a price"])
            for r in rows]
     a1, a2, b = ann1.key.masked, ann2.key.masked, bob.key.masked
-    assert ann1.key.pk < ann2.key.pk  # rows of a day: by email, then key
+    assert ann1.key.pk < ann2.key.pk  # rows of a day: by email, then key, then model
     assert got == [
-        ("2026-03-01", "ann@example.com", a1, "3", "1", "110", "55", "165", "0.150000", "0"),
-        ("2026-03-01", "ann@example.com", a2, "3", "0", "30", "30", "60", "", "3"),
-        ("2026-03-02", "ann@example.com", a1, "4", "0", "40", "40", "80", "0.400000", "0"),
-        ("2026-03-02", "bob@example.com", b, "1", "0", "7", "7", "14", "0.010000", "0"),
+        ("2026-03-01", "ann@example.com", a1, "claude", "1", "1", "10", "5", "15", "0.050000",
+         "0"),
+        ("2026-03-01", "ann@example.com", a1, "gpt", "2", "0", "100", "50", "150", "0.100000",
+         "0"),
+        ("2026-03-01", "ann@example.com", a2, "mystery", "3", "0", "30", "30", "60", "", "3"),
+        ("2026-03-02", "ann@example.com", a1, "gpt", "4", "0", "40", "40", "80", "0.400000",
+         "0"),
+        ("2026-03-02", "bob@example.com", b, "gpt", "1", "0", "7", "7", "14", "0.010000", "0"),
     ]
+    assert "cost (CNY)" not in rows[0]  # no display currency set: USD only
     # A name that a spreadsheet would run as a formula is kept as text.
     assert rows[0]["name"] == "'=HYPERLINK(\"x\")"
 

@@ -1,4 +1,5 @@
-"""How usage numbers read on the pages: cost never shows an unknown as 0."""
+"""How usage numbers read on the pages: cost never shows an unknown as 0, and is shown in the
+display currency staff chose (usage/currency.py); it is stored and summed in USD."""
 
 from __future__ import annotations
 
@@ -10,34 +11,51 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext as _
 
+from usage.currency import display_currency
 from usage.selectors import Totals
 
 register = template.Library()
 
 
 def _usd(value: Decimal) -> str:
+    return _money(value, "$")
+
+
+def _money(value: Decimal, symbol: str) -> str:
     # Cents hide the cost of light use; four places show it without pretending precision.
-    return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
+    return f"{symbol}{value:,.2f}" if value >= 1 else f"{symbol}{value:,.4f}"
 
 
 @register.simple_tag
 def cost(totals: Totals) -> SafeString:
     """`$1.23`; `≥ $1.23` with a title when part of the usage has no price; `unknown` with a
-    title when none of it has."""
+    title when none of it has. In another display currency (`¥8.73`), a title also gives the
+    dollars it was converted from and the rate."""
     status = totals.cost_status
     if status == "unknown":
         return format_html(
             '<span class="cost-unknown" title="{}">{}</span>',
             _("No price is known for the models used."), _("unknown"),
         )
+    currency = display_currency()
+    amount = _money(currency.convert(totals.cost), currency.symbol)
+    notes = []
+    if not currency.is_usd:
+        notes.append(_("%(usd)s at %(rate)s %(code)s per US dollar.") % {
+            "usd": _usd(totals.cost), "rate": f"{currency.rate.normalize():f}",
+            "code": currency.code,
+        })
     if status == "partial":
-        return format_html(
-            '<span class="cost-partial" title="{}">≥ {}</span>',
+        notes.append(
             _("%(n)s requests used models without a known price; their cost is not included.")
-            % {"n": totals.unpriced_requests},
-            _usd(totals.cost),
+            % {"n": totals.unpriced_requests}
         )
-    return format_html("{}", _usd(totals.cost))
+        return format_html(
+            '<span class="cost-partial" title="{}">≥ {}</span>', " ".join(notes), amount
+        )
+    if notes:
+        return format_html('<span class="cost-converted" title="{}">{}</span>', notes[0], amount)
+    return format_html("{}", amount)
 
 
 @register.filter

@@ -1,0 +1,96 @@
+""""Test this key": ask the proxy's client API which models a key may use (`GET /v1/models`),
+with the key itself as the credential, the way a client tool would.
+
+Not the management client (pool/upstream.py): that one carries the management key and its
+refusal latch, neither of which has any business here; a refused client key costs nothing at
+the proxy (no ban counts client keys). Like it, every call has a short timeout, answers are a
+dataclass, failures are typed errors whose str() is a sentence for a person, and the key
+never appears in an error, a log line or an exception chain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import requests
+from django.conf import settings
+from django.utils.translation import gettext as _
+
+MAX_MODELS = 500  # a page lists them; a proxy answering more is cut, not trusted to be sane
+
+
+class KeyTestError(Exception):
+    """Base of every failure; str() is a sentence fit for the key's owner."""
+
+
+class KeyTestNotConfigured(KeyTestError):
+    pass
+
+
+class KeyUnknownToProxy(KeyTestError):
+    """401/403: the proxy does not (yet) accept this key."""
+
+
+class ProxyUnreachable(KeyTestError):
+    pass
+
+
+class ProxySlow(KeyTestError):
+    pass
+
+
+class ProxyUnexpected(KeyTestError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    ids: list[str]
+
+
+def timeout_seconds() -> float:
+    # A person waits for this on a page: no longer than a page may wait for the proxy.
+    return min(settings.CLIPROXY_TIMEOUT, settings.PORTAL_REQUEST_PROXY_BUDGET)
+
+
+def key_models(*, key: str) -> ModelList:
+    """The model ids the proxy offers to `key`. Raises a KeyTestError subclass."""
+    base = settings.CLIPROXY_URL
+    if not base:
+        raise KeyTestNotConfigured(
+            _("The portal has no proxy address configured, so it cannot test keys; ask staff.")
+        )
+    timeout = timeout_seconds()
+    try:
+        response = requests.get(
+            f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
+            allow_redirects=False,
+        )
+    except requests.Timeout:
+        raise ProxySlow(
+            _("The proxy did not answer within %(s)g seconds. The key may well be fine; try "
+              "again in a moment.") % {"s": timeout}
+        ) from None
+    except requests.RequestException:
+        raise ProxyUnreachable(
+            _("The proxy cannot be reached right now, so the key could not be tested. The key "
+              "may well be fine; try again later.")
+        ) from None
+    if response.status_code in (401, 403):
+        raise KeyUnknownToProxy(
+            _("The proxy doesn't know this key yet. A new key usually starts working within a "
+              "minute; if this persists, tell staff (and keep the key to yourself).")
+        )
+    if response.status_code != 200:
+        raise ProxyUnexpected(
+            _("The proxy answered with HTTP %(status)d instead of a model list; the key could "
+              "not be tested.") % {"status": response.status_code}
+        )
+    try:
+        data = response.json().get("data")
+        ids = [item["id"] for item in data if isinstance(item.get("id"), str)]
+    except (ValueError, AttributeError, TypeError, KeyError):
+        raise ProxyUnexpected(
+            _("The proxy's model list is not in the expected form; the key could not be "
+              "tested.")
+        ) from None
+    return ModelList(ids=sorted(set(ids))[:MAX_MODELS])
