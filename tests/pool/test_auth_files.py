@@ -10,15 +10,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from keyportal.models import AuditEvent
-from tests.pool.test_proxy_settings import (  # noqa: F401 - fixtures
-    assert_no_secret,
-    confirm,
-    old_proxy,
-    proxy,
-    staff,
-    staff_client,
-    writes,
-)
+from tests.pool.test_proxy_settings import *  # noqa: F403 - its fixtures and helpers
 
 pytestmark = pytest.mark.django_db
 URL = "/staff/proxy/auth-files"

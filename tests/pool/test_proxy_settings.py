@@ -18,6 +18,11 @@ from keyportal.models import AuditEvent
 from tests.conftest import MANAGEMENT_KEY
 from tests.fakes.proxy import FakeProxy
 
+# What the other proxy-page test files take from here (`import *`): fixtures and helpers,
+# never this file's tests.
+__all__ = ["assert_no_secret", "confirm", "old_proxy", "proxy", "staff", "staff_client",
+           "writes"]
+
 pytestmark = pytest.mark.django_db
 URL = "/staff/proxy/settings"
 PROXY_SECRET = "socks-password-0123456789"

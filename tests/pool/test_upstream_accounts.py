@@ -8,15 +8,7 @@ from __future__ import annotations
 import pytest
 
 from keyportal.models import AuditEvent
-from tests.pool.test_proxy_settings import (  # noqa: F401 - fixtures
-    assert_no_secret,
-    confirm,
-    old_proxy,
-    proxy,
-    staff,
-    staff_client,
-    writes,
-)
+from tests.pool.test_proxy_settings import *  # noqa: F403 - its fixtures and helpers
 
 pytestmark = pytest.mark.django_db
 URL = "/staff/proxy/upstreams"
