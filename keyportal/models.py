@@ -56,6 +56,9 @@ class AuditEvent(models.Model):
         PRICE_CHANGED = "price_changed", _("model price changed")
         DISPLAY_CURRENCY_CHANGED = "display_currency_changed", _("display currency changed")
         KEY_RENAMED = "key_renamed", _("key renamed")
+        PROXY_SETTING_CHANGED = "proxy_setting_changed", _("proxy setting changed")
+        PROXY_UPSTREAM_CHANGED = "proxy_upstream_changed", _("proxy upstream account changed")
+        PROXY_AUTH_FILE_CHANGED = "proxy_auth_file_changed", _("proxy auth file changed")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

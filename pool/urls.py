@@ -13,3 +13,22 @@ urlpatterns = [
     path("api/key-pool-status", views.api_key_pool_status, name="api-key-pool-status"),
     path("my-keys/test-key", views.key_test, name="key-test"),
 ]
+
+# --- staff pages that run the proxy (issue 11; pool/staff_views.py) ---
+from pool import staff_views  # noqa: E402
+
+urlpatterns += [
+    path("staff/proxy/settings", staff_views.proxy_settings, name="staff-proxy-settings"),
+    path("staff/proxy/upstreams", staff_views.upstream_list, name="staff-proxy-upstreams"),
+    path("staff/proxy/upstreams/<slug:kind>/add", staff_views.upstream_add,
+         name="staff-proxy-upstream-add"),
+    path("staff/proxy/upstreams/<slug:kind>/<int:index>/edit", staff_views.upstream_edit,
+         name="staff-proxy-upstream-edit"),
+    path("staff/proxy/upstreams/<slug:kind>/<int:index>/toggle", staff_views.upstream_toggle,
+         name="staff-proxy-upstream-toggle"),
+    path("staff/proxy/upstreams/<slug:kind>/<int:index>/delete", staff_views.upstream_delete,
+         name="staff-proxy-upstream-delete"),
+    path("staff/proxy/auth-files", staff_views.auth_files, name="staff-proxy-auth-files"),
+    path("staff/proxy/auth-files/delete", staff_views.auth_file_delete,
+         name="staff-proxy-auth-file-delete"),
+]

@@ -9,6 +9,9 @@
   the portal came).
 - Client API: POST /v1/chat/completions, POST /v1/messages, GET /v1/models, authenticated by
   any of the proxy's key carriers, recording usage when statistics are on.
+- The routes behind the staff pages that run the proxy (`_AdminRoutes`): the scalar settings,
+  /config and /config.yaml (the queue retention), the provider key lists and /auth-files;
+  `version` makes routes a release added later answer 404.
 - Test controls: `inject()` one-shot faults (status, body, delay), `restart()` (usage gone,
   keys kept), `management_requests` (what the portal sent), a settable clock.
 
@@ -82,7 +85,308 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class FakeProxy:
+# -- the management routes behind the portal's staff pages (settings, provider keys, auth
+# files): a mixin so that FakeProxy's own routes stay as they were. Quirks from the proxy's
+# code (internal/api/handlers/management, 6.x and 7.x), see pool/proxy_admin.py.
+
+PROVIDER_LISTS = ("claude-api-key", "gemini-api-key", "codex-api-key", "openai-compatibility")
+# Fields each list's PATCH takes (others are ignored, as the proxy's typed structs do).
+PATCH_FIELDS = {
+    "claude-api-key": ("api-key", "prefix", "base-url", "proxy-url", "models", "headers",
+                       "excluded-models"),
+    "gemini-api-key": ("api-key", "prefix", "base-url", "proxy-url", "headers",
+                       "excluded-models"),
+    "codex-api-key": ("api-key", "prefix", "base-url", "proxy-url", "models", "headers",
+                      "excluded-models"),
+    "openai-compatibility": ("name", "prefix", "disabled", "base-url", "api-key-entries",
+                             "models", "headers"),
+}
+# Routes and the release that added them: a fake with an older `version` answers 404.
+ROUTES_ADDED = {"/usage-statistics-enabled": (6, 3), "/gemini-api-key": (6, 6),
+                "/auth-files/status": (6, 9)}
+# Entry fields and the release that added them (openai-compatibility's `disabled`: late 6.9).
+FIELDS_ADDED = {"excluded-models": (6, 6), "disabled": (6, 9)}
+SCALAR_SETTINGS = {"debug": False, "request-log": False, "request-retry": 3, "proxy-url": "",
+                   "quota-exceeded/switch-project": True,
+                   "quota-exceeded/switch-preview-model": True}
+RETENTION_KEY = "redis-usage-queue-retention-seconds"
+
+
+class _AdminRoutes:
+    generation: str
+    retention_seconds: float
+    statistics_enabled: bool
+    config_read_only: bool
+
+    def _admin_init(self, version: str | None) -> None:
+        self.version = tuple(int(p) for p in (version or "").split(".")[:2] if p.isdigit()) or (
+            (7, 2) if self.generation == "queue" else (6, 9))
+        self.settings: dict[str, Any] = dict(SCALAR_SETTINGS)
+        self.providers: dict[str, list[dict[str, Any]]] = {name: [] for name in PROVIDER_LISTS}
+        self.auth_files: dict[str, dict[str, Any]] = {}
+        self.config_comment = "# CLIProxyAPI configuration (fake)\n"
+        self.request_content_type = ""
+        self.raw_request_body = b""
+
+    def _saved(self) -> tuple[int, Any] | None:
+        if self.config_read_only:
+            return 500, {"error": "failed to save config: open config.yaml: read-only file system"}
+        return None
+
+    def _admin_route(self, method: str, path: str, query: dict[str, str], body: Any
+                     ) -> tuple[int, Any] | None:
+        added = ROUTES_ADDED.get(path)
+        if added and self.version < added:
+            return 404, b"404 page not found"
+        if path == "/usage-statistics-enabled" and method == "PATCH":
+            method = "PUT"  # the proxy routes both to one handler
+            if not isinstance(body, dict) or not isinstance(body.get("value"), bool):
+                return 400, {"error": "invalid body"}
+            self.statistics_enabled = body["value"]
+            return self._saved() or (200, {"status": "ok"})
+        name = path.lstrip("/")
+        if name in self.settings:
+            return self._scalar(method, name, body)
+        if name in self.providers:
+            return self._provider(method, name, query, body)
+        if path == "/config" and method == "GET":
+            return 200, self.config_json()
+        if path == "/config.yaml":
+            return self._config_yaml(method)
+        if path == "/auth-files":
+            return self._auth_files(method, query)
+        return None
+
+    def _scalar(self, method: str, name: str, body: Any) -> tuple[int, Any]:
+        if method == "GET":
+            return 200, {name.rsplit("/", 1)[-1]: self.settings[name]}
+        if name == "proxy-url" and method == "DELETE":
+            self.settings[name] = ""
+            return self._saved() or (200, {"status": "ok"})
+        if method not in ("PUT", "PATCH"):
+            return 404, b"404 page not found"
+        kind = type(SCALAR_SETTINGS[name])
+        value = body.get("value") if isinstance(body, dict) else None
+        # Go's JSON decoding: a bool field refuses numbers, an int field refuses true/false.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return 400, {"error": "invalid body"}
+        refused = self._saved()
+        if refused:
+            return refused
+        self.settings[name] = value.strip() if kind is str else value
+        return 200, {"status": "ok"}
+
+    def config_json(self) -> dict[str, Any]:
+        config: dict[str, Any] = {**{k: v for k, v in self.settings.items() if "/" not in k},
+                                  "quota-exceeded": {
+                                      "switch-project": self.settings["quota-exceeded/switch-project"],
+                                      "switch-preview-model":
+                                          self.settings["quota-exceeded/switch-preview-model"]},
+                                  "usage-statistics-enabled": self.statistics_enabled,
+                                  "api-keys": list(getattr(self, "api_keys", []))}
+        for name, items in self.providers.items():
+            if items:
+                config[name] = [dict(item) for item in items]
+        if self.generation == "queue":  # 6.10 and newer only
+            config[RETENTION_KEY] = int(self.retention_seconds)
+        return config
+
+    def config_yaml(self) -> str:
+        lines = [self.config_comment.rstrip("\n"), "port: 8317",
+                 f"debug: {str(self.settings['debug']).lower()}",
+                 f"request-retry: {self.settings['request-retry']}"]
+        if self.generation == "queue":
+            lines.append(f"{RETENTION_KEY}: {int(self.retention_seconds)}  # seconds")
+        return "\n".join(lines) + "\n"
+
+    def _config_yaml(self, method: str) -> tuple[int, Any]:
+        if method == "GET":
+            return 200, self.config_yaml().encode()
+        if method != "PUT":
+            return 404, b"404 page not found"
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(self.raw_request_body.decode() or "{}")
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            return 400, {"error": "invalid_yaml", "message": str(exc)[:100]}
+        if not isinstance(parsed, dict):
+            return 422, {"error": "invalid_config", "message": "config is not a mapping"}
+        refused = self._saved()
+        if refused:
+            return 500, {"error": "write_failed", "message": "failed to write config"}
+        text = self.raw_request_body.decode()
+        self.config_comment = "".join(
+            line + "\n" for line in text.splitlines() if line.startswith("#")) or "\n"
+        if "debug" in parsed and isinstance(parsed["debug"], bool):
+            self.settings["debug"] = parsed["debug"]
+        if isinstance(parsed.get("request-retry"), int):
+            self.settings["request-retry"] = parsed["request-retry"]
+        if self.generation == "queue":
+            seconds = parsed.get(RETENTION_KEY)
+            seconds = seconds if isinstance(seconds, int) and not isinstance(seconds, bool) else 0
+            self.retention_seconds = 60 if seconds <= 0 else min(seconds, 3600)  # the clamp
+        return 200, {"ok": True, "changed": ["config"]}
+
+    # provider keys --------------------------------------------------------------------------
+
+    def _provider(self, method: str, name: str, query: dict[str, str], body: Any
+                  ) -> tuple[int, Any]:
+        items = self.providers[name]
+        if method == "GET":
+            shown = [dict(item) for item in items]
+            if self.version >= (7, 0):  # 7.x adds each entry's auth index
+                for i, item in enumerate(shown):
+                    item["auth-index"] = f"{name[:6]}{i:04d}"
+            return 200, {name: shown or None}
+        if method == "PUT":
+            entries = body.get("items") if isinstance(body, dict) else body
+            if (not isinstance(entries, list) or (isinstance(body, dict) and not entries)
+                    or not all(isinstance(e, dict) for e in entries)):
+                return 400, {"error": "invalid body"}
+            entries = [{k: v for k, v in e.items() if k != "auth-index"} for e in entries]
+            return self._save_list(name, entries)
+        if method == "PATCH":
+            return self._provider_patch(name, body)
+        if method == "DELETE":
+            return self._provider_delete(name, query)
+        return 404, b"404 page not found"
+
+    def _save_list(self, name: str, entries: list[dict[str, Any]]) -> tuple[int, Any]:
+        refused = self._saved()
+        if refused:
+            return refused
+        if name in ("codex-api-key", "openai-compatibility"):
+            # SanitizeCodexKeys / SanitizeOpenAICompatibility: no base-url, no entry.
+            entries = [e for e in entries if str(e.get("base-url") or "").strip()]
+        self.providers[name] = entries
+        return 200, {"status": "ok"}
+
+    def _provider_patch(self, name: str, body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("value"), dict):
+            return 400, {"error": "invalid body"}
+        items = self.providers[name]
+        target = -1
+        index = body.get("index")
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(items):
+            target = index
+        matcher = "name" if name == "openai-compatibility" else "match"
+        if target == -1 and isinstance(body.get(matcher), str):
+            field_name = "name" if matcher == "name" else "api-key"
+            target = next((i for i, e in enumerate(items)
+                           if e.get(field_name) == body[matcher].strip()), -1)
+        if target == -1:
+            return 404, {"error": "item not found"}
+        entry = dict(items[target])
+        for key in PATCH_FIELDS[name]:
+            if key not in body["value"] or self.version < FIELDS_ADDED.get(key, (0, 0)):
+                continue  # a field this release's struct lacks is ignored, and answered ok
+            value = body["value"][key]
+            if key == "base-url" and name in ("codex-api-key", "openai-compatibility"):
+                if not str(value or "").strip():  # the quirk: an empty base-url deletes
+                    return self._save_list(name, items[:target] + items[target + 1:])
+            entry[key] = value.strip() if isinstance(value, str) else value
+        return self._save_list(name, items[:target] + [entry] + items[target + 1:])
+
+    def _provider_delete(self, name: str, query: dict[str, str]) -> tuple[int, Any]:
+        items = self.providers[name]
+        if name == "openai-compatibility":
+            if query.get("name"):
+                return self._save_list(name, [e for e in items if e.get("name") != query["name"]])
+        elif query.get("api-key", "").strip():
+            key = query["api-key"].strip()
+            matches = [i for i, e in enumerate(items) if e.get("api-key") == key
+                       and ("base-url" not in query or e.get("base-url", "") == query["base-url"])]
+            if len(matches) > 1 and "base-url" not in query:
+                return 400, {"error": "multiple items match api-key; base-url is required"}
+            if not matches and name == "gemini-api-key":
+                return 404, {"error": "item not found"}
+            return self._save_list(name, [e for i, e in enumerate(items) if i not in matches])
+        try:
+            index = int(query.get("index", ""))
+        except ValueError:
+            index = -1
+        if 0 <= index < len(items):
+            return self._save_list(name, items[:index] + items[index + 1:])
+        missing = "name" if name == "openai-compatibility" else "api-key"
+        return 400, {"error": f"missing {missing} or index"}
+
+    # auth files ------------------------------------------------------------------------------
+
+    def add_auth_file(self, name: str, content: dict[str, Any], *, disabled: bool = False,
+                      status: str = "active") -> None:
+        self.auth_files[name] = {"content": content, "modtime": time.time(),
+                                 "disabled": disabled, "status": status}
+
+    def _auth_file_entry(self, name: str, item: dict[str, Any]) -> dict[str, Any]:
+        content = item["content"]
+        size = len(json.dumps(content))
+        modtime = _rfc3339(item["modtime"])
+        if self.version < (6, 9):  # the directory listing of older releases
+            return {"name": name, "size": size, "modtime": modtime,
+                    "type": content.get("type", ""), "email": content.get("email", "")}
+        return {
+            "id": name, "auth_index": f"auth{abs(hash(name)) % 10_000:04d}", "name": name,
+            "type": content.get("type", ""), "provider": content.get("type", ""),
+            "label": content.get("email", ""), "status": item["status"],
+            "status_message": "", "disabled": item["disabled"], "unavailable": False,
+            "runtime_only": False, "source": "file", "size": size,
+            "email": content.get("email", ""), "modtime": modtime,
+            "path": f"/root/.cli-proxy-api/{name}", "success": 0, "failed": 0,
+        }
+
+    def _auth_files(self, method: str, query: dict[str, str]) -> tuple[int, Any]:
+        if method == "GET":
+            return 200, {"files": [self._auth_file_entry(n, item)
+                                   for n, item in sorted(self.auth_files.items())]}
+        if method == "POST":
+            uploads = self._multipart_files()
+            if uploads is None and query.get("name"):  # a raw JSON body with ?name=
+                uploads = [(query["name"], self.raw_request_body)]
+            if not uploads:
+                return 400, {"error": "no files uploaded"}
+            name, data = uploads[0]
+            if not name.lower().endswith(".json") or "/" in name:
+                return 400, {"error": "file must be .json"}
+            try:
+                content = json.loads(data)
+            except ValueError:
+                return 400, {"error": "invalid auth file: not JSON"}
+            if not isinstance(content, dict):
+                return 400, {"error": "invalid auth file: not an object"}
+            self.add_auth_file(name, content)
+            return 200, {"status": "ok"}
+        if method == "DELETE":
+            if query.get("all") in ("true", "1", "*"):
+                deleted = len(self.auth_files)
+                self.auth_files.clear()
+                return 200, {"status": "ok", "deleted": deleted}
+            name = query.get("name", "").strip()
+            if not name or "/" in name:
+                return 400, {"error": "invalid name"}
+            if name not in self.auth_files:
+                return 404, {"error": "file not found"}
+            del self.auth_files[name]
+            return 200, {"status": "ok"}
+        return 404, b"404 page not found"
+
+    def _multipart_files(self) -> list[tuple[str, bytes]] | None:
+        if not self.request_content_type.startswith("multipart/form-data"):
+            return None
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + self.request_content_type.encode() + b"\r\n\r\n"
+            + self.raw_request_body)
+        files = []
+        for part in message.iter_parts():
+            if part.get_param("name", header="content-disposition") == "file":
+                files.append((part.get_filename() or "", part.get_payload(decode=True) or b""))
+        return files
+
+
+class FakeProxy(_AdminRoutes):
     def __init__(
         self,
         *,
@@ -93,6 +397,7 @@ class FakeProxy:
         retention_seconds: float = 60.0,
         reload_delay: float = 0.0,
         port: int = 0,
+        version: str | None = None,
     ) -> None:
         if generation not in ("queue", "snapshot"):
             raise ValueError("generation is 'queue' or 'snapshot'")
@@ -122,6 +427,7 @@ class FakeProxy:
         self._server = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._admin_init(version)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -378,6 +684,8 @@ class FakeProxy:
         except ValueError:
             body = ValueError
         with self.lock:
+            self.request_content_type = handler.headers.get("Content-Type", "")
+            self.raw_request_body = raw_body
             status, answer = self._route(method, path, query, body)
         if isinstance(answer, bytes):
             return self._reply(handler, status, answer, raw=True)
@@ -425,6 +733,9 @@ class FakeProxy:
             return 401, {"error": "invalid management key"}
 
     def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        admin = self._admin_route(method, path, query, body)
+        if admin is not None:
+            return admin
         if path == "/api-keys":
             return self._api_keys(method, query, body)
         if path == "/usage-statistics-enabled":
@@ -575,10 +886,11 @@ def main() -> None:
     parser.add_argument("--generation", choices=["queue", "snapshot"], default="queue")
     parser.add_argument("--key", action="append", default=[], help="a client key to start with")
     parser.add_argument("--retention", type=float, default=60.0)
+    parser.add_argument("--version", default=None, help="an older release, e.g. 6.5.0")
     args = parser.parse_args()
     proxy = FakeProxy(
         generation=args.generation, management_key=args.management_key, api_keys=args.key,
-        retention_seconds=args.retention, port=args.port,
+        retention_seconds=args.retention, port=args.port, version=args.version,
     ).start()
     print(f"fake proxy ({args.generation}) on {proxy.url}", flush=True)
     try:
