@@ -13,6 +13,7 @@ from django.db.models.functions import Coalesce, ExtractHour, TruncDate
 from django.utils import timezone
 
 from accounts.models import User
+from keyportal.models import AuditEvent
 from pool.models import ApiKey
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 
@@ -268,4 +269,98 @@ def leaderboard(*, period: str, by: str, limit: int = 100) -> Leaderboard:
     return Leaderboard(
         period=period, by=by, since=since, totals=totals, active_people=active,
         people_with_keys=given["n"], keys_held=held, rows=rows,
+    )
+
+
+# --- daily series for the charts ----------------------------------------------------------------
+
+CHART_DAYS = (7, 30, 90)
+
+
+@dataclass(frozen=True)
+class Daily:
+    """Usage per day of the portal's TIME_ZONE and per series (a model, or one series for
+    everything), over `days` days ending today. `series` is the stacking order, bottom first:
+    the biggest by tokens, then by name, so that the order is the same on every reload."""
+
+    since: date
+    days: list[date]
+    series: list[str]
+    cells: dict[tuple[date, str], Totals]
+    per_day: dict[date, Totals]
+    per_series: dict[str, Totals]
+    total: Totals
+
+    @property
+    def empty(self) -> bool:
+        return self.total.requests == 0 and self.total.tokens == 0
+
+
+def _add(a: Totals, b: Totals) -> Totals:
+    return Totals(a.requests + b.requests, a.tokens + b.tokens, a.cost + b.cost,
+                  a.unpriced_requests + b.unpriced_requests)
+
+
+def _daily(since: date, days: int, cells: dict[tuple[date, str], Totals]) -> Daily:
+    per_day: dict[date, Totals] = {}
+    per_series: dict[str, Totals] = {}
+    for (day, name), t in cells.items():
+        per_day[day] = _add(per_day.get(day, Totals()), t)
+        per_series[name] = _add(per_series.get(name, Totals()), t)
+    total = Totals()
+    for t in per_series.values():
+        total = _add(total, t)
+    return Daily(
+        since=since, days=[since + timedelta(days=n) for n in range(days)],
+        series=sorted(per_series, key=lambda name: (-per_series[name].tokens, name)),
+        cells=cells, per_day=per_day, per_series=per_series, total=total,
+    )
+
+
+def _since(days: int) -> tuple[date, datetime]:
+    zone = timezone.get_default_timezone()
+    since = timezone.localdate(timezone=zone) - timedelta(days=days - 1)
+    return since, datetime.combine(since, time.min, tzinfo=zone)
+
+
+def daily_by_model(*, rows: QuerySet[UsageSnapshot], days: int) -> Daily:
+    """`rows` (a person's or a key's usage) per local day and model over the last `days`
+    days, in one grouped query: the day is computed by the database in TIME_ZONE, an hour
+    counting for the day it starts in (as UsageDay does)."""
+    zone = timezone.get_default_timezone()
+    since, start = _since(days)
+    grouped = (
+        rows.filter(hour__gte=start)
+        .annotate(d=TruncDate("hour", tzinfo=zone))
+        .values("d", "model").annotate(**_SUMS).order_by()
+    )
+    cells = {(r["d"], r["model"]): _totals(r) for r in grouped}
+    return _daily(since, days, {k: Totals(t.requests, t.tokens, _decimal(t.cost),
+                                          t.unpriced_requests) for k, t in cells.items()})
+
+
+ALL_USAGE = "*"  # the one series of daily_all_usage: everyone, every model
+
+
+def daily_all_usage(*, days: int) -> Daily:
+    """Everyone's usage per local day from the person × day rollup, in one query."""
+    since, _start = _since(days)
+    grouped = (
+        UsageDay.objects.filter(day__gte=since).values("day")
+        .annotate(r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
+                  u=Sum("unpriced_requests"))
+        .order_by()
+    )
+    cells = {(r["day"], ALL_USAGE): Totals(int(r["r"]), int(r["t"]), _decimal(r["c"]), int(r["u"]))
+             for r in grouped}
+    return _daily(since, days, cells)
+
+
+def person_audit(*, person: User, keys: list[ApiKey], limit: int = 30) -> list[AuditEvent]:
+    """The latest audit rows by or about a person and their keys, in one query."""
+    return list(
+        AuditEvent.objects.filter(
+            Q(actor=person) | Q(target_type="user", target_id=str(person.pk))
+            | Q(target_type="apikey", target_id__in=[str(k.pk) for k in keys])
+        ).order_by("-at", "-id")[:limit]
     )

@@ -82,3 +82,15 @@ def row_totals(row: object) -> Totals:
         Decimal(0) if unknown else row.cost,  # type: ignore[attr-defined]
         row.requests if unknown else 0,  # type: ignore[attr-defined]
     )
+
+
+@register.simple_tag
+def usd(amount: Decimal, unpriced: int) -> SafeString:
+    """A window's known cost, `≥` when `unpriced` requests had no price (as the cost tag)."""
+    return cost(Totals(unpriced + 1, 0, amount, unpriced))
+
+
+@register.filter
+def chart_value(totals: Totals, measure: str) -> SafeString | str:
+    """A chart table cell: grouped tokens, or the cost as the cost tag shows it."""
+    return cost(totals) if measure == "cost" else grouped(totals.tokens)
