@@ -7,6 +7,8 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, ExtractHour, TruncDate
@@ -15,6 +17,8 @@ from django.utils import timezone
 from accounts.models import User
 from keyportal.models import AuditEvent
 from pool.models import ApiKey
+from pool.selectors import pool_status
+from pool.upstream import ProxyClient
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 
 _ZERO = 0
@@ -363,4 +367,70 @@ def person_audit(*, person: User, keys: list[ApiKey], limit: int = 30) -> list[A
             Q(actor=person) | Q(target_type="user", target_id=str(person.pk))
             | Q(target_type="apikey", target_id__in=[str(k.pk) for k in keys])
         ).order_by("-at", "-id")[:limit]
+    )
+
+
+# --- the admin index dashboard ------------------------------------------------------------------
+
+UNPRICED_LOOKBACK = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    today: Totals  # people's usage today (portal's TIME_ZONE), from the person × day rollup
+    pool_unused: int
+    pool_ready: int
+    pool_min: int
+    sync: SyncRun | None
+    unpriced_models: list[str]  # models used in the last 30 days with no price
+    quarantined_week: int
+    proxy_refused: bool  # the 401/403 latch is set: the management key was refused
+    key_list_refused: bool  # reconcile refused the proxy's key list in the last half hour
+
+    @property
+    def pool_low(self) -> bool:
+        return self.pool_unused < self.pool_min
+
+    @property
+    def alerts(self) -> bool:
+        return bool(self.pool_low or (self.sync is not None and not self.sync.ok)
+                    or self.quarantined_week or self.proxy_refused or self.key_list_refused
+                    or self.unpriced_models)
+
+
+def unpriced_models_seen(*, since: datetime) -> list[str]:
+    """Models used since `since` whose cost is unknown (no price matched at ingest), in one
+    query over the hour index."""
+    return list(
+        UsageSnapshot.objects.filter(hour__gte=since, cost__isnull=True)
+        .values_list("model", flat=True).distinct().order_by("model")
+    )
+
+
+def admin_dashboard(*, now: datetime) -> Dashboard:
+    """What the admin index shows, in a constant number of queries (seven, with the
+    database cache: today, pool, last sync, unpriced models, quarantined, two cache keys
+    read together)."""
+    today = timezone.localdate(now, timezone=timezone.get_default_timezone())
+    row = UsageDay.objects.filter(day=today).aggregate(**{
+        "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),
+        "c": Sum("cost"), "u": Coalesce(Sum("unpriced_requests"), _ZERO),
+    })
+    pool = pool_status()
+    latch_key = ""
+    if settings.CLIPROXY_URL:
+        # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
+        # never probed, so that the index page sends nothing to the proxy.
+        with ProxyClient.from_settings() as client:
+            latch_key = client._refusal_cache_key
+    flags = cache.get_many([k for k in (latch_key, "pool:implausible-list-notified") if k])
+    return Dashboard(
+        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"])),
+        pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
+        sync=last_sync(),
+        unpriced_models=unpriced_models_seen(since=now - UNPRICED_LOOKBACK),
+        quarantined_week=QuarantinedRecord.objects.filter(
+            created_at__gte=now - timedelta(days=7)).count(),
+        proxy_refused=bool(latch_key) and latch_key in flags,
+        key_list_refused="pool:implausible-list-notified" in flags,
     )

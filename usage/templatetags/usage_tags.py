@@ -86,8 +86,10 @@ def row_totals(row: object) -> Totals:
 
 @register.simple_tag
 def usd(amount: Decimal, unpriced: int) -> SafeString:
-    """A window's known cost, `≥` when `unpriced` requests had no price (as the cost tag)."""
-    return cost(Totals(unpriced + 1, 0, amount, unpriced))
+    """A window's known cost, `≥` when `unpriced` requests had no price, `unknown` when none
+    of the cost is known (as the cost tag)."""
+    priced = 1 if amount or not unpriced else 0
+    return cost(Totals(unpriced + priced, 0, amount, unpriced))
 
 
 @register.filter
