@@ -408,9 +408,9 @@ def unpriced_models_seen(*, since: datetime) -> list[str]:
 
 
 def admin_dashboard(*, now: datetime) -> Dashboard:
-    """What the admin index shows, in a constant number of queries (seven, with the
-    database cache: today, pool, last sync, unpriced models, quarantined, two cache keys
-    read together)."""
+    """What the admin index shows, in a constant number of queries (six with the database
+    cache: today, pool, last sync, unpriced models, quarantined, and both cache flags read
+    together)."""
     today = timezone.localdate(now, timezone=timezone.get_default_timezone())
     row = UsageDay.objects.filter(day=today).aggregate(**{
         "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),

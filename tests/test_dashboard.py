@@ -1,0 +1,106 @@
+"""The admin index dashboard: today's requests, tokens and cost, the pool against its
+low-water mark, the last sync and its result, unpriced models seen, alerts; in a constant
+number of queries."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.core.cache import cache
+from django.utils import timezone
+
+from accounts.models import User
+from pool.models import ApiKey
+from pool.services import pool_keys_create
+from pool.upstream import ProxyClient
+from tests.usage.conftest import issue, served
+from usage.models import ModelPrice, QuarantinedRecord, SyncRun
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def boss(db) -> User:
+    return User.objects.create_superuser("boss@example.com", "a-long-password-1")
+
+
+def dashboard_of(page: str) -> str:
+    return page.split('id="dashboard"', 1)[1].split('id="staff-pages"', 1)[0]
+
+
+def cell(part: str, name: str) -> str:
+    return part.split(f'data-dash="{name}">', 1)[1].split("</td>", 1)[0]
+
+
+def test_todays_numbers_pool_and_last_sync(client, boss, settings):
+    settings.PORTAL_POOL_MIN = 5
+    ann, bob = issue(2, ["ann@example.com", "bob@example.com"])
+    pool_keys_create(count=3)  # unissued
+    ModelPrice.objects.create(model="mock-gpt", input=Decimal("1"), output=Decimal("0"),
+                              cache_read=Decimal("0"), cache_write=Decimal("0"))
+    now = timezone.now()
+    served(ann.key, at=now, requests=2, input_tokens=1_000_000, output_tokens=0)
+    served(bob.key, at=now, model="qwen-max", requests=3, input_tokens=10, output_tokens=0)
+    served(bob.key, at=now - timedelta(days=2), requests=7)  # not today
+    SyncRun.objects.create(started_at=now - timedelta(minutes=3), finished_at=now, ok=False,
+                           message="proxy unreachable")
+    client.force_login(boss)
+    part = dashboard_of(client.get("/admin/").content.decode())
+
+    assert cell(part, "requests") == "5"
+    assert cell(part, "tokens") == "2,000,030"
+    assert "≥ $2.00" in cell(part, "cost")  # qwen-max has no price
+    assert cell(part, "pool").startswith("3 (") and "low-water mark 5" in cell(part, "pool")
+    assert "below the low-water mark" in part and 'data-alert="pool-low"' in part
+    assert "failed" in cell(part, "sync") and "proxy unreachable" in cell(part, "sync")
+    assert 'data-alert="sync-failed"' in part
+    unpriced = part.split('data-alert="unpriced">', 1)[1].split("</td>", 1)[0]
+    assert "<code>qwen-max</code>" in unpriced and "mock-gpt" not in unpriced
+
+
+def test_a_quiet_day_says_nothing_needs_attention(client, boss, settings):
+    settings.PORTAL_POOL_MIN = 0
+    SyncRun.objects.create(started_at=timezone.now(), finished_at=timezone.now(), ok=True)
+    client.force_login(boss)
+    part = dashboard_of(client.get("/admin/").content.decode())
+    assert "Nothing needs attention." in part and "data-alert" not in part
+    assert cell(part, "requests") == "0" and "ok" in cell(part, "sync")
+
+
+def test_quarantine_the_401_latch_and_a_refused_key_list_raise_alerts(client, boss, settings):
+    settings.CLIPROXY_URL = "http://127.0.0.1:9"
+    settings.CLIPROXY_MANAGEMENT_KEY = "wrong"
+    QuarantinedRecord.objects.create(source="queue", reason="negative tokens")
+    with ProxyClient.from_settings() as proxy:
+        cache.set(proxy._refusal_cache_key, {"status": 401, "message": "refused"}, 600)
+    cache.set("pool:implausible-list-notified", True, 600)
+    client.force_login(boss)
+    part = dashboard_of(client.get("/admin/").content.decode())
+    assert 'data-alert="quarantined"' in part and "1 usage record set aside" in part
+    assert 'data-alert="proxy-refused"' in part
+    assert 'data-alert="key-list-refused"' in part
+
+
+def test_a_person_or_a_link_session_never_sees_the_dashboard(client):
+    person = User.objects.create_user("ann@example.com")
+    client.force_login(person)
+    response = client.get("/admin/")
+    assert response.status_code == 302 and b"dashboard" not in response.content
+
+
+@pytest.mark.parametrize("people", [1, 12])
+def test_the_index_costs_the_same_queries_however_much_usage(
+    client, boss, django_assert_num_queries, people
+):
+    for n, held in enumerate(issue(people, [f"p{i}@example.com" for i in range(people)])):
+        served(held.key, at=timezone.now(), model=f"model-{n}", requests=n + 1)
+    ApiKey.objects.update(limit_tokens_day=None)
+    client.force_login(boss)
+    # session, user, today's sums, pool counts, last sync, unpriced models, quarantined, the
+    # cache flags (one read), and the admin's own "recent actions" (a superuser needs no
+    # permission reads)
+    with django_assert_num_queries(9):
+        response = client.get("/admin/")
+    assert response.status_code == 200
