@@ -26,7 +26,7 @@ from usage.selectors import ALL_USAGE, CHART_DAYS, Daily, Totals
 # The drawing, in viewBox units. 480 wide keeps the axis text legible when a 390 px phone
 # scales the whole chart down to ~360 px.
 WIDTH, HEIGHT = 480, 220
-LEFT, RIGHT, TOP, BOTTOM = 52, 8, 10, 26
+LEFT, RIGHT, TOP, BOTTOM = 58, 22, 10, 28
 PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 PALETTE = 10  # colour classes .series-0 ... .series-9 in charts.css
 DEFAULT_DAYS = 30
