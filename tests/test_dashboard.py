@@ -104,3 +104,20 @@ def test_the_index_costs_the_same_queries_however_much_usage(
     with django_assert_num_queries(9):
         response = client.get("/admin/")
     assert response.status_code == 200
+
+
+def test_seed_demo_fills_an_empty_database_once(client, settings):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.PORTAL_POOL_MIN = 20
+    out = StringIO()
+    call_command("seed_demo", "--staff-password", "a-long-password-1", "--days", "3",
+                 stdout=out)
+    assert "4 people, 8 keys" in out.getvalue()
+    with pytest.raises(CommandError, match="only fills an empty database"):
+        call_command("seed_demo", "--staff-password", "x", stdout=StringIO())
+    client.force_login(User.objects.get(email="staff@example.com"))
+    part = dashboard_of(client.get("/admin/").content.decode())
+    assert "<code>internal-llm-7b</code>" in part and 'data-alert="pool-low"' in part

@@ -1,16 +1,20 @@
 """In a real browser: a person with a 2,000,000 tokens/month limit who used 500,000 sees 25 %
 on the bar; the chart draws, and the totals read from the page equal what was recorded; at
-390 px the quota and chart fit the screen."""
+390 px the quota and chart fit the screen; the staff pages with charts break no CSP rule."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 from django.db.models import Sum
 from django.test import Client
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from accounts.models import User
+from tests.browser.test_csp import PASSWORD, _watch
 from tests.usage.conftest import issue, served
-from usage.models import UsageSnapshot
+from usage.models import ModelPrice, UsageSnapshot
 
 
 def signed_in(page, live_server, person) -> None:
@@ -32,6 +36,7 @@ def test_quota_bar_percent_and_chart_totals(live_server, page):
     recorded = UsageSnapshot.objects.aggregate(t=Sum("total_tokens"))["t"]
 
     signed_in(page, live_server, person)
+    problems = _watch(page)
     page.goto(f"{live_server.url}/my-keys")
     bar = page.locator('#quota .quota-line').first.locator('[data-limit="limit_tokens_month"]')
     expect(bar.locator(".quota-pct")).to_have_text("25 %")  # 500,021 of 2,000,000
@@ -55,6 +60,26 @@ def test_quota_bar_percent_and_chart_totals(live_server, page):
     expect(page.locator("#usage-chart .chart-days .current")).to_have_text("7 days")
     page.locator("#usage-chart").get_by_text("The numbers as a table").click()
     assert page.locator('#usage-chart [data-total="tokens"]').inner_text() == "500,021"
+    assert problems == []  # no inline style or script the policy would refuse
+
+
+def test_staff_pages_with_charts_run_without_policy_violations(live_server, page):
+    (held,) = issue(1, ["ann@example.com"])
+    ModelPrice.objects.create(model="model-a", input=Decimal("1"), output=Decimal("1"),
+                              cache_read=Decimal("0"), cache_write=Decimal("0"))
+    served(held.key, at=timezone.now(), model="model-a", requests=2)  # priced: no alert
+    User.objects.create_superuser("boss@example.com", PASSWORD)
+    problems = _watch(page)
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/")
+    page.locator("#id_username").fill("boss@example.com")
+    page.locator("#id_password").fill(PASSWORD)
+    page.locator("input[type=submit]").click()
+    expect(page.locator("#dashboard")).to_contain_text("Nothing needs attention")
+    page.goto(f"{live_server.url}/staff/leaderboard?period=7d")
+    page.get_by_role("link", name="ann@example.com", exact=True).click()
+    expect(page.locator("#usage-chart svg.chart-svg")).to_have_count(2)
+    expect(page.locator("#person-keys")).to_contain_text(held.key.masked)
+    assert problems == []
 
 
 def test_quota_and_chart_fit_a_phone(live_server, page):
