@@ -105,7 +105,8 @@ def quota_for(*, person: User, keys: list[ApiKey], now: datetime | None = None) 
     by_key: dict[int, Used] = {}
     total = Used()
     for row in rows:
-        used = Used(**{name: _decimal(row[name]) if name.startswith("cost") else row[name] or 0
+        # int(): PostgreSQL sums bigints as numeric.
+        used = Used(**{name: _decimal(row[name]) if name.startswith("cost") else int(row[name] or 0)
                        for name in Used.__dataclass_fields__})
         by_key[row["api_key_id"]] = used
         total.add(used)
