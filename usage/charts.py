@@ -128,6 +128,8 @@ def stacked(daily: Daily, *, measure: str) -> Stacked:
     top = max((_value(daily.per_day.get(d, Totals()), measure) for d in daily.days),
               default=Decimal(0))
     axis_max, step = nice_ceiling(top)
+    if measure == "tokens" and step < 1:  # no quarter tokens on the axis
+        axis_max, step = Decimal(4), Decimal(1)
     slot = PLOT_W / len(daily.days)
     bar = max(slot * 0.8, 1.0)
     scale = PLOT_H / float(axis_max)

@@ -212,9 +212,8 @@ def staff_person(request: HttpRequest, pk: int) -> HttpResponse:
     keys = _my_keys(person)
     return _admin_page(request, "usage/staff_person.html", {
         "title": _("Usage of %(person)s") % {"person": person.email}, "person": person,
-        "keys": keys, "totals": totals_of_keys(keys), "audit": person_audit(person=person,
-                                                                             keys=keys),
-        "quota_staff": True,
+        "keys": keys, "totals": totals_of_keys(keys),
+        "audit": person_audit(person=person, keys=keys), "quota_staff": True,
         **_insight(request, person=person, keys=keys, title=_("Daily usage by model")),
     })
 

@@ -185,3 +185,10 @@ def test_my_keys_query_count_does_not_grow_with_usage(client, ann, django_assert
     with django_assert_num_queries(5):
         response = client.get("/my-keys", {"days": "90"})
     assert response.status_code == 200
+
+
+def test_a_period_with_requests_but_no_tokens_gets_whole_token_ticks(ann):
+    served(ann.key, at=timezone.now(), requests=2, input_tokens=0, output_tokens=0)
+    daily = daily_by_model(rows=UsageSnapshot.objects.all(), days=7)
+    assert not daily.empty  # two requests happened
+    assert [t.label for t in stacked(daily, measure="tokens").ticks] == ["0", "1", "2", "3", "4"]
