@@ -42,7 +42,8 @@ def test_todays_numbers_pool_and_last_sync(client, boss, settings):
                               cache_read=Decimal("0"), cache_write=Decimal("0"))
     now = timezone.now()
     served(ann.key, at=now, requests=2, input_tokens=1_000_000, output_tokens=0)
-    served(bob.key, at=now, model="qwen-max", requests=3, input_tokens=10, output_tokens=0)
+    served(bob.key, at=now, model="internal-llm-7b", requests=3, input_tokens=10,
+           output_tokens=0)
     served(bob.key, at=now - timedelta(days=2), requests=7)  # not today
     SyncRun.objects.create(started_at=now - timedelta(minutes=3), finished_at=now, ok=False,
                            message="proxy unreachable")
@@ -51,13 +52,24 @@ def test_todays_numbers_pool_and_last_sync(client, boss, settings):
 
     assert cell(part, "requests") == "5"
     assert cell(part, "tokens") == "2,000,030"
-    assert "≥ $2.00" in cell(part, "cost")  # qwen-max has no price
+    assert "≥ $2.00" in cell(part, "cost")  # internal-llm-7b has no price
     assert cell(part, "pool").startswith("3 (") and "low-water mark 5" in cell(part, "pool")
     assert "below the low-water mark" in part and 'data-alert="pool-low"' in part
     assert "failed" in cell(part, "sync") and "proxy unreachable" in cell(part, "sync")
     assert 'data-alert="sync-failed"' in part
     unpriced = part.split('data-alert="unpriced">', 1)[1].split("</td>", 1)[0]
-    assert "<code>qwen-max</code>" in unpriced and "mock-gpt" not in unpriced
+    assert "<code>internal-llm-7b</code>" in unpriced and "mock-gpt" not in unpriced
+    assert "/admin/usage/modelprice/add/?model=internal-llm-7b" in unpriced  # one click
+
+
+def test_a_model_priced_since_is_no_longer_called_unpriced(client, boss):
+    (ann,) = issue(1, ["ann@example.com"])
+    served(ann.key, at=timezone.now(), model="new-model", requests=1)
+    client.force_login(boss)
+    assert "<code>new-model</code>" in dashboard_of(client.get("/admin/").content.decode())
+    ModelPrice.objects.create(model="new-*", input=Decimal("1"), output=Decimal("1"),
+                              cache_read=Decimal("0"), cache_write=Decimal("0"))
+    assert "new-model" not in dashboard_of(client.get("/admin/").content.decode())
 
 
 def test_a_quiet_day_says_nothing_needs_attention(client, boss, settings):
@@ -98,10 +110,10 @@ def test_the_index_costs_the_same_queries_however_much_usage(
         served(held.key, at=timezone.now(), model=f"model-{n}", requests=n + 1)
     ApiKey.objects.update(limit_tokens_day=None)
     client.force_login(boss)
-    # session, user, today's sums, pool counts, last sync, unpriced models, quarantined, the
-    # cache flags (one read), and the admin's own "recent actions" (a superuser needs no
-    # permission reads)
-    with django_assert_num_queries(9):
+    # session, user, today's sums, pool counts, last sync, unpriced models, the price book,
+    # quarantined, the cache flags (one read), and the admin's own "recent actions" (a
+    # superuser needs no permission reads)
+    with django_assert_num_queries(10):
         response = client.get("/admin/")
     assert response.status_code == 200
 

@@ -20,6 +20,7 @@ from pool.models import ApiKey
 from pool.selectors import pool_status
 from pool.upstream import ProxyClient
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
+from usage.pricing import PriceBook
 
 _ZERO = 0
 
@@ -399,18 +400,21 @@ class Dashboard:
 
 
 def unpriced_models_seen(*, since: datetime) -> list[str]:
-    """Models used since `since` whose cost is unknown (no price matched at ingest), in one
-    query over the hour index."""
-    return list(
+    """Models used since `since` that had no price when counted and still have none (one
+    priced since then needs a recompute, not a price): two queries, the hour index and the
+    price book, as the admin's "Unpriced models seen" page decides."""
+    seen = (
         UsageSnapshot.objects.filter(hour__gte=since, cost__isnull=True)
         .values_list("model", flat=True).distinct().order_by("model")
     )
+    book = PriceBook.load()
+    return [model for model in seen if book.price_for(model) is None]
 
 
 def admin_dashboard(*, now: datetime) -> Dashboard:
-    """What the admin index shows, in a constant number of queries (six with the database
-    cache: today, pool, last sync, unpriced models, quarantined, and both cache flags read
-    together)."""
+    """What the admin index shows, in a constant number of queries (seven with the database
+    cache: today, pool, last sync, unpriced models and the price book, quarantined, and both
+    cache flags read together)."""
     today = timezone.localdate(now, timezone=timezone.get_default_timezone())
     row = UsageDay.objects.filter(day=today).aggregate(**{
         "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),

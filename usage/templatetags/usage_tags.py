@@ -85,14 +85,9 @@ def row_totals(row: object) -> Totals:
 
 
 @register.simple_tag
-def usd(amount: Decimal, unpriced: int) -> SafeString:
+def window_cost(amount: Decimal, unpriced: int) -> SafeString:
     """A window's known cost, `≥` when `unpriced` requests had no price, `unknown` when none
     of the cost is known (as the cost tag)."""
     priced = 1 if amount or not unpriced else 0
     return cost(Totals(unpriced + priced, 0, amount, unpriced))
 
-
-@register.filter
-def chart_value(totals: Totals, measure: str) -> SafeString | str:
-    """A chart table cell: grouped tokens, or the cost as the cost tag shows it."""
-    return cost(totals) if measure == "cost" else grouped(totals.tokens)
