@@ -11,6 +11,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiToken, LimitDefaults, Limits, User, normalize_email
@@ -95,9 +96,9 @@ class UserAdmin(BaseUserAdmin):
     list_filter = ("is_staff", "is_superuser", "is_active", HasLimitsFilter, "date_joined")
     search_fields = ("email", "name")
     show_full_result_count = False
-    readonly_fields = ("date_joined", "last_login")
+    readonly_fields = ("date_joined", "last_login", "usage_page")
     fieldsets = (
-        (None, {"fields": ("email", "name", "language", "password")}),
+        (None, {"fields": ("email", "name", "language", "password", "usage_page")}),
         (_("Limits (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
         (
             _("Permissions"),
@@ -105,6 +106,28 @@ class UserAdmin(BaseUserAdmin):
         ),
         (_("Dates"), {"fields": ("last_login", "date_joined")}),
     )
+    # Groups, permissions and superuser mean something only for people who use the admin:
+    # a person who only holds keys sees (and staff edit) active and staff. Ticking staff and
+    # saving brings the rest back.
+    PERMISSIONS_OF_STAFF_ONLY = ("is_superuser", "groups", "user_permissions")
+
+    def get_fieldsets(self, request: HttpRequest, obj: User | None = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or obj.is_staff or obj.is_superuser:
+            return fieldsets
+        return [
+            (title, {**options, "fields": tuple(
+                f for f in options["fields"] if f not in self.PERMISSIONS_OF_STAFF_ONLY)})
+            for title, options in fieldsets
+        ]
+
+    @admin.display(description=_("usage"))
+    def usage_page(self, obj: User) -> str:
+        if obj.pk is None:
+            return "—"
+        # By URL name: the page lives in usage, which accounts does not import.
+        return format_html('<a href="{}">{}</a>', reverse("staff-person", args=[obj.pk]),
+                           _("Usage, keys, quota and audit rows of this person"))
     def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         if change:

@@ -13,6 +13,7 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts.models import User, normalize_email
@@ -79,6 +80,15 @@ class PortalAdminSite(admin.AdminSite):
         # A session from an emailed link is a person's session, staff or not: whoever can
         # read a staff member's inbox must not reach the admin without the password.
         return staff_with_password(request)
+
+    def index(self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+              ) -> HttpResponse:
+        # The dashboard on top of the index (templates/admin/index.html). Imported here:
+        # keyportal sits under the apps, and usage reads the pool and the proxy's state.
+        from usage.selectors import admin_dashboard
+
+        context = {"dashboard": admin_dashboard(now=timezone.now()), **(extra_context or {})}
+        return super().index(request, context)
 
 
 def staff_password_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:

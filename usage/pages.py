@@ -5,6 +5,7 @@ they read usage, and dependencies run usage -> pool -> accounts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -33,10 +34,12 @@ from pool.services import (
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
-from usage.models import SyncRun
+from usage.charts import chart_context
+from usage.models import SyncRun, UsageSnapshot
+from usage.quota import quota_for
 from usage.selectors import (
-    PERIODS, RANKINGS, Leaderboard, Totals, key_usage, keys_with_usage, last_sync, leaderboard, sync_backlog,
-    totals_of_keys,
+    PERIODS, RANKINGS, Leaderboard, Totals, daily_all_usage, daily_by_model, key_usage,
+    keys_with_usage, last_sync, leaderboard, person_audit, sync_backlog, totals_of_keys,
 )
 
 # --- /my-keys -----------------------------------------------------------------------------------
@@ -75,6 +78,8 @@ def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
 @require_GET
 def my_keys(request: HttpRequest) -> HttpResponse:
     context = _table_context(request.user, form=_label_form())
+    if not request.htmx:  # quota and chart sit outside the table the htmx branch swaps
+        context |= _insight(request, person=request.user, keys=context["keys"])
     template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
     response = render(request, template, context)
     patch_vary_headers(response, ["HX-Request"])
@@ -175,7 +180,25 @@ def key_detail(request: HttpRequest, pk: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=pk, owner=request.user)  # others get 404, not 403
     return render(request, "usage/key_detail.html", {
         "key": key, "usage": key_usage(key=key), "time_zone": settings.TIME_ZONE,
+        "quota": quota_for(person=request.user, keys=[key]),
+        "usage_chart": chart_context(
+            partial(daily_by_model, rows=UsageSnapshot.objects.filter(api_key=key)),
+            query=request.GET, chart_id="key-chart", title=_("This key's daily usage by model"),
+        ),
     })
+
+
+def _insight(request: HttpRequest, *, person: User, keys: list[ApiKey],
+             title: str | None = None) -> dict[str, Any]:
+    """Quota bars and the daily chart of a person: two queries, whatever their history."""
+    return {
+        "quota": quota_for(person=person, keys=keys),
+        "usage_chart": chart_context(
+            partial(daily_by_model, rows=UsageSnapshot.objects.filter(api_key__owner=person)),
+            query=request.GET, chart_id="usage-chart",
+            title=title or _("Your daily usage by model"),
+        ),
+    }
 
 
 # --- staff --------------------------------------------------------------------------------------
@@ -230,6 +253,22 @@ def staff_leaderboard(request: HttpRequest) -> HttpResponse:
     return _admin_page(request, "usage/leaderboard.html", {
         "title": _("Leaderboard"), "board": board, "periods": PERIODS, "rankings": RANKINGS,
         "keys_url": keys_url,
+        "usage_chart": chart_context(daily_all_usage, query=request.GET, chart_id="trend",
+                                     title=_("Daily trend of all usage")),
+    })
+
+
+@staff_password_required
+@require_GET
+def staff_person(request: HttpRequest, pk: int) -> HttpResponse:
+    """One person's usage for staff: charts, keys (masked), limits and quota, audit rows."""
+    person = get_object_or_404(User, pk=pk)
+    keys = _my_keys(person)
+    return _admin_page(request, "usage/staff_person.html", {
+        "title": _("Usage of %(person)s") % {"person": person.email}, "person": person,
+        "keys": keys, "totals": totals_of_keys(keys),
+        "audit": person_audit(person=person, keys=keys), "quota_staff": True,
+        **_insight(request, person=person, keys=keys, title=_("Daily usage by model")),
     })
 
 

@@ -7,14 +7,20 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, ExtractHour, TruncDate
 from django.utils import timezone
 
 from accounts.models import User
+from keyportal.models import AuditEvent
 from pool.models import ApiKey
+from pool.selectors import pool_status
+from pool.upstream import ProxyClient
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
+from usage.pricing import PriceBook
 
 _ZERO = 0
 
@@ -268,4 +274,167 @@ def leaderboard(*, period: str, by: str, limit: int = 100) -> Leaderboard:
     return Leaderboard(
         period=period, by=by, since=since, totals=totals, active_people=active,
         people_with_keys=given["n"], keys_held=held, rows=rows,
+    )
+
+
+# --- daily series for the charts ----------------------------------------------------------------
+
+CHART_DAYS = (7, 30, 90)
+
+
+@dataclass(frozen=True)
+class Daily:
+    """Usage per day of the portal's TIME_ZONE and per series (a model, or one series for
+    everything), over `days` days ending today. `series` is the stacking order, bottom first:
+    the biggest by tokens, then by name, so that the order is the same on every reload."""
+
+    since: date
+    days: list[date]
+    series: list[str]
+    cells: dict[tuple[date, str], Totals]
+    per_day: dict[date, Totals]
+    per_series: dict[str, Totals]
+    total: Totals
+
+    @property
+    def empty(self) -> bool:
+        return self.total.requests == 0 and self.total.tokens == 0
+
+
+def _add(a: Totals, b: Totals) -> Totals:
+    return Totals(a.requests + b.requests, a.tokens + b.tokens, a.cost + b.cost,
+                  a.unpriced_requests + b.unpriced_requests)
+
+
+def _daily(since: date, days: int, cells: dict[tuple[date, str], Totals]) -> Daily:
+    per_day: dict[date, Totals] = {}
+    per_series: dict[str, Totals] = {}
+    for (day, name), t in cells.items():
+        per_day[day] = _add(per_day.get(day, Totals()), t)
+        per_series[name] = _add(per_series.get(name, Totals()), t)
+    total = Totals()
+    for t in per_series.values():
+        total = _add(total, t)
+    return Daily(
+        since=since, days=[since + timedelta(days=n) for n in range(days)],
+        series=sorted(per_series, key=lambda name: (-per_series[name].tokens, name)),
+        cells=cells, per_day=per_day, per_series=per_series, total=total,
+    )
+
+
+def _since(days: int) -> tuple[date, datetime]:
+    zone = timezone.get_default_timezone()
+    since = timezone.localdate(timezone=zone) - timedelta(days=days - 1)
+    return since, datetime.combine(since, time.min, tzinfo=zone)
+
+
+def daily_by_model(*, rows: QuerySet[UsageSnapshot], days: int) -> Daily:
+    """`rows` (a person's or a key's usage) per local day and model over the last `days`
+    days, in one grouped query: the day is computed by the database in TIME_ZONE, an hour
+    counting for the day it starts in (as UsageDay does)."""
+    zone = timezone.get_default_timezone()
+    since, start = _since(days)
+    grouped = (
+        rows.filter(hour__gte=start)
+        .annotate(d=TruncDate("hour", tzinfo=zone))
+        .values("d", "model").annotate(**_SUMS).order_by()
+    )
+    cells = {(r["d"], r["model"]): _totals(r) for r in grouped}
+    return _daily(since, days, {k: Totals(t.requests, t.tokens, _decimal(t.cost),
+                                          t.unpriced_requests) for k, t in cells.items()})
+
+
+ALL_USAGE = "*"  # the one series of daily_all_usage: everyone, every model
+
+
+def daily_all_usage(*, days: int) -> Daily:
+    """Everyone's usage per local day from the person × day rollup, in one query."""
+    since, _start = _since(days)
+    grouped = (
+        UsageDay.objects.filter(day__gte=since).values("day")
+        .annotate(r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
+                  u=Sum("unpriced_requests"))
+        .order_by()
+    )
+    cells = {(r["day"], ALL_USAGE): Totals(int(r["r"]), int(r["t"]), _decimal(r["c"]), int(r["u"]))
+             for r in grouped}
+    return _daily(since, days, cells)
+
+
+def person_audit(*, person: User, keys: list[ApiKey], limit: int = 30) -> list[AuditEvent]:
+    """The latest audit rows by or about a person and their keys, in one query."""
+    return list(
+        AuditEvent.objects.filter(
+            Q(actor=person) | Q(target_type="user", target_id=str(person.pk))
+            | Q(target_type="apikey", target_id__in=[str(k.pk) for k in keys])
+        ).order_by("-at", "-id")[:limit]
+    )
+
+
+# --- the admin index dashboard ------------------------------------------------------------------
+
+UNPRICED_LOOKBACK = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    today: Totals  # people's usage today (portal's TIME_ZONE), from the person × day rollup
+    pool_unused: int
+    pool_ready: int
+    pool_min: int
+    sync: SyncRun | None
+    unpriced_models: list[str]  # models used in the last 30 days with no price
+    quarantined_week: int
+    proxy_refused: bool  # the 401/403 latch is set: the management key was refused
+    key_list_refused: bool  # reconcile refused the proxy's key list in the last half hour
+
+    @property
+    def pool_low(self) -> bool:
+        return self.pool_unused < self.pool_min
+
+    @property
+    def alerts(self) -> bool:
+        return bool(self.pool_low or (self.sync is not None and not self.sync.ok)
+                    or self.quarantined_week or self.proxy_refused or self.key_list_refused
+                    or self.unpriced_models)
+
+
+def unpriced_models_seen(*, since: datetime) -> list[str]:
+    """Models used since `since` that had no price when counted and still have none (one
+    priced since then needs a recompute, not a price): two queries, the hour index and the
+    price book, as the admin's "Unpriced models seen" page decides."""
+    seen = (
+        UsageSnapshot.objects.filter(hour__gte=since, cost__isnull=True)
+        .values_list("model", flat=True).distinct().order_by("model")
+    )
+    book = PriceBook.load()
+    return [model for model in seen if book.price_for(model) is None]
+
+
+def admin_dashboard(*, now: datetime) -> Dashboard:
+    """What the admin index shows, in a constant number of queries (seven with the database
+    cache: today, pool, last sync, unpriced models and the price book, quarantined, and both
+    cache flags read together)."""
+    today = timezone.localdate(now, timezone=timezone.get_default_timezone())
+    row = UsageDay.objects.filter(day=today).aggregate(**{
+        "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),
+        "c": Sum("cost"), "u": Coalesce(Sum("unpriced_requests"), _ZERO),
+    })
+    pool = pool_status()
+    latch_key = ""
+    if settings.CLIPROXY_URL:
+        # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
+        # never probed, so that the index page sends nothing to the proxy.
+        with ProxyClient.from_settings() as client:
+            latch_key = client._refusal_cache_key
+    flags = cache.get_many([k for k in (latch_key, "pool:implausible-list-notified") if k])
+    return Dashboard(
+        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"])),
+        pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
+        sync=last_sync(),
+        unpriced_models=unpriced_models_seen(since=now - UNPRICED_LOOKBACK),
+        quarantined_week=QuarantinedRecord.objects.filter(
+            created_at__gte=now - timedelta(days=7)).count(),
+        proxy_refused=bool(latch_key) and latch_key in flags,
+        key_list_refused="pool:implausible-list-notified" in flags,
     )

@@ -14,6 +14,7 @@ urlpatterns = [
     # Staff pages sit outside /admin/, whose catch-all would swallow them.
     path("staff/leaderboard", pages.staff_leaderboard, name="staff-leaderboard"),
     path("staff/proxy", pages.staff_proxy, name="staff-proxy"),
+    path("staff/people/<int:pk>", pages.staff_person, name="staff-person"),
     path("staff/export", export.usage_export, name="usage-export"),
     path("api/user-stats/<str:email>", views.api_user_stats, name="api-user-stats"),
     path("api/all-users-stats", views.api_all_users_stats, name="api-all-users-stats"),

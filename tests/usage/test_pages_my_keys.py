@@ -78,7 +78,8 @@ def test_the_list_costs_the_same_queries_however_many_keys(
         for hour in range(n % 4 + 1):  # usage rows too, a different number per key
             served(key, at=timezone.now() - timedelta(hours=hour), model=f"m{hour % 2}")
     client.force_login(ann)
-    with django_assert_num_queries(3):  # session, person, keys with their usage sums
+    # session, person, keys with their usage sums, quota (this month by key), daily chart
+    with django_assert_num_queries(5):
         response = client.get("/my-keys")
     assert response.content.count(b'<tr id="key-') == count
 

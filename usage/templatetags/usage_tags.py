@@ -82,3 +82,12 @@ def row_totals(row: object) -> Totals:
         Decimal(0) if unknown else row.cost,  # type: ignore[attr-defined]
         row.requests if unknown else 0,  # type: ignore[attr-defined]
     )
+
+
+@register.simple_tag
+def window_cost(amount: Decimal, unpriced: int) -> SafeString:
+    """A window's known cost, `≥` when `unpriced` requests had no price, `unknown` when none
+    of the cost is known (as the cost tag)."""
+    priced = 1 if amount or not unpriced else 0
+    return cost(Totals(unpriced + priced, 0, amount, unpriced))
+
