@@ -12,6 +12,7 @@ from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 
 def normalize_email(raw: str) -> str:
@@ -239,3 +240,13 @@ class LimitDefaults(Limits):
     def for_new_person(cls) -> dict[str, Any]:
         defaults = cls.objects.filter(id=1).first()
         return defaults.limits() if defaults else {}
+
+
+class Authenticator(TOTPDevice):
+    """A staff member's authenticator app (django-otp's TOTP device), under the portal's own
+    name and app in the admin (accounts/totp.py does the work)."""
+
+    class Meta:
+        proxy = True
+        verbose_name = _("authenticator app")
+        verbose_name_plural = _("authenticator apps")

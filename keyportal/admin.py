@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest
-from django.utils.translation import gettext_lazy as _
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from accounts.models import Authenticator
 from accounts.totp import totp_remove
 from keyportal.audit import client_ip
 from keyportal.models import AuditEvent
@@ -42,7 +42,7 @@ except admin.sites.NotRegistered:
     pass
 
 
-@admin.register(TOTPDevice)
+@admin.register(Authenticator)
 class AuthenticatorAdmin(admin.ModelAdmin):
     list_display = ("user", "confirmed", "created_at", "last_used_at")
     list_filter = ("confirmed",)
@@ -55,8 +55,8 @@ class AuthenticatorAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_change_permission(self, request: HttpRequest, obj: TOTPDevice | None = None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Authenticator | None = None) -> bool:
         return False
 
-    def delete_model(self, request: HttpRequest, obj: TOTPDevice) -> None:
+    def delete_model(self, request: HttpRequest, obj: Authenticator) -> None:
         totp_remove(user=obj.user, by=request.user, ip=client_ip(request))

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.contrib.admin import apps as admin_apps
+from django.utils.translation import gettext_lazy as _
 
 
 class KeyportalConfig(AppConfig):
     name = "keyportal"
-    verbose_name = "Key Portal"
+    verbose_name = _("Key Portal")
 
     def ready(self) -> None:
         from django.conf import settings

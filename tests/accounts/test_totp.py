@@ -158,13 +158,13 @@ def test_staff_remove_a_colleagues_app_which_ends_its_verified_sessions(client, 
 
     other = Client()
     sign_in_by_password(other, colleague.email)
-    listing = other.get("/admin/otp_totp/totpdevice/")
+    listing = other.get("/admin/accounts/authenticator/")
     assert listing.status_code == 200
     assert device.key not in listing.content.decode()
-    change = other.get(f"/admin/otp_totp/totpdevice/{device.pk}/change/")
+    change = other.get(f"/admin/accounts/authenticator/{device.pk}/change/")
     assert device.key not in change.content.decode() and b"qrcode" not in change.content
-    assert other.get("/admin/otp_totp/totpdevice/add/").status_code == 403
-    removed = other.post(f"/admin/otp_totp/totpdevice/{device.pk}/delete/", {"post": "yes"})
+    assert other.get("/admin/accounts/authenticator/add/").status_code == 403
+    removed = other.post(f"/admin/accounts/authenticator/{device.pk}/delete/", {"post": "yes"})
     assert removed.status_code == 302
 
     assert not TOTPDevice.objects.filter(user=boss).exists()

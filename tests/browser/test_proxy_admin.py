@@ -58,3 +58,28 @@ def test_staff_change_a_setting_and_an_upstream_account(live_server, fake_proxy,
                 .values_list("action", flat=True)) == [
         AuditEvent.Action.PROXY_SETTING_CHANGED, AuditEvent.Action.PROXY_UPSTREAM_CHANGED]
     assert problems == []
+
+
+def test_the_proxy_pages_fit_a_small_phone(live_server, fake_proxy, page):
+    User.objects.create_user("ops@example.com", PASSWORD, is_staff=True)
+    fake_proxy.providers["openai-compatibility"] = [
+        {"name": "a-provider-with-a-rather-long-name-for-a-phone-screen",
+         "base-url": "https://llm-gateway.internal.example.com/v1/openai/compatible/endpoint",
+         "api-key-entries": [{"api-key": "sk-openai-compatible-secret-EEEE5555"}],
+         "models": [{"name": "qwen3-coder-plus-2025-09-23", "alias": "coder"}]}]
+    address = "someone.with.a.long.address@example-company.com"
+    fake_proxy.add_auth_file(f"claude-{address}.json", {"type": "claude", "email": address})
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto(f"{live_server.url}/staff/proxy/settings")
+    page.locator("#id_username").fill("ops@example.com")
+    page.locator("#id_password").fill(PASSWORD)
+    page.locator("input[type=submit]").click()
+    expect(page.locator("#setting-request-retry")).to_be_visible()
+
+    for path, shown in (("/staff/proxy/settings", "Request retries"),
+                        ("/staff/proxy/upstreams", "a-provider-with-a-rather-long-name"),
+                        ("/staff/proxy/auth-files", "someone.with.a.long.address")):
+        page.goto(f"{live_server.url}{path}")
+        expect(page.locator("#content")).to_contain_text(shown)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 360, (path, width)
