@@ -93,13 +93,24 @@ def _totp_render(request: HttpRequest, template: str, context: dict, status: int
     }, status=status)
 
 
-def _totp_try(check, request: HttpRequest, form: TotpCodeForm) -> bool:
+def _totp_submit(request: HttpRequest, form: TotpCodeForm, check, wrong: str) -> int:
+    """Checks a posted code with `check` (verify or confirm): 302 when it was right, else
+    the status the page answers with (200: nothing posted), the form carrying why."""
+    if request.method != "POST" or not form.is_valid():
+        return 400 if request.method == "POST" else 200
+    if totp_throttled(request.user):
+        form.add_error(None, _("Too many failed sign-ins. Please wait %(minutes)d minutes and "
+                               "try again.")
+                       % {"minutes": max(settings.PORTAL_ADMIN_LOGIN_WINDOW_SECONDS // 60, 1)})
+        return 429
     try:
-        return check(request, form.cleaned_data["code"])
+        if check(request, form.cleaned_data["code"]):
+            return 302
+        form.add_error("code", wrong)
     except TotpWait:
         form.add_error("code", _("Too soon after a wrong code: wait a few seconds, then type "
                                  "the code your app shows."))
-        return False
+    return 400
 
 
 def admin_totp(request: HttpRequest) -> HttpResponse:
@@ -112,20 +123,11 @@ def admin_totp(request: HttpRequest) -> HttpResponse:
     if step != TOTP_VERIFY:
         return redirect(_next_url(request))
     form = TotpCodeForm(request.POST or None)
-    status = 200
-    if request.method == "POST" and form.is_valid():
-        if totp_throttled(request.user):
-            form.add_error(None, _("Too many failed sign-ins. Please wait %(minutes)d minutes "
-                                   "and try again.")
-                           % {"minutes": max(settings.PORTAL_ADMIN_LOGIN_WINDOW_SECONDS // 60, 1)})
-            status = 429
-        elif _totp_try(totp_verify, request, form):
-            return redirect(_next_url(request))
-        else:
-            if not form.errors:
-                form.add_error("code", _("That code is not right. Codes change every 30 seconds: "
-                                         "use the one your app shows now."))
-            status = 400
+    status = _totp_submit(request, form, totp_verify, _(
+        "That code is not right. Codes change every 30 seconds: use the one your app shows now."
+    ))
+    if status == 302:
+        return redirect(_next_url(request))
     return _totp_render(request, "admin/totp_verify.html",
                         {"form": form, "title": _("Authenticator code")}, status)
 
@@ -137,7 +139,6 @@ def admin_totp_setup(request: HttpRequest) -> HttpResponse:
     if totp_step(request) == TOTP_VERIFY:  # prove the current device before replacing it
         return _totp_redirect(request, request.get_full_path())
     user = request.user
-    status = 200
     form = TotpCodeForm(request.POST or None)
     if request.method == "POST" and request.POST.get("action") == "remove":
         if settings.PORTAL_STAFF_TOTP_REQUIRED:
@@ -149,19 +150,13 @@ def admin_totp_setup(request: HttpRequest) -> HttpResponse:
             messages.success(request, _("Your authenticator app was removed: the admin now "
                                         "asks for your password only."))
         return redirect("admin-totp-setup")
-    if request.method == "POST" and form.is_valid():
-        if totp_throttled(user):
-            form.add_error(None, _("Too many wrong codes. Please wait a few minutes."))
-            status = 429
-        elif _totp_try(totp_confirm, request, form):
-            messages.success(request, _("Your authenticator app is set up: the admin will ask "
-                                        "for a code from it after your password."))
-            return redirect(_next_url(request))
-        else:
-            if not form.errors:
-                form.add_error("code", _("That code is not right: check the app shows Key Portal "
-                                         "and type the code it shows now."))
-            status = 400
+    status = _totp_submit(request, form, totp_confirm, _(
+        "That code is not right: check the app shows Key Portal and type the code it shows now."
+    ))
+    if status == 302:
+        messages.success(request, _("Your authenticator app is set up: the admin will ask "
+                                    "for a code from it after your password."))
+        return redirect(_next_url(request))
     device = totp_device_pending(user)
     return _totp_render(request, "admin/totp_setup.html", {
         "form": form, "title": _("Authenticator app"),
