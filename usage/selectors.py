@@ -334,12 +334,16 @@ def daily_by_model(*, rows: QuerySet[UsageSnapshot], days: int) -> Daily:
     counting for the day it starts in (as UsageDay does)."""
     zone = timezone.get_default_timezone()
     since, start = _since(days)
+    # Grouped by the stored hour, and the hours folded into local days here: on SQLite a
+    # day computed in the query is a Python function call per row (TruncDate with a zone).
     grouped = (
         rows.filter(hour__gte=start)
-        .annotate(d=TruncDate("hour", tzinfo=zone))
-        .values("d", "model").annotate(**_SUMS).order_by()
+        .values("hour", "model").annotate(**_SUMS).order_by()
     )
-    cells = {(r["d"], r["model"]): _totals(r) for r in grouped}
+    cells: dict[tuple[date, str], Totals] = {}
+    for r in grouped:
+        key = (timezone.localtime(r["hour"], zone).date(), r["model"])
+        cells[key] = _add(cells.get(key, Totals()), _totals(r))
     return _daily(since, days, {k: Totals(t.requests, t.tokens, _decimal(t.cost),
                                           t.unpriced_requests) for k, t in cells.items()})
 
