@@ -16,6 +16,11 @@ def _key(scope: str, ident: str) -> str:
     return f"rate:{scope}:{digest}"
 
 
+# Wrong admin passwords and wrong authenticator codes, counted together (admin_site, totp).
+ADMIN_FAILED_BY_IP = "admin-login-failed:ip"
+ADMIN_FAILED_BY_ACCOUNT = "admin-login-failed:account"
+
+
 def rate_hit(*, scope: str, ident: str, window: int) -> int:
     """Counts one hit for `ident` in `scope`; the hits in the current window, this one
     included."""

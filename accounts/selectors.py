@@ -22,7 +22,7 @@ def mailbox_people(*, email: str) -> int:
     """How many people the mailbox of `email` holds: its own address and, with +tags folded,
     any `base+tag@` address stored before folding was on."""
     box = mailbox_email(normalize_email(email))
-    if box == normalize_email(email) and not settings.PORTAL_FOLD_PLUS_ADDRESSING:
+    if not settings.PORTAL_FOLD_PLUS_ADDRESSING:  # "+" is an ordinary character: one address
         return User.objects.filter(email=box).count()
     local, _at, domain = box.rpartition("@")
     return User.objects.filter(

@@ -13,17 +13,16 @@ from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.models import User
-from accounts.ratelimit import rate_hit, rate_hits, rate_reset
+from accounts.ratelimit import ADMIN_FAILED_BY_ACCOUNT, rate_hit, rate_hits, rate_reset
 from accounts.signin import totp_step_done
 from keyportal.audit import Action, audit_record, client_ip
 
-FAILED_BY_ACCOUNT = "admin-login-failed:account"  # shared with the password's counter
 DEVICE_NAME = "authenticator"
 
 
 def totp_throttled(user: User) -> bool:
     """Wrong codes count with wrong passwords: six digits must not be guessable either."""
-    return rate_hits(scope=FAILED_BY_ACCOUNT, ident=user.email) >= (
+    return rate_hits(scope=ADMIN_FAILED_BY_ACCOUNT, ident=user.email) >= (
         settings.PORTAL_ADMIN_LOGIN_FAILURES
     )
 
@@ -70,7 +69,7 @@ def _check(request: HttpRequest, device: TOTPDevice, code: str) -> bool:
         _failed(request)
         raise TotpWait
     if ok:
-        rate_reset(scope=FAILED_BY_ACCOUNT, ident=user.email)
+        rate_reset(scope=ADMIN_FAILED_BY_ACCOUNT, ident=user.email)
         return True
     _failed(request)
     return False
@@ -78,7 +77,7 @@ def _check(request: HttpRequest, device: TOTPDevice, code: str) -> bool:
 
 def _failed(request: HttpRequest) -> None:
     user = request.user
-    rate_hit(scope=FAILED_BY_ACCOUNT, ident=user.email,
+    rate_hit(scope=ADMIN_FAILED_BY_ACCOUNT, ident=user.email,
              window=settings.PORTAL_ADMIN_LOGIN_WINDOW_SECONDS)
     audit_record(action=Action.TOTP_FAILED, actor=user, target=user, ip=client_ip(request),
                  detail="wrong authenticator code")

@@ -17,12 +17,16 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from accounts.models import User, normalize_email
-from accounts.ratelimit import rate_hit, rate_hits, rate_reset
+from accounts.ratelimit import (
+    ADMIN_FAILED_BY_ACCOUNT,
+    ADMIN_FAILED_BY_IP,
+    rate_hit,
+    rate_hits,
+    rate_reset,
+)
 from accounts.signin import staff_with_password
 from keyportal.audit import Action, audit_record, client_ip
 
-FAILED_BY_IP = "admin-login-failed:ip"
-FAILED_BY_ACCOUNT = "admin-login-failed:account"
 REFUSAL_AUDITED = "admin-login-refused:audited"
 
 
@@ -37,7 +41,7 @@ class ThrottledLoginForm(AdminAuthenticationForm):
     def clean(self) -> dict[str, Any]:
         ip = client_ip(self.request) or ""
         email = normalize_email(self.cleaned_data.get("username") or "")
-        counters = ((FAILED_BY_IP, ip), (FAILED_BY_ACCOUNT, email))
+        counters = ((ADMIN_FAILED_BY_IP, ip), (ADMIN_FAILED_BY_ACCOUNT, email))
         limit = settings.PORTAL_ADMIN_LOGIN_FAILURES
         window = settings.PORTAL_ADMIN_LOGIN_WINDOW_SECONDS
         if any(rate_hits(scope=scope, ident=ident) >= limit for scope, ident in counters):
@@ -55,7 +59,7 @@ class ThrottledLoginForm(AdminAuthenticationForm):
             for scope, ident in counters:
                 rate_hit(scope=scope, ident=ident, window=window)
             raise
-        rate_reset(scope=FAILED_BY_ACCOUNT, ident=email)
+        rate_reset(scope=ADMIN_FAILED_BY_ACCOUNT, ident=email)
         return cleaned
 
     def _audit_refusal(self, *, ip: str, email: str, window: int) -> None:

@@ -53,10 +53,19 @@ def escrow_open(sealed: str) -> str:
 _SEALED_MAGIC = b"KP1"
 
 
-def _body_cipher() -> AESGCM:
+def _material() -> bytes:
+    """The secret the AES-GCM keys below are derived from: PORTAL_ESCROW_KEY, else SECRET_KEY."""
     configured = getattr(settings, "PORTAL_ESCROW_KEY", "")
-    material = configured.encode() if configured else settings.SECRET_KEY.encode()
-    return AESGCM(hashlib.sha256(b"keyportal-usage-body\0" + material).digest())
+    return configured.encode() if configured else settings.SECRET_KEY.encode()
+
+
+@functools.lru_cache(maxsize=8)
+def _cipher(purpose: bytes, material: bytes) -> AESGCM:
+    return AESGCM(hashlib.sha256(purpose + b"\0" + material).digest())
+
+
+def _body_cipher() -> AESGCM:
+    return _cipher(b"keyportal-usage-body", _material())
 
 
 def body_seal(data: bytes) -> bytes:
@@ -84,14 +93,7 @@ POOL_VALUE_MARK = "kpv1:"
 
 
 def _pool_cipher() -> AESGCM:
-    configured = getattr(settings, "PORTAL_ESCROW_KEY", "")
-    material = configured.encode() if configured else settings.SECRET_KEY.encode()
-    return _pool_cipher_for(material)
-
-
-@functools.lru_cache(maxsize=4)
-def _pool_cipher_for(material: bytes) -> AESGCM:
-    return AESGCM(hashlib.sha256(b"keyportal-pool-value\0" + material).digest())
+    return _cipher(b"keyportal-pool-value", _material())
 
 
 def pool_value_seal(value: str) -> str:

@@ -439,6 +439,8 @@ def keys_reconcile(
 
 RECONCILE_LOSS_FLOOR = 3  # fewer missing keys than this is drift, whatever the share
 IMPLAUSIBLE_MAIL_EVERY = timedelta(minutes=30)
+# Set in the shared cache while a refusal's alert is recent (the admin dashboard shows it).
+IMPLAUSIBLE_NOTIFIED = "pool:implausible-list-notified"
 
 
 def _implausible(
@@ -464,7 +466,7 @@ def _implausible(
 def implausible_list_notify(*, error: ImplausibleKeyList) -> bool:
     """Emails staff (and posts to the webhook) that reconcile refused the proxy's list, at
     most once per half hour across portal processes. True when an alert went out."""
-    if not cache.add("pool:implausible-list-notified", True,
+    if not cache.add(IMPLAUSIBLE_NOTIFIED, True,
                      IMPLAUSIBLE_MAIL_EVERY.total_seconds()):
         return False
     return staff_alert(

@@ -359,8 +359,10 @@ class ProxyClient:
     # -- the refusal latch (the module's docstring has the rules) ------------------------
 
     @property
-    def _refusal_cache_key(self) -> str:
-        # A fingerprint of (url, key): fixing either setting lifts the pause at once.
+    def refusal_cache_key(self) -> str:
+        """Where the latch lives in the shared cache (the admin dashboard reads it without
+        calling the proxy). A fingerprint of (url, key): fixing either setting lifts the
+        pause at once."""
         digest = hashlib.sha256(f"{self.base_url}\0{self._key}".encode()).hexdigest()[:24]
         return f"upstream:refused:{digest}"
 
@@ -373,8 +375,8 @@ class ProxyClient:
     def _pass_latch(self) -> None:
         """Returns when a call may be sent; raises UpstreamRefused, having sent nothing or
         only a probe, when not."""
-        state = cache.get_many([self._refusal_cache_key, self._strikes_cache_key])
-        latch, strikes = state.get(self._refusal_cache_key), state.get(self._strikes_cache_key)
+        state = cache.get_many([self.refusal_cache_key, self._strikes_cache_key])
+        latch, strikes = state.get(self.refusal_cache_key), state.get(self._strikes_cache_key)
         self._strikes_seen = strikes is not None
         now = clock()
         remembered = _remembered(strikes, now)
@@ -392,7 +394,7 @@ class ProxyClient:
         if not isinstance(latch, dict):  # a latch from before the probes: a bare sentence
             latch = {"status": 401, "message": str(latch), "last": now, "strikes": 1,
                      "last_strike": now}
-            cache.set(self._refusal_cache_key, latch, LATCH_KEEP)
+            cache.set(self.refusal_cache_key, latch, LATCH_KEEP)
         due = latch["last"] + PROBE_EVERY
         if latch["strikes"] >= STRIKES_BEFORE_PAUSE:
             due = max(due, latch["last_strike"] + PROXY_FORGETS_AFTER)
@@ -408,7 +410,7 @@ class ProxyClient:
         # One probe per turn, whichever portal process gets here first. The claim outlives
         # the probe, which moves the turn on when it ends; a process killed mid-probe leaves
         # the turn to another one 5 minutes later.
-        turn = f"{self._refusal_cache_key}:probe:{latch['last']!r}"
+        turn = f"{self.refusal_cache_key}:probe:{latch['last']!r}"
         if not cache.add(turn, True, PROBE_EVERY):
             raise UpstreamRefused(
                 _("%(why)s Nothing was sent: another portal process is asking the proxy again "
@@ -423,15 +425,15 @@ class ProxyClient:
             raise  # still refused: _transport has moved the latch on
         except UpstreamUnreachable:
             # No answer says nothing about the key: the latch stays, and waits its turn again.
-            cache.set(self._refusal_cache_key, {**latch, "last": clock()}, LATCH_KEEP)
+            cache.set(self.refusal_cache_key, {**latch, "last": clock()}, LATCH_KEEP)
             raise
         except UpstreamError:
             pass  # an answer, and not a refusal: the key got through
-        cache.delete(self._refusal_cache_key)
+        cache.delete(self.refusal_cache_key)
 
     def _latch(self, status: int, message: str, *, banned: bool) -> None:
         now = clock()
-        latch = cache.get(self._refusal_cache_key)
+        latch = cache.get(self.refusal_cache_key)
         if not isinstance(latch, dict):
             latch = {"strikes": 0, "last_strike": None}
         latch = {**latch, "status": status, "message": message, "last": now}
@@ -446,7 +448,7 @@ class ProxyClient:
             # The proxy zeroes its count when it bans, and again when the ban ends.
             latch["strikes"], latch["last_strike"] = 0, None
             cache.delete(self._strikes_cache_key)
-        cache.set(self._refusal_cache_key, latch, LATCH_KEEP)
+        cache.set(self.refusal_cache_key, latch, LATCH_KEEP)
 
     def _refusal_message(self, response: requests.Response) -> str:
         reason = _error_text(response)

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import User
 from pool.models import ApiKey
-from pool.services import pool_keys_create
+from pool.services import IMPLAUSIBLE_NOTIFIED, pool_keys_create
 from pool.upstream import ProxyClient
 from tests.usage.conftest import issue, served
 from usage.models import ModelPrice, QuarantinedRecord, SyncRun
@@ -86,8 +86,8 @@ def test_quarantine_the_401_latch_and_a_refused_key_list_raise_alerts(client, bo
     settings.CLIPROXY_MANAGEMENT_KEY = "wrong"
     QuarantinedRecord.objects.create(source="queue", reason="negative tokens")
     with ProxyClient.from_settings() as proxy:
-        cache.set(proxy._refusal_cache_key, {"status": 401, "message": "refused"}, 600)
-    cache.set("pool:implausible-list-notified", True, 600)
+        cache.set(proxy.refusal_cache_key, {"status": 401, "message": "refused"}, 600)
+    cache.set(IMPLAUSIBLE_NOTIFIED, True, 600)
     client.force_login(boss)
     part = dashboard_of(client.get("/admin/").content.decode())
     assert 'data-alert="quarantined"' in part and "1 usage record set aside" in part

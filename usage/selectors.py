@@ -18,6 +18,7 @@ from accounts.models import User
 from keyportal.models import AuditEvent
 from pool.models import ApiKey
 from pool.selectors import pool_status
+from pool.services import IMPLAUSIBLE_NOTIFIED
 from pool.upstream import ProxyClient
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 from usage.pricing import PriceBook
@@ -430,8 +431,8 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
         # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
         # never probed, so that the index page sends nothing to the proxy.
         with ProxyClient.from_settings() as client:
-            latch_key = client._refusal_cache_key
-    flags = cache.get_many([k for k in (latch_key, "pool:implausible-list-notified") if k])
+            latch_key = client.refusal_cache_key
+    flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED) if k])
     return Dashboard(
         today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"])),
         pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
@@ -440,5 +441,5 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
         quarantined_week=QuarantinedRecord.objects.filter(
             created_at__gte=now - timedelta(days=7)).count(),
         proxy_refused=bool(latch_key) and latch_key in flags,
-        key_list_refused="pool:implausible-list-notified" in flags,
+        key_list_refused=IMPLAUSIBLE_NOTIFIED in flags,
     )

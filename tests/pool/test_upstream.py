@@ -454,7 +454,7 @@ def test_a_ban_zeroes_the_count_so_probes_go_back_to_every_five_minutes(client, 
 def test_a_latch_from_before_the_probes_is_still_honoured(client, rsps, latch_clock):
     from django.core.cache import cache
 
-    cache.set(client._refusal_cache_key, "The proxy refused the management key.", 1800)
+    cache.set(client.refusal_cache_key, "The proxy refused the management key.", 1800)
     with pytest.raises(UpstreamRefused, match="Nothing was sent"):
         client.list_keys()
     assert len(rsps.calls) == 0
