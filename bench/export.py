@@ -66,7 +66,8 @@ def fill(keys: int, days: int) -> int:
     sql = (
         f"INSERT INTO {q(UsageSnapshot._meta.db_table)} (api_key_id, model, hour, requests, "
         "failures, input_tokens, output_tokens, reasoning_tokens, cached_tokens, "
-        "cache_creation_tokens, total_tokens, cost) VALUES (%s,%s,%s,%s,%s,%s,%s,0,0,0,%s,%s)"
+        "cache_creation_tokens, total_tokens, incomplete_requests, cost) "
+        "VALUES (%s,%s,%s,%s,%s,%s,%s,0,0,0,%s,0,%s)"
     )
     first = datetime.combine(START, datetime.min.time(), tzinfo=timezone.utc)
     rows = 0

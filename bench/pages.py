@@ -60,7 +60,7 @@ def build(people: int, keys: int, rows: int) -> None:
     insert = (
         f"INSERT INTO {table} (api_key_id, model, hour, requests, failures, input_tokens, "
         "output_tokens, reasoning_tokens, cached_tokens, cache_creation_tokens, total_tokens, "
-        "cost) VALUES (%s, %s, %s, %s, 0, %s, %s, 0, 0, 0, %s, %s)"
+        "incomplete_requests, cost) VALUES (%s, %s, %s, %s, 0, %s, %s, 0, 0, 0, %s, 0, %s)"
     )
     batch: list[tuple] = []
     done = 0

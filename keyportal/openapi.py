@@ -112,7 +112,8 @@ def schemas() -> dict[str, dict[str, Any]]:
     cost_or_null = {**_DECIMAL, "type": ["string", "null"], "description": _(
         "USD, as an exact decimal; null when none of the usage has a price.")}
     cost_complete = {"type": "boolean", "description": _(
-        "False when part of the usage has no price: the cost is then a lower bound.")}
+        "False when part of the usage has no price, or the proxy lost part of some requests' "
+        "token counts: the cost is then a lower bound.")}
     return {
         "Error": _obj(
             {"error": {"type": "string", "description": _("One sentence saying what was wrong."),
@@ -166,8 +167,15 @@ def schemas() -> dict[str, dict[str, Any]]:
             "key_count": _COUNT,
             "total_requests": _COUNT,
             "total_tokens": _COUNT,
-            "input_tokens": _COUNT,
-            "output_tokens": _COUNT,
+            "input_tokens": {**_COUNT, "description": _(
+                "Input tokens not read from or written to the prompt cache.")},
+            "output_tokens": {**_COUNT, "description": _("Output tokens, reasoning included.")},
+            "reasoning_tokens": _COUNT,
+            "cache_read_tokens": _COUNT,
+            "cache_write_tokens": _COUNT,
+            "incomplete_requests": {**_COUNT, "description": _(
+                "Requests whose token counts the proxy partly lost: their cost is a lower "
+                "bound.")},
             "failures": _COUNT,
             "total_cost": cost_or_null,
             "cost_complete": cost_complete,
@@ -205,6 +213,7 @@ def schemas() -> dict[str, dict[str, Any]]:
                 "Records of keys the portal did not issue (the operator's own).")},
             "records_unissued": _COUNT,
             "records_quarantined": _COUNT,
+            "records_incomplete": _COUNT,
             "people_touched": _COUNT,
             "duration_seconds": {"type": "number", "minimum": 0},
             "keys_suspended": {**_COUNT, "description": _(

@@ -45,7 +45,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class UsageSnapshotAdmin(ReadOnlyAdmin):
     list_display = (
         "hour", "owner_email", "key", "model", "requests", "failures", "input_tokens",
-        "output_tokens", "total_tokens", "cost_display",
+        "cached_tokens", "cache_creation_tokens", "output_tokens", "total_tokens",
+        "incomplete_requests", "cost_display",
     )
     list_filter = ("model", "api_key__status", ("hour", admin.DateFieldListFilter))
     search_fields = ("api_key__owner__email", "api_key__owner__name", "model")
@@ -203,7 +204,8 @@ class DisplayCurrencyAdmin(admin.ModelAdmin):
 class SyncRunAdmin(ReadOnlyAdmin):
     list_display = (
         "started_at", "ok", "mode", "records_read", "records_stored", "records_foreign",
-        "records_unissued", "records_quarantined", "people", "duration_ms", "message",
+        "records_unissued", "records_quarantined", "records_incomplete", "people",
+        "duration_ms", "message",
     )
     list_filter = ("ok", "mode")
     search_fields = ("message",)

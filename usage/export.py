@@ -38,8 +38,10 @@ BOM = "\ufeff"
 COLUMNS = (
     gettext_lazy("date"), gettext_lazy("email"), gettext_lazy("name"), gettext_lazy("key label"),
     gettext_lazy("key"), gettext_lazy("model"), gettext_lazy("requests"), gettext_lazy("failures"),
-    gettext_lazy("input tokens"), gettext_lazy("output tokens"), gettext_lazy("total tokens"),
-    gettext_lazy("cost (USD)"), gettext_lazy("requests without a price"),
+    gettext_lazy("uncached input tokens"), gettext_lazy("cache read tokens"),
+    gettext_lazy("cache write tokens"), gettext_lazy("output tokens"),
+    gettext_lazy("total tokens"), gettext_lazy("cost (USD)"),
+    gettext_lazy("requests without a price"), gettext_lazy("incomplete requests"),
 )
 
 PRESETS = {
@@ -119,6 +121,8 @@ def usage_by_day(*, start: date, end: date) -> QuerySet[UsageSnapshot, dict[str,
         .annotate(
             requests_sum=Sum("requests"), failures_sum=Sum("failures"),
             input_sum=Sum("input_tokens"), output_sum=Sum("output_tokens"),
+            read_sum=Sum("cached_tokens"), write_sum=Sum("cache_creation_tokens"),
+            incomplete_sum=Sum("incomplete_requests"),
             total_sum=Sum("total_tokens"),
             cost_sum=Sum("cost"),  # NULL only when no request of the day had a known price
             unpriced=Sum("requests", filter=Q(cost__isnull=True)),
@@ -169,10 +173,10 @@ def csv_lines(
             _cell(row["api_key__label"]),
             f"{row['api_key__prefix']}…{row['api_key__last4']}",  # masked, as everywhere
             _cell(row["model"]),  # the proxy reports it; a client can choose what it says
-            row["requests_sum"], row["failures_sum"], row["input_sum"], row["output_sum"],
-            row["total_sum"],
+            row["requests_sum"], row["failures_sum"], row["input_sum"], row["read_sum"],
+            row["write_sum"], row["output_sum"], row["total_sum"],
             "" if cost is None else f"{cost:.6f}",
-            row["unpriced"] or 0,
+            row["unpriced"] or 0, row["incomplete_sum"] or 0,
         ]
         if extra:
             line.append("" if cost is None else f"{currency.convert(cost):.6f}")

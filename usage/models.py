@@ -32,12 +32,17 @@ class UsageSnapshot(models.Model):
     hour = models.DateTimeField(_("hour (UTC)"))
     requests = models.PositiveBigIntegerField(_("requests"), default=0)
     failures = models.PositiveBigIntegerField(_("failures"), default=0)
-    input_tokens = models.PositiveBigIntegerField(_("input tokens"), default=0)
+    # The token split (usage.accounting), whatever the provider and proxy version reported:
+    # uncached input, cache read and cache write are disjoint; output includes reasoning;
+    # total is the sum of the four billed parts. (The column names are older than the split.)
+    input_tokens = models.PositiveBigIntegerField(_("uncached input tokens"), default=0)
     output_tokens = models.PositiveBigIntegerField(_("output tokens"), default=0)
     reasoning_tokens = models.PositiveBigIntegerField(_("reasoning tokens"), default=0)
-    cached_tokens = models.PositiveBigIntegerField(_("cached tokens"), default=0)
-    cache_creation_tokens = models.PositiveBigIntegerField(_("cache-creation tokens"), default=0)
+    cached_tokens = models.PositiveBigIntegerField(_("cache-read tokens"), default=0)
+    cache_creation_tokens = models.PositiveBigIntegerField(_("cache-write tokens"), default=0)
     total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
+    # Requests whose counts the proxy lost (usage.accounting): the row's cost is a lower bound.
+    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
     # NULL means "no price known for this model", which is not the same as free.
     cost = models.DecimalField(
         _("cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, null=True,
@@ -214,6 +219,7 @@ class SyncRun(models.Model):
     records_foreign = models.PositiveBigIntegerField(_("foreign"), default=0)
     records_unissued = models.PositiveBigIntegerField(_("on unissued keys"), default=0)
     records_quarantined = models.PositiveBigIntegerField(_("quarantined"), default=0)
+    records_incomplete = models.PositiveBigIntegerField(_("incomplete"), default=0)
     people = models.PositiveIntegerField(_("people touched"), default=0)
     duration_ms = models.PositiveIntegerField(_("duration (ms)"), default=0)
 
@@ -251,7 +257,7 @@ class LimitNotice(models.Model):
         return f"{self.subject} {self.limit} {self.threshold}% {self.window_start:%Y-%m-%d}"
 
 
-_DAY_SUMS = ["total_tokens", "requests", "cost", "unpriced_requests"]
+_DAY_SUMS = ["total_tokens", "requests", "cost", "unpriced_requests", "incomplete_requests"]
 
 
 class UsageDay(models.Model):
@@ -276,6 +282,7 @@ class UsageDay(models.Model):
         _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
     )
     unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
+    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
 
     class Meta:
         verbose_name = _("usage (person × day)")

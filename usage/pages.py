@@ -214,7 +214,7 @@ def _admin_page(request: HttpRequest, template: str, context: dict[str, Any],
 def _totals_json(totals: Totals) -> dict[str, Any]:
     # The known cost as a string (exact decimal); cost_complete false: part has no price.
     return {"requests": totals.requests, "tokens": totals.tokens, "cost": str(totals.cost),
-            "cost_complete": totals.unpriced_requests == 0}
+            "cost_complete": totals.cost_status == "known"}
 
 
 def _leaderboard_json(board: Leaderboard) -> JsonResponse:

@@ -53,26 +53,18 @@ class PriceBook:
 
 
 def cost_of(
-    price: Price | None, *, input_tokens: int, output_tokens: int, cached_tokens: int,
-    cache_creation_tokens: int, total_tokens: int,
+    price: Price | None, *, uncached: int, cache_read: int, cache_write: int, output: int
 ) -> Decimal | None:
-    """USD for these tokens, or None when the price is unknown (never 0 for "unknown").
-
-    How the proxy's counters are read (they follow the upstream's own conventions):
-    - input includes cache reads and cache writes (OpenAI, Gemini and the proxy's Claude
-      accounting all report the whole prompt), so only the rest is billed at the input price;
-    - reasoning is billed once as output: OpenAI counts it inside output, Gemini beside it
-      (then total = input + output + reasoning), so billed output is max(output, total - input).
-    Both rules are linear over sums of well-formed records, so the cost of a row's totals
-    equals the sum of its requests' costs, and a recompute from totals matches ingest."""
+    """USD for a token split (usage.accounting: uncached input, cache read, cache write, and
+    output with its reasoning), each part at its own price; None when the price is unknown
+    (never 0 for "unknown"). Linear, so the cost of a row's sums equals the sum of its
+    requests' costs, and a recompute from a row matches ingest."""
     if price is None:
         return None
-    uncached = max(input_tokens - cached_tokens - cache_creation_tokens, 0)
-    billed_output = max(output_tokens, total_tokens - input_tokens)
     usd = (
         uncached * price.input
-        + cached_tokens * price.cache_read
-        + cache_creation_tokens * price.cache_write
-        + billed_output * price.output
+        + cache_read * price.cache_read
+        + cache_write * price.cache_write
+        + output * price.output
     ) / MILLION
     return usd.quantize(QUANTUM)

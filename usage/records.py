@@ -2,8 +2,8 @@
 
 A row is a list (older versions stored rows as JSON in UsageBatch, and lists are what JSON
 gives back):
-`[key_hash, model, hour, failed, input, output, reasoning, cached, cache_creation, total,
-timestamp]`, where `key_hash` is the SHA-256 of the client key (the plaintext is dropped here,
+`[key_hash, model, hour, failed, uncached_input, output, reasoning, cache_read, cache_write,
+total, timestamp, incomplete]`, the token split of usage.accounting, where `key_hash` is the SHA-256 of the client key (the plaintext is dropped here,
 before anything is stored), `hour` is the UTC hour as `YYYY-MM-DDTHH` and `timestamp` the
 request's UTC time as RFC 3339 text (for "last used").
 
@@ -29,6 +29,7 @@ from typing import Any
 
 from pool.models import key_digest
 from pool.upstream import UpstreamUnexpected
+from usage.accounting import QUEUE, SNAPSHOT, SplitError, split_tokens
 
 Row = list[Any]
 
@@ -172,31 +173,39 @@ def parse_timestamp(ts: str) -> datetime:
     return parsed
 
 
-def row_of(raw: Any, *, key_hash: str, model: str, hours: _Hours) -> Row:
+def row_of(raw: Any, *, key_hash: str, model: str, hours: _Hours, generation: str) -> Row:
     if type(raw) is not dict:
         raise BadRecord("a usage record is not an object")
     hour, ts = hours(raw.get("timestamp"))
     tokens = raw.get("tokens")
-    if tokens is None:
-        tokens = {}
-    elif type(tokens) is not dict:
+    if tokens is not None and type(tokens) is not dict:
         raise BadRecord("tokens is not an object")
-    get = tokens.get
-    # Queue records carry cache reads as `cache_read_tokens`; snapshots only `cached_tokens`.
-    # An absent count is 0; `x or 0` also maps null to 0.
-    inp, out = get("input_tokens") or 0, get("output_tokens") or 0
-    rsn = get("reasoning_tokens") or 0
-    cached = get("cache_read_tokens") or get("cached_tokens") or 0
-    created, total = get("cache_creation_tokens") or 0, get("total_tokens") or 0
-    # Combined checks: this runs once per request served. OR-ing the counts and shifting
-    # leaves 0 only when every count is in [0, 2^40): a negative one shifts to -1.
-    if not (type(inp) is int and type(out) is int and type(rsn) is int and type(cached) is int
-            and type(created) is int and type(total) is int):
-        raise BadRecord("a token count is not an integer")
-    if (inp | out | rsn | cached | created | total) >> TOKEN_BITS:
+    failed = raw.get("failed") is True
+    try:
+        split = split_tokens(tokens, breakdown=raw.get("token_breakdown"),
+                             provider=raw.get("provider"), model=model,
+                             generation=generation, failed=failed)
+    except SplitError as exc:
+        raise BadRecord(str(exc)) from None
+    uncached, read, write, out, rsn, total, incomplete = split
+    # Combined check: this runs once per request served. OR-ing the counts and shifting
+    # leaves 0 only when every count is in [0, 2^40): a negative one shifts to -1. The total
+    # is a sum of four such counts, so it stays far inside the database's int64.
+    if (uncached | read | write | out | rsn) >> TOKEN_BITS:
         raise BadRecord(f"a token count is negative or not below 2^{TOKEN_BITS}")
-    return [key_hash, model, hour, 1 if raw.get("failed") is True else 0,
-            inp, out, rsn, cached, created, total, ts]
+    return [key_hash, model, hour, 1 if failed else 0,
+            uncached, out, rsn, read, write, total, ts, incomplete]
+
+
+def legacy_row(row: list[Any]) -> Row:
+    """A row as versions before the token split kept it in UsageBatch.rows (counts as the
+    proxy reported them, from the queue), in today's layout."""
+    (key_hash, model, hour, failed, inp, out, rsn, cached, created, total, ts) = row[:11]
+    tokens = {"input_tokens": inp, "output_tokens": out, "reasoning_tokens": rsn,
+              "cached_tokens": cached, "cache_creation_tokens": created, "total_tokens": total}
+    split = split_tokens(tokens, model=model, generation=QUEUE, failed=bool(failed))
+    return [key_hash, model, hour, failed, split[0], split[3], split[4], split[1], split[2],
+            split[5], ts, split[6]]
 
 
 class QueueReader:
@@ -231,7 +240,8 @@ def queue_rows(
             if type(key) is not str or type(model) is not str:
                 raise BadRecord("api_key or model is not text")
             key_hash = digest(key)
-            rows.append(row_of(item, key_hash=key_hash, model=model_ok(model[:200]), hours=hours))
+            rows.append(row_of(item, key_hash=key_hash, model=model_ok(model[:200]), hours=hours,
+                               generation=QUEUE))
         except BadRecord as exc:
             aside.append(Quarantined(str(exc), record_text(item), key_hash))
     return rows, aside
@@ -281,7 +291,8 @@ def snapshot_rows(
             try:
                 if reason:
                     raise BadRecord(reason)
-                yield row_of(detail, key_hash=key_hash, model=model, hours=hours)
+                yield row_of(detail, key_hash=key_hash, model=model, hours=hours,
+                             generation=SNAPSHOT)
             except BadRecord as exc:
                 aside.append(Quarantined(
                     str(exc), record_text(detail, api_key=key, model=model), key_hash

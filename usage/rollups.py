@@ -29,29 +29,35 @@ def usage_days_rebuild(*, snapshot_model: Any = None, day_model: Any = None) -> 
         from usage.models import UsageDay, UsageSnapshot
 
         snapshot_model, day_model = UsageSnapshot, UsageDay
-    days: dict[tuple[int, date], list[Any]] = defaultdict(lambda: [0, 0, Decimal(0), 0])
+    # Migrations older than the token split run this with models that have no incomplete
+    # counts yet.
+    incomplete = any(f.name == "incomplete_requests" for f in day_model._meta.get_fields())
+    days: dict[tuple[int, date], list[Any]] = defaultdict(lambda: [0, 0, Decimal(0), 0, 0])
+    sums: dict[str, Any] = {
+        "r": Sum("requests"), "t": Sum("total_tokens"), "c": Sum("cost"),
+        "u": Sum("requests", filter=Q(cost__isnull=True)),
+        **({"i": Sum("incomplete_requests")} if incomplete else {}),
+    }
     grouped = (
         snapshot_model.objects.filter(api_key__owner__isnull=False)
-        .values_list("api_key__owner_id", "hour")
-        .annotate(
-            r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
-            u=Sum("requests", filter=Q(cost__isnull=True)),
-        )
-        .order_by()
+        .values_list("api_key__owner_id", "hour").annotate(**sums).order_by()
     )
-    for owner_id, hour, requests, tokens, cost, unpriced in grouped.iterator(chunk_size=5000):
+    for owner_id, hour, requests, tokens, cost, unpriced, *lost in grouped.iterator(
+        chunk_size=5000
+    ):
         row = days[(owner_id, local_day_of(hour))]
         row[0] += requests
         row[1] += tokens
         row[2] += cost or 0
         row[3] += unpriced or 0
+        row[4] += lost[0] or 0 if lost else 0
     with transaction.atomic():
         day_model.objects.all().delete()
         day_model.objects.bulk_create(
             (
                 day_model(person_id=p, day=d, requests=r, total_tokens=t, cost=c,
-                          unpriced_requests=u)
-                for (p, d), (r, t, c, u) in days.items()
+                          unpriced_requests=u, **({"incomplete_requests": i} if incomplete else {}))
+                for (p, d), (r, t, c, u, i) in days.items()
             ),
             batch_size=2000,
         )

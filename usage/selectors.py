@@ -34,9 +34,13 @@ def usage_totals(rows: QuerySet[UsageSnapshot]) -> dict[str, int | Decimal | Non
         sum_failures=Coalesce(Sum("failures"), _ZERO),
         sum_input_tokens=Coalesce(Sum("input_tokens"), _ZERO),
         sum_output_tokens=Coalesce(Sum("output_tokens"), _ZERO),
+        sum_reasoning_tokens=Coalesce(Sum("reasoning_tokens"), _ZERO),
+        sum_cached_tokens=Coalesce(Sum("cached_tokens"), _ZERO),
+        sum_cache_creation_tokens=Coalesce(Sum("cache_creation_tokens"), _ZERO),
         sum_total_tokens=Coalesce(Sum("total_tokens"), _ZERO),
         sum_cost=Sum("cost"),
         unpriced_requests=Coalesce(Sum("requests", filter=Q(cost__isnull=True)), _ZERO),
+        incomplete_requests=Coalesce(Sum("incomplete_requests"), _ZERO),
     )
 
 
@@ -54,6 +58,7 @@ def people_with_usage() -> QuerySet[User]:
                 Sum("api_keys__usage__requests", filter=Q(api_keys__usage__cost__isnull=True)),
                 _ZERO,
             ),
+            incomplete_requests=Coalesce(Sum("api_keys__usage__incomplete_requests"), _ZERO),
         )
         .order_by("-total_tokens", "email")
     )
@@ -69,6 +74,10 @@ def keys_with_usage(*, owner: User) -> QuerySet[ApiKey]:
             unpriced_requests=Coalesce(
                 Sum("usage__requests", filter=Q(usage__cost__isnull=True)), _ZERO
             ),
+            incomplete_requests=Coalesce(Sum("usage__incomplete_requests"), _ZERO),
+            uncached_input=Coalesce(Sum("usage__input_tokens"), _ZERO),
+            cache_read=Coalesce(Sum("usage__cached_tokens"), _ZERO),
+            cache_write=Coalesce(Sum("usage__cache_creation_tokens"), _ZERO),
         )
         .order_by("-created_at", "-id")
     )
@@ -104,20 +113,37 @@ def sync_backlog(*, now: datetime) -> SyncBacklog:
 @dataclass(frozen=True)
 class Totals:
     """Sums shown on top of a page. `cost` is the known part; `unpriced_requests` > 0 means
-    some usage has no price, so the cost shown is a lower bound (or unknown when nothing is
-    priced)."""
+    some usage has no price, and `incomplete_requests` > 0 that the proxy lost some counts
+    (usage.accounting): either way the cost shown is a lower bound (or unknown when nothing is
+    priced). The input split (uncached, cache read, cache write) is filled where a page shows
+    it."""
 
     requests: int = 0
     tokens: int = 0
     cost: Decimal = Decimal(0)
     unpriced_requests: int = 0
+    incomplete_requests: int = 0
+    uncached_input: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
 
     @property
     def cost_status(self) -> str:
-        """"known", "partial" (some usage has no price) or "unknown" (none has one)."""
+        """"known", "partial" (some usage has no price, or lost counts at the proxy) or
+        "unknown" (none has a price)."""
         if not self.unpriced_requests:
-            return "known"
+            return "partial" if self.incomplete_requests else "known"
         return "unknown" if self.unpriced_requests >= self.requests else "partial"
+
+    @property
+    def cache_hit_share(self) -> float | None:
+        """Percent of the input read from the prompt cache; None without input."""
+        prompt = self.uncached_input + self.cache_read + self.cache_write
+        return round(100 * self.cache_read / prompt, 1) if prompt else None
+
+    @property
+    def uses_cache(self) -> bool:
+        return bool(self.cache_read or self.cache_write)
 
 
 def totals_of_keys(keys: list[ApiKey]) -> Totals:
@@ -127,6 +153,10 @@ def totals_of_keys(keys: list[ApiKey]) -> Totals:
         tokens=sum(k.total_tokens for k in keys),
         cost=sum((k.total_cost or Decimal(0) for k in keys), Decimal(0)),
         unpriced_requests=sum(k.unpriced_requests for k in keys),
+        incomplete_requests=sum(k.incomplete_requests for k in keys),
+        uncached_input=sum(k.uncached_input for k in keys),
+        cache_read=sum(k.cache_read for k in keys),
+        cache_write=sum(k.cache_write for k in keys),
     )
 
 
@@ -150,11 +180,16 @@ _SUMS = {
     "t": Coalesce(Sum("total_tokens"), _ZERO),
     "c": Sum("cost"),
     "u": Coalesce(Sum("requests", filter=Q(cost__isnull=True)), _ZERO),
+    "i": Coalesce(Sum("incomplete_requests"), _ZERO),
+    "in": Coalesce(Sum("input_tokens"), _ZERO),
+    "cr": Coalesce(Sum("cached_tokens"), _ZERO),
+    "cw": Coalesce(Sum("cache_creation_tokens"), _ZERO),
 }
 
 
 def _totals(row: dict[str, Any]) -> Totals:
-    return Totals(row["r"], row["t"], row["c"] or Decimal(0), row["u"])
+    return Totals(row["r"], row["t"], row["c"] or Decimal(0), row["u"], row["i"], row["in"],
+                  row["cr"], row["cw"])
 
 
 @dataclass(frozen=True)
@@ -250,17 +285,18 @@ def leaderboard(*, period: str, by: str, limit: int = 100) -> Leaderboard:
         f"SELECT {q('person_id')}, SUM({q('requests')}) AS r, SUM({q('total_tokens')}) AS t, "
         f"SUM({q('cost')}) AS c, SUM({q('unpriced_requests')}) AS u, COUNT(*) OVER () AS n, "
         f"SUM(SUM({q('requests')})) OVER (), SUM(SUM({q('total_tokens')})) OVER (), "
-        f"SUM(SUM({q('cost')})) OVER (), SUM(SUM({q('unpriced_requests')})) OVER () "
+        f"SUM(SUM({q('cost')})) OVER (), SUM(SUM({q('unpriced_requests')})) OVER (), "
+        f"SUM({q('incomplete_requests')}) AS i, SUM(SUM({q('incomplete_requests')})) OVER () "
         f"FROM {q(UsageDay._meta.db_table)} {where} GROUP BY {q('person_id')} "
         f"ORDER BY {_BOARD_ORDER[by]} DESC, {q('person_id')} LIMIT %s"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, [*params, limit])
         top = cursor.fetchall()
-    first = top[0] if top else (None, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    first = top[0] if top else (None, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     # int(): PostgreSQL sums bigints as numeric.
     active, totals = first[5], Totals(int(first[6] or 0), int(first[7] or 0),
-                                      _decimal(first[8]), int(first[9] or 0))
+                                      _decimal(first[8]), int(first[9] or 0), int(first[11] or 0))
     # Two small counts, each answered from an index alone (owner; status) rather than one
     # pass over the whole key table.
     given = ApiKey.objects.filter(owner__isnull=False).aggregate(n=Count("owner", distinct=True))
@@ -268,8 +304,8 @@ def leaderboard(*, period: str, by: str, limit: int = 100) -> Leaderboard:
     people = User.objects.in_bulk([row[0] for row in top])
     whole = getattr(totals, by)
     rows = []
-    for person_id, requests, tokens, cost, unpriced, *_rest in top:
-        mine = Totals(int(requests), int(tokens), _decimal(cost), int(unpriced))
+    for person_id, requests, tokens, cost, unpriced, *_rest, incomplete, _all in top:
+        mine = Totals(int(requests), int(tokens), _decimal(cost), int(unpriced), int(incomplete))
         share = round(float(100 * getattr(mine, by) / whole), 1) if whole else 0.0
         rows.append(Ranked(person=people[person_id], totals=mine, share=share))
     return Leaderboard(
@@ -304,7 +340,10 @@ class Daily:
 
 def _add(a: Totals, b: Totals) -> Totals:
     return Totals(a.requests + b.requests, a.tokens + b.tokens, a.cost + b.cost,
-                  a.unpriced_requests + b.unpriced_requests)
+                  a.unpriced_requests + b.unpriced_requests,
+                  a.incomplete_requests + b.incomplete_requests,
+                  a.uncached_input + b.uncached_input, a.cache_read + b.cache_read,
+                  a.cache_write + b.cache_write)
 
 
 def _daily(since: date, days: int, cells: dict[tuple[date, str], Totals]) -> Daily:
@@ -346,7 +385,8 @@ def daily_by_model(*, rows: QuerySet[UsageSnapshot], days: int) -> Daily:
         key = (timezone.localtime(r["hour"], zone).date(), r["model"])
         cells[key] = _add(cells.get(key, Totals()), _totals(r))
     return _daily(since, days, {k: Totals(t.requests, t.tokens, _decimal(t.cost),
-                                          t.unpriced_requests) for k, t in cells.items()})
+                                          t.unpriced_requests, t.incomplete_requests)
+                                for k, t in cells.items()})
 
 
 ALL_USAGE = "*"  # the one series of daily_all_usage: everyone, every model
@@ -358,10 +398,11 @@ def daily_all_usage(*, days: int) -> Daily:
     grouped = (
         UsageDay.objects.filter(day__gte=since).values("day")
         .annotate(r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
-                  u=Sum("unpriced_requests"))
+                  u=Sum("unpriced_requests"), i=Sum("incomplete_requests"))
         .order_by()
     )
-    cells = {(r["day"], ALL_USAGE): Totals(int(r["r"]), int(r["t"]), _decimal(r["c"]), int(r["u"]))
+    cells = {(r["day"], ALL_USAGE): Totals(int(r["r"]), int(r["t"]), _decimal(r["c"]), int(r["u"]),
+                                           int(r["i"]))
              for r in grouped}
     return _daily(since, days, cells)
 
@@ -424,6 +465,7 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
     row = UsageDay.objects.filter(day=today).aggregate(**{
         "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),
         "c": Sum("cost"), "u": Coalesce(Sum("unpriced_requests"), _ZERO),
+        "i": Coalesce(Sum("incomplete_requests"), _ZERO),
     })
     pool = pool_status()
     latch_key = ""
@@ -434,7 +476,8 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
             latch_key = client.refusal_cache_key
     flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED) if k])
     return Dashboard(
-        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"])),
+        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"]),
+                     int(row["i"])),
         pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
         sync=last_sync(),
         unpriced_models=unpriced_models_seen(since=now - UNPRICED_LOOKBACK),

@@ -80,6 +80,7 @@ class IngestResult:
     foreign: int = 0
     unissued: int = 0
     quarantined: int = 0
+    incomplete: int = 0  # requests whose counts the proxy lost: their cost is a lower bound
     people: set[int] = field(default_factory=set)
     answer_error: str = ""  # the popped answer as a whole was not a list of records
     flagged: list[int] = field(default_factory=list)  # pool keys flagged for the first time
@@ -90,6 +91,7 @@ class IngestResult:
         self.foreign += other.foreign
         self.unissued += other.unissued
         self.quarantined += other.quarantined
+        self.incomplete += other.incomplete
         self.answer_error = self.answer_error or other.answer_error
         self.people |= other.people
         self.flagged += other.flagged
@@ -110,6 +112,7 @@ class SyncReport:
             "records_read": self.result.read, "records_stored": self.result.stored,
             "records_foreign": self.result.foreign, "records_unissued": self.result.unissued,
             "records_quarantined": self.result.quarantined,
+            "records_incomplete": self.result.incomplete,
             "people_touched": len(self.result.people), "duration_seconds": round(self.duration, 3),
             "keys_suspended": self.limits.suspended if self.limits else 0,
         }
@@ -120,10 +123,12 @@ class SyncReport:
 
 _UPSERT_COLUMNS = (
     "api_key_id", "model", "hour", "requests", "failures", "input_tokens", "output_tokens",
-    "reasoning_tokens", "cached_tokens", "cache_creation_tokens", "total_tokens", "cost",
+    "reasoning_tokens", "cached_tokens", "cache_creation_tokens", "total_tokens",
+    "incomplete_requests", "cost",
 )
-_COUNTERS = _UPSERT_COLUMNS[3:11]
-_DAY_COLUMNS = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests")
+_COUNTERS = _UPSERT_COLUMNS[3:12]
+_DAY_COLUMNS = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests",
+                "incomplete_requests")
 
 
 def _upsert_sql(table: str, columns: Sequence[str], conflict: Sequence[str],
@@ -146,8 +151,8 @@ def _upsert_sql(table: str, columns: Sequence[str], conflict: Sequence[str],
 
 
 _PG_TYPES = {
-    "usage": ("bigint", "text", "timestamptz", *["bigint"] * 8, "numeric"),
-    "day": ("bigint", "date", "bigint", "bigint", "numeric", "bigint"),
+    "usage": ("bigint", "text", "timestamptz", *["bigint"] * 9, "numeric"),
+    "day": ("bigint", "date", "bigint", "bigint", "numeric", "bigint", "bigint"),
 }
 
 
@@ -235,8 +240,10 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
         group_key = (key_hash, row[1], row[2])
         c = groups.get(group_key)
         if c is None:
-            c = groups[group_key] = [0, 0, 0, 0, 0, 0, 0, 0]
-        # Unrolled on purpose: this loop runs once per request the proxy served.
+            c = groups[group_key] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+        # Unrolled on purpose: this loop runs once per request the proxy served. The row is
+        # the token split (usage.records): requests, failures, uncached input, output,
+        # reasoning, cache read, cache write, total, incomplete.
         c[0] += 1
         c[1] += row[3]
         c[2] += row[4]
@@ -245,6 +252,7 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
         c[5] += row[7]
         c[6] += row[8]
         c[7] += row[9]
+        c[8] += row[11]
         if row[10] > last_seen.get(key_hash, ""):
             last_seen[key_hash] = row[10]
     result.read = read
@@ -265,6 +273,7 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
             continue
         pk, status, owner_id = key
         result.stored += c[0]
+        result.incomplete += c[8]
         if status == ApiKey.Status.POOL:
             result.unissued += c[0]
         elif owner_id is not None:
@@ -275,17 +284,18 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
             hour_value = hour_values[hour] = to_db(hour_dt)
             local_days[hour] = local_day_of(hour_dt)
         cost = cost_of(
-            books.prices.price_for(model), input_tokens=c[2], output_tokens=c[3],
-            cached_tokens=c[5], cache_creation_tokens=c[6], total_tokens=c[7],
+            books.prices.price_for(model), uncached=c[2], cache_read=c[5], cache_write=c[6],
+            output=c[3],
         )
         params.append((pk, model, hour_value, *c, None if cost is None else str(cost)))
         if owner_id is not None:
             day_key = (owner_id, local_days[hour])
             d = days.get(day_key)
             if d is None:
-                d = days[day_key] = [0, 0, Decimal(0), 0]
+                d = days[day_key] = [0, 0, Decimal(0), 0, 0]
             d[0] += c[0]
             d[1] += c[7]
+            d[4] += c[8]
             if cost is None:
                 d[3] += c[0]
             else:
@@ -299,8 +309,8 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
                 day_of = connection.ops.adapt_datefield_value
                 _write(cursor, "day", [
                     (p, day if connection.vendor == "postgresql" else day_of(day), r, t,
-                     str(cost), u)
-                    for (p, day), (r, t, cost, u) in days.items()
+                     str(cost), u, i)
+                    for (p, day), (r, t, cost, u, i) in days.items()
                 ])
     # Last in the transaction, after the lock every multi-row key writer takes first (see
     # pool.services.keys_lock): a revoke's reconcile and a sync never wait on each other in
@@ -444,7 +454,7 @@ def usage_batch_apply(
             body = body_open(raw)
     books = books or Books.load()
     if body is None:
-        rows, aside, answer_error = legacy or [], [], ""
+        rows, aside, answer_error = [R.legacy_row(r) for r in legacy or []], [], ""
     else:
         rows, aside, answer_error = _queue_rows(body, books.reader)
     with transaction.atomic():
@@ -688,6 +698,7 @@ def _record(
         mode=mode if mode in MODES else "", message=message, records_read=result.read,
         records_stored=result.stored, records_foreign=result.foreign,
         records_unissued=result.unissued, records_quarantined=result.quarantined,
+        records_incomplete=result.incomplete,
         people=len(result.people), duration_ms=int((time.monotonic() - clock) * 1000),
     )
     SyncRun.objects.filter(pk__lte=run.pk - KEEP_SYNC_RUNS).delete()
@@ -734,13 +745,12 @@ def usage_cost_recompute(*, models: Sequence[str] | None = None) -> int:
             price = prices.price_for(model)
             for chunk in _chunks(rows.filter(model=model).values_list(
                 "pk", "input_tokens", "output_tokens", "cached_tokens", "cache_creation_tokens",
-                "total_tokens", "cost",
+                "cost",
             ).iterator(chunk_size=2000)):
                 updates = []
-                for pk, inp, out, cached, creation, total, old in chunk:
+                for pk, uncached, out, read, write, old in chunk:
                     new = cost_of(
-                        price, input_tokens=inp, output_tokens=out, cached_tokens=cached,
-                        cache_creation_tokens=creation, total_tokens=total,
+                        price, uncached=uncached, cache_read=read, cache_write=write, output=out
                     )
                     if new != old:
                         updates.append(UsageSnapshot(pk=pk, cost=new))

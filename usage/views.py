@@ -20,9 +20,10 @@ def _money(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
 
 
-def _cost_fields(cost: Decimal | None, unpriced: int) -> dict[str, Any]:
-    # A total that includes unknown-cost usage says so rather than passing as the full price.
-    return {"total_cost": _money(cost), "cost_complete": unpriced == 0}
+def _cost_fields(cost: Decimal | None, unpriced: int, incomplete: int = 0) -> dict[str, Any]:
+    # A total that includes unknown-cost usage, or requests whose counts the proxy lost, says
+    # so rather than passing as the full price.
+    return {"total_cost": _money(cost), "cost_complete": unpriced == 0 and incomplete == 0}
 
 
 @api_view(methods=("GET",))
@@ -39,7 +40,8 @@ def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
         {
             "id": k.pk, "key": k.masked, "label": k.label, "status": k.status,
             "requests": k.total_requests, "tokens": k.total_tokens,
-            "cost": _money(k.total_cost), "cost_complete": k.unpriced_requests == 0,
+            "cost": _money(k.total_cost),
+            "cost_complete": k.unpriced_requests == 0 and k.incomplete_requests == 0,
             "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
         }
         for k in keys_with_usage(owner=person)
@@ -49,8 +51,13 @@ def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
         "email": person.email, "name": person.name, "key_count": len(keys),
         "total_requests": totals["sum_requests"], "total_tokens": totals["sum_total_tokens"],
         "input_tokens": totals["sum_input_tokens"], "output_tokens": totals["sum_output_tokens"],
+        "reasoning_tokens": totals["sum_reasoning_tokens"],
+        "cache_read_tokens": totals["sum_cached_tokens"],
+        "cache_write_tokens": totals["sum_cache_creation_tokens"],
+        "incomplete_requests": totals["incomplete_requests"],
         "failures": totals["sum_failures"],
-        **_cost_fields(totals["sum_cost"], totals["unpriced_requests"]),
+        **_cost_fields(totals["sum_cost"], totals["unpriced_requests"],
+                       totals["incomplete_requests"]),
         "keys": keys,
     })
 
@@ -61,7 +68,7 @@ def api_all_users_stats(request: HttpRequest) -> JsonResponse:
         {
             "email": u.email, "name": u.name, "key_count": u.key_count,
             "total_requests": u.total_requests, "total_tokens": u.total_tokens,
-            **_cost_fields(u.total_cost, u.unpriced_requests),
+            **_cost_fields(u.total_cost, u.unpriced_requests, u.incomplete_requests),
         }
         for u in people_with_usage()
     ]

@@ -70,6 +70,18 @@ class Fault:
     times: int
 
 
+def _snapshot_tokens(record: dict[str, Any]) -> dict[str, int]:
+    """A record's counts as 6.9.x reports them: for Claude, the total leaves the cache out, and
+    `cached_tokens` is the cache read, or the cache write when nothing was read."""
+    tokens = record["tokens"]
+    counts = {k: tokens[k] for k in (
+        "input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens", "total_tokens")}
+    if record["provider"] == "claude":
+        counts["cached_tokens"] = tokens["cache_read_tokens"] or tokens["cache_creation_tokens"]
+        counts["total_tokens"] = tokens["input_tokens"] + tokens["output_tokens"]
+    return counts
+
+
 def _rfc3339(ts: float) -> str:
     dt = datetime.fromtimestamp(ts, tz=timezone.utc)
     nanos = int((ts % 1) * 1e9)
@@ -494,11 +506,20 @@ class FakeProxy(_AdminRoutes):
         failed: bool = False,
         timestamp: float | None = None,
         alias: str | None = None,
-        provider: str = "openai-compatible-mockoai",
+        provider: str | None = None,
     ) -> dict[str, Any]:
-        """Records usage as if a client request had been served (statistics must be on)."""
+        """Records usage as if a client request had been served (statistics must be on).
+        Counts are reported the way the real proxy reports its provider's
+        (../shared/fixtures/README.md): Claude's input leaves the cache out, and its total
+        adds the cache in (7.x); everyone else's input holds the cached part, with reasoning
+        beside output in the total (Gemini's way; OpenAI's output holds it)."""
         ts = self.clock() if timestamp is None else timestamp
-        total = input_tokens + output_tokens + reasoning_tokens
+        if provider is None:
+            provider = "claude" if model.startswith("claude") else "openai-compatible-mockoai"
+        if provider == "claude":
+            total = input_tokens + output_tokens + cached_tokens + cache_creation_tokens
+        else:
+            total = input_tokens + output_tokens + reasoning_tokens
         record = {
             "timestamp": _rfc3339(ts),
             "latency_ms": 5,
@@ -559,9 +580,7 @@ class FakeProxy(_AdminRoutes):
                 "latency_ms": r["latency_ms"],
                 "source": r["source"],
                 "auth_index": r["auth_index"],
-                "tokens": {k: tokens[k] for k in (
-                    "input_tokens", "output_tokens", "reasoning_tokens", "cached_tokens",
-                    "total_tokens")},
+                "tokens": _snapshot_tokens(r),
                 "failed": r["failed"],
             }
             api = apis.setdefault(r["api_key"], {"total_requests": 0, "total_tokens": 0, "models": {}})

@@ -69,5 +69,5 @@ def served(key: ApiKey, *, at: datetime, model: str = "mock-gpt", requests: int 
     utc = at.astimezone(timezone.utc)
     row = [key.key_hash, model, utc.strftime("%Y-%m-%dT%H"), int(failed), input_tokens,
            output_tokens, 0, 0, 0, input_tokens + output_tokens,
-           utc.strftime("%Y-%m-%dT%H:%M:%S.%f000Z")]  # as usage.records writes it
+           utc.strftime("%Y-%m-%dT%H:%M:%S.%f000Z"), 0]  # as usage.records writes it
     usage_ingest(rows=[row] * requests)

@@ -44,17 +44,27 @@ def test_known_model_is_priced_and_unknown_model_is_unknown(fake_proxy, people_k
     assert UsageSnapshot.objects.get(model="brand-new-model").cost is None
 
 
+def test_each_part_of_the_split_is_billed_at_its_own_rate_and_unknown_is_not_zero():
+    p = PriceBook([ModelPrice(model="m", input=Decimal(1), output=Decimal(10),
+                              cache_read=Decimal(100), cache_write=Decimal(1000))]).price_for("m")
+    assert cost_of(p, uncached=1_000_000, cache_read=0, cache_write=0, output=0) == 1
+    assert cost_of(p, uncached=0, cache_read=0, cache_write=0, output=1_000_000) == 10
+    assert cost_of(p, uncached=0, cache_read=1_000_000, cache_write=0, output=0) == 100
+    assert cost_of(p, uncached=0, cache_read=0, cache_write=1_000_000, output=0) == 1000
+    assert cost_of(None, uncached=1, cache_read=0, cache_write=0, output=1) is None
+
+
 def test_reasoning_is_billed_once_whichever_way_it_is_reported():
-    p = PriceBook([ModelPrice(model="m", input=Decimal(0), output=Decimal(1_000_000),
-                              cache_read=Decimal(0), cache_write=Decimal(0))]).price_for("m")
+    from usage.accounting import split_tokens
+
     # OpenAI: reasoning inside output (total = input + output).
-    assert cost_of(p, input_tokens=10, output_tokens=50, cached_tokens=0,
-                   cache_creation_tokens=0, total_tokens=60) == 50
+    openai = split_tokens({"input_tokens": 10, "output_tokens": 50, "reasoning_tokens": 30,
+                           "total_tokens": 60}, provider="codex", model="gpt-5")
     # Gemini: reasoning beside output (total = input + output + reasoning).
-    assert cost_of(p, input_tokens=10, output_tokens=50, cached_tokens=0,
-                   cache_creation_tokens=0, total_tokens=90) == 80
-    assert cost_of(None, input_tokens=1, output_tokens=1, cached_tokens=0,
-                   cache_creation_tokens=0, total_tokens=2) is None
+    gemini = split_tokens({"input_tokens": 10, "output_tokens": 50, "reasoning_tokens": 30,
+                           "total_tokens": 90}, provider="gemini", model="gemini-2.5-pro")
+    assert openai[3] == 50 and gemini[3] == 80
+    assert openai[4] == gemini[4] == 30
 
 
 def test_price_matching_exact_then_longest_prefix_ignoring_case():

@@ -60,7 +60,7 @@ def test_staff_get_usage_per_local_day_person_key_and_model(admin_client, usage)
     assert 'filename="usage-2026-03-01-to-2026-03-02.csv"' in response["Content-Disposition"]
     rows = read(response)
     got = [(r["date"], r["email"], r["key"], r["model"], r["requests"], r["failures"],
-            r["input tokens"], r["output tokens"], r["total tokens"], r["cost (USD)"],
+            r["uncached input tokens"], r["output tokens"], r["total tokens"], r["cost (USD)"],
             r["requests without a price"])
            for r in rows]
     a1, a2, b = ann1.key.masked, ann2.key.masked, bob.key.masked
@@ -75,6 +75,8 @@ def test_staff_get_usage_per_local_day_person_key_and_model(admin_client, usage)
          "0"),
         ("2026-03-02", "bob@example.com", b, "gpt", "1", "0", "7", "7", "14", "0.010000", "0"),
     ]
+    assert {r["cache read tokens"] for r in rows} == {r["cache write tokens"] for r in rows} \
+        == {r["incomplete requests"] for r in rows} == {"0"}
     assert "cost (CNY)" not in rows[0]  # no display currency set: USD only
     # A name that a spreadsheet would run as a formula is kept as text.
     assert rows[0]["name"] == "'=HYPERLINK(\"x\")"

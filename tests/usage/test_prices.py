@@ -56,8 +56,7 @@ def test_every_shipped_price_names_its_source_and_date():
 def test_a_deepseek_request_costs_what_the_vendor_page_says():
     price = PriceBook.load().price_for("deepseek-v4-pro")
     # 1M input of which 400k cache hits, 100k output: 0.6 M x 1.32 + 0.4 M x 0.044 + 0.1 M x 3.96
-    usd = cost_of(price, input_tokens=1_000_000, output_tokens=100_000, cached_tokens=400_000,
-                  cache_creation_tokens=0, total_tokens=1_100_000)
+    usd = cost_of(price, uncached=600_000, cache_read=400_000, cache_write=0, output=100_000)
     assert usd == Decimal("0.792") + Decimal("0.0176") + Decimal("0.396")
 
 

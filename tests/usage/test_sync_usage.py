@@ -443,7 +443,7 @@ def test_concurrent_upserts_lose_no_update(people_keys):
 
     key_hash = key_digest(people_keys[0].value)
     row = [key_hash, "mock-gpt", "2026-11-22T03", 0, 11, 7, 0, 0, 0, 18,
-           "2026-11-22T03:10:00.000000000Z"]
+           "2026-11-22T03:10:00.000000000Z", 0]
     errors = []
 
     def worker() -> None:

@@ -46,10 +46,17 @@ def cost(totals: Totals) -> SafeString:
             "code": currency.code,
         })
     if status == "partial":
-        notes.append(
-            _("%(n)s requests used models without a known price; their cost is not included.")
-            % {"n": totals.unpriced_requests}
-        )
+        if totals.unpriced_requests:
+            notes.append(
+                _("%(n)s requests used models without a known price; their cost is not "
+                  "included.") % {"n": totals.unpriced_requests}
+            )
+        if totals.incomplete_requests:
+            notes.append(
+                _("The proxy lost part of the token counts of %(n)s requests (a known gap of "
+                  "some proxy versions); their cost is counted from what it reported.")
+                % {"n": totals.incomplete_requests}
+            )
         return format_html(
             '<span class="cost-partial" title="{}">≥ {}</span>', " ".join(notes), amount
         )
@@ -64,6 +71,8 @@ def key_totals(key: object) -> Totals:
     return Totals(
         key.total_requests, key.total_tokens,  # type: ignore[attr-defined]
         key.total_cost or Decimal(0), key.unpriced_requests,  # type: ignore[attr-defined]
+        key.incomplete_requests, key.uncached_input,  # type: ignore[attr-defined]
+        key.cache_read, key.cache_write,  # type: ignore[attr-defined]
     )
 
 
@@ -81,6 +90,8 @@ def row_totals(row: object) -> Totals:
         row.requests, row.total_tokens,  # type: ignore[attr-defined]
         Decimal(0) if unknown else row.cost,  # type: ignore[attr-defined]
         row.requests if unknown else 0,  # type: ignore[attr-defined]
+        row.incomplete_requests, row.input_tokens,  # type: ignore[attr-defined]
+        row.cached_tokens, row.cache_creation_tokens,  # type: ignore[attr-defined]
     )
 
 
