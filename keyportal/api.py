@@ -27,13 +27,15 @@ View = Callable[..., HttpResponse]
 class ApiError(Exception):
     """Raised by an API view to answer `{"error": message}` with `status` (400: bad input)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *,
+                 data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.data = data or {}  # more fields for scripts, next to "error"
 
 
-def api_error(message: str, status: int) -> JsonResponse:
-    return JsonResponse({"error": message}, status=status)
+def api_error(message: str, status: int, *, data: dict[str, Any] | None = None) -> JsonResponse:
+    return JsonResponse({"error": message, **(data or {})}, status=status)
 
 
 def api_token_of(request: HttpRequest) -> ApiToken | None:
@@ -184,7 +186,7 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
             try:
                 return view(request, *args, **kwargs)
             except ApiError as exc:
-                return api_error(str(exc), exc.status)
+                return api_error(str(exc), exc.status, data=exc.data)
 
         wrapper.csrf_exempt = True  # type: ignore[attr-defined]
         return wrapper
