@@ -16,6 +16,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from accounts.models import ApiToken
 from accounts.services import api_token_authenticate
@@ -36,6 +37,13 @@ class ApiError(Exception):
 
 def api_error(message: str, status: int, *, data: dict[str, Any] | None = None) -> JsonResponse:
     return JsonResponse({"error": message, **(data or {})}, status=status)
+
+
+# Why a staff session is refused a staff call (api_view(staff=True), /api/user-stats).
+STAFF_SIGN_IN = gettext_lazy(
+    "Staff calls need an API token or a password sign-in to the admin (with its authenticator "
+    "code, when one is set up)."
+)
 
 
 def api_token_of(request: HttpRequest) -> ApiToken | None:
@@ -179,10 +187,7 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
             if staff and not request.user.is_staff:
                 return api_error(_("Staff only."), 403)
             if staff and request.api_token is None and not staff_with_password(request):
-                return api_error(
-                    _("Staff calls need an API token or a password sign-in to the admin "
-                      "(with its authenticator code, when one is set up)."), 403
-                )
+                return api_error(str(STAFF_SIGN_IN), 403)
             try:
                 return view(request, *args, **kwargs)
             except ApiError as exc:
