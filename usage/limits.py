@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Q, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -292,7 +292,7 @@ def _worst(crossed: list[Crossed]) -> Crossed:
 # --- a limit raised or removed: its keys come back at once ---------------------------------
 
 
-def _held_by_limit(now: datetime) -> Any:
+def _held_by_limit(now: datetime) -> QuerySet[ApiKey]:
     """Keys suspended by a limit whose window has not reset yet (keys_lifecycle brings back
     the others), of people whose account is active."""
     return (
@@ -308,7 +308,7 @@ class Released:
     moved: int = 0  # still held, by another limit that resets at another time
 
 
-def _release(keys: Any, *, by_key: dict[int, Used], by_person: dict[int, Used],
+def _release(keys: QuerySet[ApiKey], *, by_key: dict[int, Used], by_person: dict[int, Used],
              windows: dict[str, Window], by: User | None = None, ip: str | None = None
              ) -> Released:
     """Judges each suspended key in `keys` again on today's limits and usage: a key that no
