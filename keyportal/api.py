@@ -16,6 +16,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from accounts.models import ApiToken
 from accounts.services import api_token_authenticate
@@ -27,13 +28,22 @@ View = Callable[..., HttpResponse]
 class ApiError(Exception):
     """Raised by an API view to answer `{"error": message}` with `status` (400: bad input)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *,
+                 data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.data = data or {}  # more fields for scripts, next to "error"
 
 
-def api_error(message: str, status: int) -> JsonResponse:
-    return JsonResponse({"error": message}, status=status)
+def api_error(message: str, status: int, *, data: dict[str, Any] | None = None) -> JsonResponse:
+    return JsonResponse({"error": message, **(data or {})}, status=status)
+
+
+# Why a staff session is refused a staff call (api_view(staff=True), /api/user-stats).
+STAFF_SIGN_IN = gettext_lazy(
+    "Staff calls need an API token or a password sign-in to the admin (with its authenticator "
+    "code, when one is set up)."
+)
 
 
 def api_token_of(request: HttpRequest) -> ApiToken | None:
@@ -177,14 +187,11 @@ def api_view(*, methods: tuple[str, ...], staff: bool = False) -> Callable[[View
             if staff and not request.user.is_staff:
                 return api_error(_("Staff only."), 403)
             if staff and request.api_token is None and not staff_with_password(request):
-                return api_error(
-                    _("Staff calls need an API token or a password sign-in to the admin "
-                      "(with its authenticator code, when one is set up)."), 403
-                )
+                return api_error(str(STAFF_SIGN_IN), 403)
             try:
                 return view(request, *args, **kwargs)
             except ApiError as exc:
-                return api_error(str(exc), exc.status)
+                return api_error(str(exc), exc.status, data=exc.data)
 
         wrapper.csrf_exempt = True  # type: ignore[attr-defined]
         return wrapper

@@ -120,6 +120,28 @@ def schemas() -> dict[str, dict[str, Any]]:
                        "examples": ["Authentication required."]}},
             description=_("Every refusal: a 4xx or 5xx answer with one sentence."),
         ),
+        "KeyRefused": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string", "description": _(
+                    "One sentence: why no key was issued and, for a limit, which one and when "
+                    "it resets."),
+                    "examples": ["You have reached your daily token limit (150,000 of 100,000), "
+                                 "so no new key can be added until it resets at 2026-12-03 "
+                                 "00:00 CST."]},
+                "reason": {"type": "string", "description": _(
+                    "Only when a limit refused the key: which one, e.g. `person_tokens_day` "
+                    "(the person's daily token limit) or `key_cost_month` (the monthly cost "
+                    "limit of one of their keys)."), "examples": ["person_tokens_day"]},
+                "resets_at": {"type": ["string", "null"], "format": "date-time",
+                              "description": _("Only when a limit refused the key: when it "
+                                               "resets and a key can be added again.")},
+            },
+            "additionalProperties": False,
+            "description": _("A refusal (403). When a limit is the reason, `reason` and "
+                             "`resets_at` say which and until when."),
+        },
         "FieldsError": _obj(
             {
                 "error": {"type": "string"},
@@ -369,8 +391,12 @@ def operations() -> tuple[Operation, ...]:
             _("Hands the caller (or, for a staff token, the person named by `email`) a key "
               "from the pool. The answer is the only one that ever carries the key's full "
               "value, and is never cached."),
-            _answers(400, 401, 403, 405, 413,
+            _answers(400, 401, 405, 413,
                      s201=_ok(_("The key was issued."), "IssuedKey"),
+                     s403=Answer(_("Not allowed: a session without the CSRF token or naming "
+                                   "someone else, or the person has reached a limit (theirs, "
+                                   "or the own limit of one of their keys): no key is issued "
+                                   "until it resets, or until staff raise it."), "KeyRefused"),
                      s409=Answer(_("The person named is deactivated (staff tokens only).")),
                      s429=Answer(_("Too many keys added in a short time (sessions only).")),
                      s503=Answer(_("The pool is empty; staff have been told."))),
@@ -413,7 +439,8 @@ def operations() -> tuple[Operation, ...]:
             "api-user-stats", "get", "userStats", TAG_USAGE,
             _("One person's usage"),
             _("A person's totals and their keys' usage. People read their own; staff read "
-              "anyone's."),
+              "anyone's with an API token or a password sign-in to the admin (with its "
+              "authenticator code, when one is set up), as for the staff-only endpoints."),
             _answers(401, 403, 404, 405, s200=_ok(_("The person's usage."), "UserStats")),
             params=(Param("email", "path", _("The person's email address."), _email()),),
         ),
@@ -465,7 +492,8 @@ def operations() -> tuple[Operation, ...]:
                                  % {"columns": columns},
                                  schema=None, media=CSV),
                      s401=_BAD_TOKEN,
-                     s400=Answer(_("Missing or bad dates."), "FieldsError"),
+                     s400=Answer(_("Missing or bad dates, or dates out of range (from "
+                                   "2000-01-01 to 9998-12-31)."), "FieldsError"),
                      s405=_GET_ONLY),
             auth=(TOKEN,), staff=True,
             params=(

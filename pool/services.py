@@ -512,6 +512,46 @@ class PoolEmpty(Exception):
     """No unissued key is at the proxy right now."""
 
 
+class KeyRefused(Exception):
+    """The person may not get a working key now: their account is deactivated, or they (or
+    one of their keys) reached a limit. The message is the sentence to show them; `reason`
+    is an ApiKey.SuspendedFor value and `until` when the refusal ends (None: not on its own)."""
+
+    def __init__(self, message: str, *, reason: str, until: datetime | None = None) -> None:
+        super().__init__(message)
+        self.reason, self.until = reason, until
+
+
+# Checks run before a key is handed out. Limits are measured on usage, which lives above
+# pool (usage -> pool -> accounts), so usage registers its check here when it loads
+# (usage.apps.UsageConfig.ready) instead of pool importing it. Checking inside key_assign,
+# the one service that issues keys, closes every way in at once: /my-keys, the API and the
+# registration link.
+IssueGuard = Callable[[User], "KeyRefused | None"]
+_issue_guards: list[IssueGuard] = []
+
+
+def key_issue_guard_register(guard: IssueGuard) -> None:
+    """Adds a check that key_assign runs first; registering the same one twice adds it once."""
+    if guard not in _issue_guards:
+        _issue_guards.append(guard)
+
+
+def key_issue_refusal(*, user: User) -> KeyRefused | None:
+    """Why `user` may not get a key now, or None. A deactivated account first, then the
+    registered checks (usage: limits reached)."""
+    if not user.is_active:
+        return KeyRefused(
+            _("This account is deactivated: no key can be issued until staff reactivate it."),
+            reason=ApiKey.SuspendedFor.PERSON_INACTIVE,
+        )
+    for guard in _issue_guards:
+        refusal = guard(user)
+        if refusal is not None:
+            return refusal
+    return None
+
+
 @dataclass(frozen=True)
 class IssuedKey:
     """A key just handed out, with the only copy of its full value the portal will ever
@@ -529,7 +569,14 @@ def key_assign(
     On PostgreSQL, SKIP LOCKED lets concurrent callers pick different rows without waiting
     on each other; on every database the conditional UPDATE (still unowned, still in the
     pool) is what guarantees that no key goes to two people: a caller whose row was taken
-    meanwhile sees a row count of 0 and tries the next one."""
+    meanwhile sees a row count of 0 and tries the next one.
+
+    Raises KeyRefused, before any key changes hands, when the person may not get one (see
+    key_issue_refusal): a key given to someone over a limit would work at the proxy until
+    the next sync suspended it."""
+    refusal = key_issue_refusal(user=user)
+    if refusal is not None:
+        raise refusal
     try:
         return _key_assign(user=user, label=label, by=by, ip=ip)
     except _PoolUnreadable:
@@ -812,6 +859,39 @@ def key_suspend(
         detail=detail or reason,
         status=Status.SUSPENDED, suspended_for=reason, suspended_until=until,
         proxy_state=State.REMOVAL_PENDING,
+    )
+
+
+# The suspensions a limit decides (enforcement in usage/limits.py); staff and deactivation
+# suspensions are not theirs to lift.
+LIMIT_REASONS = tuple(
+    r for r in ApiKey.SuspendedFor.values
+    if r not in (ApiKey.SuspendedFor.STAFF, ApiKey.SuspendedFor.PERSON_INACTIVE)
+)
+
+
+def key_limit_lift(*, key: ApiKey, detail: str, by: User | None = None,
+                   ip: str | None = None) -> bool:
+    """A key suspended for a limit that no longer holds (raised or removed) is active again
+    now; it returns to the proxy at the next reconcile, from escrow. Only if it is still
+    suspended for the reason the caller judged, and its owner is active. Audited."""
+    return _move_key(
+        key, frm=Status.SUSPENDED, action=Action.KEY_RESTORED, actor=by, ip=ip, detail=detail,
+        where={"owner__is_active": True, "suspended_for": key.suspended_for,
+               "suspended_for__in": LIMIT_REASONS},
+        status=Status.ACTIVE, suspended_for="", suspended_until=None,
+    )
+
+
+def key_limit_reason_move(*, key: ApiKey, reason: str, until: datetime, detail: str,
+                          by: User | None = None, ip: str | None = None) -> bool:
+    """A key suspended for a limit that changed, while another limit still holds it: it now
+    waits for that limit's reset instead (earlier when a month limit was lifted and the day
+    limit remains). Audited; the key stays off the proxy."""
+    return _move_key(
+        key, frm=Status.SUSPENDED, action=Action.KEY_SUSPENDED, actor=by, ip=ip, detail=detail,
+        where={"suspended_for": key.suspended_for, "suspended_for__in": LIMIT_REASONS},
+        suspended_for=reason, suspended_until=until,
     )
 
 

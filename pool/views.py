@@ -32,6 +32,7 @@ from pool.models import ApiKey, key_digest
 from pool.selectors import pool_status
 from pool.services import (
     IssuedKey,
+    KeyRefused,
     PoolEmpty,
     key_assign,
     key_rename,
@@ -91,6 +92,10 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
         return link_gone(request)
     except PoolEmpty:
         return pool_empty(request, "pool/pool_empty.html")
+    except KeyRefused as exc:
+        # Someone already known, over a limit: the link stays unused (the transaction rolled
+        # back) and works again once the limit resets.
+        return render(request, "pool/key_refused.html", {"message": str(exc)}, status=403)
     link_login(request, user)
     return key_shown(request, issued, "pool/key_shown.html")
 
@@ -123,6 +128,14 @@ def _api_person(request: HttpRequest, body: dict[str, Any], *, create: bool = Fa
     if person is None:
         raise ApiError(_("No person uses this email address."), 404)
     return person
+
+
+def key_refused_error(exc: KeyRefused) -> ApiError:
+    """403: the caller is known and the request is well formed, but this person may not get
+    a key now; `reason` and `resets_at` (null: not on its own) let a script wait."""
+    return ApiError(str(exc), 403, data={
+        "reason": exc.reason, "resets_at": exc.until.isoformat() if exc.until else None,
+    })
 
 
 def _key_json(key: ApiKey) -> dict[str, Any]:
@@ -160,6 +173,8 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
         issued = key_assign(
             user=person, label=form.cleaned_data["label"], by=request.user, ip=client_ip(request)
         )
+    except KeyRefused as exc:
+        raise key_refused_error(exc) from None
     except PoolEmpty:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None

@@ -247,6 +247,15 @@ def register_without_csrf(fx):
     return _post(client, "/api/register-key")
 
 
+@case("api-register-key", "post", 403, "register_over_a_limit")
+def register_over_a_limit(fx):
+    key = _ann_key(fx)
+    fx("ready_keys")
+    User.objects.filter(email="ann@example.com").update(limit_tokens_day=10)
+    served(key, at=timezone.now(), requests=1)
+    return _post(_signed_in(fx, "ann"), "/api/register-key", {"label": "ci"})
+
+
 @case("api-register-key", "post", 405)
 def register_by_get(fx):
     return _signed_in(fx, "ann").get("/api/register-key")
@@ -578,6 +587,11 @@ def export(fx):
 @case("usage-export", "get", 400)
 def export_without_dates(fx):
     return _by_token(fx).get("/staff/export", {"from": "yesterday"})
+
+
+@case("usage-export", "get", 400, "export_dates_out_of_range")
+def export_dates_out_of_range(fx):
+    return _by_token(fx).get("/staff/export", {"from": "9999-12-31", "to": "9999-12-31"})
 
 
 @case("usage-export", "get", 401)

@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import Count, Max, OuterRef, QuerySet, Subquery, Sum
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -14,11 +15,13 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from accounts.models import User
+from accounts.models import Limits, User
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
+from pool.services import keys_reconcile_in_request
 from usage.currency import Currency, remember
+from usage.limits import limits_release
 from usage.models import (
     DisplayCurrency, LimitNotice, ModelPrice, QuarantinedRecord, SyncRun, UsageBatch,
     UsageSnapshot,
@@ -318,11 +321,46 @@ class UsageColumns:
         return "—" if cost is None else f"{cost:.2f}"
 
 
+class LimitsReleased:
+    """Raising or removing a limit in the admin brings the keys it held back at once: they
+    are judged again in the admin's transaction (each change audited), and the proxy gets
+    them back as soon as that commits, within the page's proxy budget (or at the next sync
+    or reconcile when it is slow). Without this they waited for midnight while the quota
+    bars already showed 0 %."""
+
+    def _limits_changed(self, request: HttpRequest, form: Any, **whose: Any) -> None:
+        if not any(name in form.changed_data for name in Limits.LIMIT_FIELDS):
+            return
+        done = limits_release(now=timezone.now(), by=request.user, ip=client_ip(request),
+                              **whose)
+        if done.moved:
+            self.message_user(request, ngettext(  # type: ignore[attr-defined]
+                "%(n)d suspended key is now held by another limit, until that one resets.",
+                "%(n)d suspended keys are now held by another limit, until that one resets.",
+                done.moved) % {"n": done.moved}, messages.INFO)
+        if not done.released:
+            return
+        self.message_user(request, ngettext(  # type: ignore[attr-defined]
+            "%(n)d key suspended by a limit is active again: it returns to the proxy now.",
+            "%(n)d keys suspended by a limit are active again: they return to the proxy now.",
+            done.released) % {"n": done.released}, messages.SUCCESS)
+
+        def proxy_follows() -> None:
+            if keys_reconcile_in_request() is None:
+                self.message_user(request, _(  # type: ignore[attr-defined]
+                    "The proxy could not be reached: it follows at the next reconcile or sync."
+                ), messages.WARNING)
+
+        # After the commit: a reconcile inside the admin's transaction would not see the keys
+        # as active on another connection, or push keys for a change rolled back later.
+        transaction.on_commit(proxy_follows)
+
+
 admin.site.unregister(User)
 
 
 @admin.register(User)
-class PersonAdmin(UsageColumns, PersonKeysAdmin):
+class PersonAdmin(LimitsReleased, UsageColumns, PersonKeysAdmin):
     list_display = (*PersonKeysAdmin.list_display[:2], "key_count", "tokens", "cost",
                     *PersonKeysAdmin.list_display[2:])
 
@@ -337,13 +375,23 @@ class PersonAdmin(UsageColumns, PersonKeysAdmin):
     def key_count(self, obj: User) -> int:
         return getattr(obj, "key_count", None) or 0
 
+    def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change:
+            self._limits_changed(request, form, person=obj)
+
 
 admin.site.unregister(ApiKey)
 
 
 @admin.register(ApiKey)
-class KeyAdmin(UsageColumns, ApiKeyAdmin):
+class KeyAdmin(LimitsReleased, UsageColumns, ApiKeyAdmin):
     list_display = (*ApiKeyAdmin.list_display, "tokens", "cost")
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change:
+            self._limits_changed(request, form, key=obj)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).annotate(**_usage_of(api_key=OuterRef("pk")))

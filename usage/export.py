@@ -33,6 +33,9 @@ from usage.models import UsageSnapshot
 
 CHUNK_ROWS = 2000  # rows per database fetch and per chunk written to the client
 MAX_DAYS = 3660  # ten years: a typo in the year is caught instead of scanning everything
+# Dates the export can turn into times: the day after the last one, and local midnight in
+# UTC, must still be datetimes (9999-12-31 + 1 day overflowed into a 500).
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
 
 BOM = "\ufeff"
 COLUMNS = (
@@ -96,6 +99,12 @@ class ExportForm(forms.Form):
         for name in ("from", "to"):
             if name not in self.errors and cleaned.get(name) is None:
                 self.add_error(name, self.fields[name].error_messages["required"])
+        for name in ("from", "to"):
+            day = cleaned.get(name)
+            if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+                self.add_error(name, _("Dates out of range: choose days from %(first)s to "
+                                       "%(last)s.") % {"first": FIRST_DAY, "last": LAST_DAY})
+                cleaned[name] = None
         start, end = cleaned.get("from"), cleaned.get("to")
         if start and end:
             if end < start:
@@ -194,7 +203,10 @@ def usage_export(request: HttpRequest) -> HttpResponse:
     JSON 400 (`error`, and `fields` with each field's messages)."""
     today = timezone.localdate()
     form = ExportForm(request.GET or None, today=today)
-    if api_token_of(request) is not None and not form.is_valid():
+    # Scripts get bad dates as JSON: a token caller, or anyone asking for JSON before HTML.
+    wants_json = api_token_of(request) is not None or (
+        request.get_preferred_type(["text/html", "application/json"]) == "application/json")
+    if wants_json and not form.is_valid():
         return JsonResponse({
             "error": _("Give the period as ?from=YYYY-MM-DD&to=YYYY-MM-DD (both included), or "
                        "as ?preset= one of %(presets)s.") % {"presets": ", ".join(PRESETS)},

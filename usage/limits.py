@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Q, Sum
+from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone, translation
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -37,13 +37,18 @@ from accounts.models import Limits, User
 from keyportal.notify import person_email
 from pool.models import ApiKey
 from pool.services import (
+    LIMIT_REASONS,
+    KeyRefused,
     LifecycleReport,
     ReconcileReport,
+    key_limit_lift,
+    key_limit_reason_move,
     key_suspend,
     keys_lifecycle,
     keys_reconcile_quietly,
 )
 from usage.models import LimitNotice, UsageSnapshot
+from usage.selectors import _decimal
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +149,41 @@ def usage_in_windows(*, windows: dict[str, Window]) -> tuple[dict[int, Used], di
     return by_key, dict(by_person)
 
 
+def person_usage_in_windows(*, person_id: int, windows: dict[str, Window]
+                            ) -> tuple[Used, dict[int, Used]]:
+    """One person's usage in the current day and month, in total and per key, from one
+    grouped query over their month's rows (every key they own or owned)."""
+    day, month = windows["day"], windows["month"]
+    in_day = Q(hour__gte=day.start, hour__lt=day.end)
+    unpriced = Q(cost__isnull=True)
+    rows = (
+        UsageSnapshot.objects.filter(api_key__owner_id=person_id, hour__gte=month.start,
+                                     hour__lt=month.end)
+        .values("api_key_id")
+        .annotate(
+            tokens_month=Sum("total_tokens"), tokens_day=Sum("total_tokens", filter=in_day),
+            cost_month=Sum("cost"), cost_day=Sum("cost", filter=in_day),
+            unpriced_month=Sum("requests", filter=unpriced),
+            unpriced_day=Sum("requests", filter=unpriced & in_day),
+        )
+        .order_by()
+    )
+    by_key: dict[int, Used] = {}
+    total = Used()
+    for row in rows:
+        # int() and Decimal(): PostgreSQL sums bigints as numeric, SQLite sums decimals as
+        # floats.
+        used = Used(**{name: _decimal(row[name]) if name.startswith("cost") else int(row[name] or 0)
+                       for name in Used.__dataclass_fields__})
+        by_key[row["api_key_id"]] = used
+        total.add(used)
+    return total, by_key
+
+
 @dataclass
 class LimitsReport:
     suspended: int = 0
+    released: int = 0  # suspended keys back: their limit was raised or removed
     notices: int = 0
     lifecycle: LifecycleReport | None = None
     proxy: ReconcileReport | None = None
@@ -154,6 +191,9 @@ class LimitsReport:
 
     def lines(self) -> list[str]:
         lines = [_("%(n)d keys suspended for reaching a limit.") % {"n": self.suspended}]
+        if self.released:
+            lines.append(_("%(n)d suspended keys active again (their limit was raised or "
+                           "removed).") % {"n": self.released})
         if self.lifecycle:
             lines += self.lifecycle.lines()
         if self.notices:
@@ -204,7 +244,11 @@ def limits_enforce(*, now: datetime, reconcile: bool = True) -> LimitsReport:
         report.notices += _notify(subject=f"person:{person.pk}", to=person, limits=person,
                                   used=by_person.get(person.pk), windows=windows, key=None)
 
-    reason_order = {reason: i for i, reason in enumerate(Reason.values)}
+    # Keys a limit still holds although it was raised or removed since (in the admin, which
+    # releases them at once, or in the shell or SQL, which only this catches).
+    report.released = _release(_held_by_limit(now), by_key=by_key, by_person=by_person,
+                               windows=windows).released
+
     candidates = (
         # The lifecycle above suspended the keys of deactivated people; a person deactivated
         # since then is left to the next lifecycle, so that their keys wait for the person
@@ -224,16 +268,182 @@ def limits_enforce(*, now: datetime, reconcile: bool = True) -> LimitsReport:
         )
         if not crossed:
             continue
-        # The latest return wins; among equal ones, the key's own limit names the reason.
-        worst = max(crossed, key=lambda c: (c.until, -reason_order[c.reason]))
+        worst = _worst(crossed)
         if key_suspend(key=key, reason=worst.reason, until=worst.until,
                        detail=f"{worst.reason} reached; back at {worst.until.isoformat()}"):
             report.suspended += 1
 
-    if reconcile and (report.suspended or report.lifecycle.lines() or proxy_follow_due(now=now)):
+    if reconcile and (report.suspended or report.released or report.lifecycle.lines()
+                      or proxy_follow_due(now=now)):
         report.proxy = keys_reconcile_quietly()
         report.proxy_postponed = report.proxy is None
     return report
+
+
+_REASON_ORDER = {reason: i for i, reason in enumerate(Reason.values)}
+
+
+def _worst(crossed: list[Crossed]) -> Crossed:
+    """The latest return wins (a key back at midnight would only be suspended again for the
+    month); among equal ones, the key's own limit names the reason."""
+    return max(crossed, key=lambda c: (c.until, -_REASON_ORDER[c.reason]))
+
+
+# --- a limit raised or removed: its keys come back at once ---------------------------------
+
+
+def _held_by_limit(now: datetime) -> QuerySet[ApiKey]:
+    """Keys suspended by a limit whose window has not reset yet (keys_lifecycle brings back
+    the others), of people whose account is active."""
+    return (
+        ApiKey.objects.filter(status=Status.SUSPENDED, suspended_for__in=LIMIT_REASONS,
+                              suspended_until__gt=now, owner__is_active=True)
+        .select_related("owner").defer("value", "escrow").order_by("id")
+    )
+
+
+@dataclass
+class Released:
+    released: int = 0  # active again
+    moved: int = 0  # still held, by another limit that resets at another time
+
+
+def _release(keys: QuerySet[ApiKey], *, by_key: dict[int, Used], by_person: dict[int, Used],
+             windows: dict[str, Window], by: User | None = None, ip: str | None = None
+             ) -> Released:
+    """Judges each suspended key in `keys` again on today's limits and usage: a key that no
+    limit holds any more is active again; a key another limit still holds waits for that
+    one's reset."""
+    done = Released()
+    for key in list(keys):
+        crossed = _crossed(key, by_key.get(key.pk), windows, "key") + _crossed(
+            key.owner, by_person.get(key.owner_id), windows, "person"
+        )
+        if not crossed:
+            done.released += key_limit_lift(
+                key=key, by=by, ip=ip, detail=f"{key.suspended_for} raised or removed")
+            continue
+        worst = _worst(crossed)
+        if (worst.reason, worst.until) != (key.suspended_for, key.suspended_until):
+            done.moved += key_limit_reason_move(
+                key=key, reason=worst.reason, until=worst.until, by=by, ip=ip,
+                detail=f"{key.suspended_for} changed; {worst.reason} holds the key until "
+                       f"{worst.until.isoformat()}")
+    return done
+
+
+def limits_release(*, now: datetime, person: User | None = None, key: ApiKey | None = None,
+                   by: User | None = None, ip: str | None = None) -> Released:
+    """After staff changed the limits of `person` or of `key`: the keys those limits held
+    are judged again at once (not at the next sync, nor at midnight), and come back if no
+    limit holds them. Each change is audited. The proxy follows at the next reconcile,
+    which the caller runs once this is committed (keys_reconcile_in_request)."""
+    held = _held_by_limit(now)
+    if person is not None:
+        held, owner_id = held.filter(owner=person), person.pk
+    elif key is not None:
+        held, owner_id = held.filter(pk=key.pk), key.owner_id
+    else:
+        raise ValueError("limits_release needs a person or a key")
+    if owner_id is None or not held.exists():
+        return Released()
+    windows = windows_at(now)
+    total, by_key = person_usage_in_windows(person_id=owner_id, windows=windows)
+    return _release(held, by_key=by_key, by_person={owner_id: total}, windows=windows, by=by,
+                    ip=ip)
+
+
+# --- no working key for someone over a limit ----------------------------------------------
+
+
+def _format_amount(measure: str, amount: Any) -> str:
+    return f"{amount:.2f} USD" if measure == "cost" else f"{amount:,}"
+
+
+def _reset_text(when: datetime) -> str:
+    return timezone.localtime(when, timezone.get_default_timezone()).strftime("%Y-%m-%d %H:%M %Z")
+
+
+@dataclass(frozen=True)
+class LimitReached:
+    """The limit that keeps a person from getting a key now, with what to tell them."""
+
+    field: str  # a Limits field, e.g. "limit_tokens_day"
+    reason: str  # the ApiKey.SuspendedFor value, e.g. "person_tokens_day"
+    until: datetime  # the window's reset: when keys come back and new ones can be added
+    used: Any
+    limit: Any
+    key: ApiKey | None = None  # the key whose own limit it is; None: the person's limit
+
+    def _values(self) -> dict[str, Any]:
+        measure = LIMITS[self.field][0]
+        values = {
+            "limit_name": LIMIT_NAMES[self.field],
+            "used": _format_amount(measure, self.used),
+            "limit": _format_amount(measure, self.limit),
+            "reset": _reset_text(self.until),
+        }
+        if self.key is not None:
+            values |= {"key": self.key.masked, "label": self.key.label or "—"}
+        return values
+
+    @property
+    def refusal(self) -> str:
+        """Why a new key is refused (the add form, the API)."""
+        if self.key is not None:
+            text = _("Your key “%(label)s” (%(key)s) has reached its %(limit_name)s (%(used)s "
+                     "of %(limit)s), so no new key can be added until it resets at %(reset)s.")
+        else:
+            text = _("You have reached your %(limit_name)s (%(used)s of %(limit)s), so no new "
+                     "key can be added until it resets at %(reset)s.")
+        return text % self._values()
+
+    @property
+    def banner(self) -> str:
+        """What /my-keys says at the top while it holds."""
+        if self.key is not None:
+            text = _("Your key “%(label)s” (%(key)s) has reached its %(limit_name)s: it is "
+                     "suspended until %(reset)s, and no new key can be added before then.")
+        else:
+            text = _("You have reached your %(limit_name)s: your keys are suspended until "
+                     "%(reset)s, and no new key can be added before then.")
+        return text % self._values()
+
+
+def limit_reached(*, person: User, now: datetime | None = None) -> LimitReached | None:
+    """The limit that stops `person` getting a key now, or None: one of their own limits
+    reached, or the own limit of one of their keys still in use (a fresh key next to a
+    suspended one would make that key's limit a formality). Judged on usage as it is, not
+    on the keys' states: a person who crossed a limit since the last sync is refused too,
+    and a raised limit frees them at once. When several hold, the one that resets last."""
+    now = now or timezone.now()
+    windows = windows_at(now)
+    keys = [k for k in ApiKey.objects.filter(
+        owner=person, status__in=(Status.ACTIVE, Status.SUSPENDED)).filter(_any_limit(""))
+        .defer("value", "escrow")]
+    if not person.has_limits and not keys:
+        return None  # nothing to measure: no query
+    total, by_key = person_usage_in_windows(person_id=person.pk, windows=windows)
+    reached: list[LimitReached] = []
+    for owner, used, key in [(person, total, None)] + [(k, by_key.get(k.pk), k) for k in keys]:
+        used = used or Used()
+        for name, (measure, window) in LIMITS.items():
+            limit = getattr(owner, name)
+            if limit is not None and used.of(name)[0] >= limit:
+                scope = "key" if key is not None else "person"
+                reached.append(LimitReached(name, f"{scope}_{measure}_{window}",
+                                            windows[window].end, used.of(name)[0], limit, key))
+    if not reached:
+        return None
+    return max(reached, key=lambda r: (r.until, r.key is not None))
+
+
+def key_issue_guard(user: User) -> KeyRefused | None:
+    """Registered with pool (pool.services.key_issue_guard_register) when usage loads."""
+    reached = limit_reached(person=user)
+    if reached is None:
+        return None
+    return KeyRefused(reached.refusal, reason=reached.reason, until=reached.until)
 
 
 def proxy_follow_due(*, now: datetime) -> bool:

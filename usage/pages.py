@@ -29,14 +29,15 @@ from pool.forms import KeyLabelForm
 from pool.models import ApiKey
 from pool.selectors import PoolStatus, pool_status
 from pool.services import (
-    ImplausibleKeyList, PoolEmpty, ReconcileReport, key_assign, key_rename, key_revoke,
-    keys_reconcile, keys_reconcile_in_request,
+    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, key_assign, key_rename,
+    key_revoke, keys_reconcile, keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
 from usage.charts import chart_context
 from usage.models import SyncRun, UsageSnapshot
-from usage.quota import quota_for
+from usage.limits import limit_reached
+from usage.quota import quota_for, quota_limit_reached
 from usage.selectors import (
     PERIODS, RANKINGS, Leaderboard, Totals, daily_all_usage, daily_by_model, key_usage,
     keys_with_usage, last_sync, leaderboard, person_audit, sync_backlog, totals_of_keys,
@@ -78,8 +79,9 @@ def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
 @require_GET
 def my_keys(request: HttpRequest) -> HttpResponse:
     context = _table_context(request.user, form=_label_form())
-    if not request.htmx:  # quota and chart sit outside the table the htmx branch swaps
+    if not request.htmx:  # banner, quota and chart sit outside the table htmx swaps
         context |= _insight(request, person=request.user, keys=context["keys"])
+        context["limit"] = quota_limit_reached(context["quota"])
     template = "pool/my_keys.html#key-table" if request.htmx else "pool/my_keys.html"
     response = render(request, template, context)
     patch_vary_headers(response, ["HX-Request"])
@@ -97,16 +99,15 @@ def key_add(request: HttpRequest) -> HttpResponse:
             % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
         )
     if not form.is_valid():
-        if request.htmx:
-            form.fields["label"].widget.attrs["autofocus"] = True  # htmx focuses it after the swap
-            response = render(request, "pool/my_keys.html#add-form", {"form": form})
-            return reswap(retarget(response, "#add-form"), "outerHTML")
-        return render(request, "pool/my_keys.html", _table_context(request.user, form=form),
-                      status=400)
+        return _add_form_refused(request, form, status=400)
     try:
         issued = key_assign(
             user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
         )
+    except KeyRefused as exc:
+        # Over a limit: no key changes hands, and the form says which limit and until when.
+        form.add_error("label", str(exc))
+        return _add_form_refused(request, form, status=403)
     except PoolEmpty:
         response = pool_empty(
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
@@ -123,6 +124,17 @@ def key_add(request: HttpRequest) -> HttpResponse:
             f"pool/my_keys.html#{part}", context, request=request
         ).encode()
     return _focus_after_settle(response, "#issued h2")
+
+
+def _add_form_refused(request: HttpRequest, form: KeyLabelForm, *, status: int) -> HttpResponse:
+    """The add form again with its error: in place with htmx (200, which htmx swaps), or the
+    whole page with `status`."""
+    if request.htmx:
+        form.fields["label"].widget.attrs["autofocus"] = True  # htmx focuses it after the swap
+        response = render(request, "pool/my_keys.html#add-form", {"form": form})
+        return reswap(retarget(response, "#add-form"), "outerHTML")
+    context = _table_context(request.user, form=form, limit=limit_reached(person=request.user))
+    return render(request, "pool/my_keys.html", context, status=status)
 
 
 @login_required

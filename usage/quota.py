@@ -13,14 +13,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import Q, Sum
 from django.utils import timezone
 
 from accounts.models import User
 from pool.models import ApiKey
-from usage.limits import LIMIT_NAMES, LIMITS, Used, Window, windows_at
-from usage.models import UsageSnapshot
-from usage.selectors import _decimal
+from usage.limits import (
+    LIMIT_NAMES, LIMITS, LimitReached, Used, Window, person_usage_in_windows, windows_at,
+)
 
 SHOWN = (ApiKey.Status.ACTIVE, ApiKey.Status.SUSPENDED)  # keys whose quota still matters
 
@@ -88,29 +87,19 @@ def quota_for(*, person: User, keys: list[ApiKey], now: datetime | None = None) 
     one grouped query over the person's usage this month."""
     windows = windows_at(now or timezone.now())
     day, month = windows["day"], windows["month"]
-    in_day = Q(hour__gte=day.start, hour__lt=day.end)
-    unpriced = Q(cost__isnull=True)
-    rows = (
-        UsageSnapshot.objects.filter(api_key__owner=person, hour__gte=month.start,
-                                     hour__lt=month.end)
-        .values("api_key_id")
-        .annotate(
-            tokens_month=Sum("total_tokens"), tokens_day=Sum("total_tokens", filter=in_day),
-            cost_month=Sum("cost"), cost_day=Sum("cost", filter=in_day),
-            unpriced_month=Sum("requests", filter=unpriced),
-            unpriced_day=Sum("requests", filter=unpriced & in_day),
-        )
-        .order_by()
-    )
-    by_key: dict[int, Used] = {}
-    total = Used()
-    for row in rows:
-        # int(): PostgreSQL sums bigints as numeric.
-        used = Used(**{name: _decimal(row[name]) if name.startswith("cost") else int(row[name] or 0)
-                       for name in Used.__dataclass_fields__})
-        by_key[row["api_key_id"]] = used
-        total.add(used)
+    total, by_key = person_usage_in_windows(person_id=person.pk, windows=windows)
     lines = [QuotaLine(by_key.get(k.pk, Used()), _bars(k, by_key.get(k.pk, Used()), windows), k)
              for k in keys if k.status in SHOWN]
     return Quota(person=QuotaLine(total, _bars(person, total, windows)), keys=lines,
                  day=day, month=month, time_zone=str(timezone.get_default_timezone()))
+
+
+def quota_limit_reached(quota: Quota) -> LimitReached | None:
+    """The limit that holds the person's keys, read off quota bars already computed (no
+    query); the same answer as usage.limits.limit_reached, which key issuing asks."""
+    reached = [
+        LimitReached(bar.field, f"{'key' if line.key else 'person'}_{bar.measure}_{bar.window}",
+                     bar.resets_at, bar.used, bar.limit, line.key)
+        for line in (quota.person, *quota.keys) for bar in line.bars if bar.used >= bar.limit
+    ]
+    return max(reached, key=lambda r: (r.until, r.key is not None)) if reached else None

@@ -10,7 +10,8 @@ from django.utils.translation import gettext as _
 
 from accounts.models import User
 from accounts.selectors import person_email
-from keyportal.api import api_error, api_view
+from accounts.signin import staff_with_password
+from keyportal.api import STAFF_SIGN_IN, api_error, api_token_of, api_view
 from usage.selectors import keys_with_usage, people_with_usage, usage_totals
 from usage.models import UsageSnapshot
 from usage.services import SyncBusy, SyncFailed, usage_sync
@@ -31,8 +32,14 @@ def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
     if "\x00" in email:  # PostgreSQL cannot even compare text holding NUL; no one has it
         return api_error(_("No such person."), 404)
     email = person_email(email=email)
-    if not request.user.is_staff and email != request.user.email:
-        return api_error(_("You may only read your own usage."), 403)
+    if email != request.user.email:
+        if not request.user.is_staff:
+            return api_error(_("You may only read your own usage."), 403)
+        # Another person's usage is a staff read: the rule of the other staff endpoints
+        # (api_view(staff=True)). A session from an emailed link, or a password sign-in that
+        # still owes its authenticator code, reads only its own usage.
+        if api_token_of(request) is None and not staff_with_password(request):
+            return api_error(str(STAFF_SIGN_IN), 403)
     person = User.objects.filter(email=email).first()
     if person is None:
         return api_error(_("No such person."), 404)

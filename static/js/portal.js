@@ -37,22 +37,26 @@ function focusOn(selector) {
 document.addEventListener("kp:focus", (event) => focusOn(event.detail && event.detail.selector));
 
 // A Cancel link names where focus returns (data-focus-after): its own row is swapped away.
-let focusAfterSettle = null;
+// The wish rides on the request itself (its xhr), not in a shared variable: htmx settles a
+// swap 20 ms after it, so Esc pressed as the confirm row appears starts the Cancel request
+// before the row's own swap has settled, and that settle must not take the Cancel's wish
+// (it would focus a Revoke button not yet back, and the Cancel's settle find nothing left).
 document.addEventListener("htmx:beforeRequest", (event) => {
   const elt = event.detail.elt;
-  focusAfterSettle = (elt && elt.dataset && elt.dataset.focusAfter) || null;
+  const xhr = event.detail.xhr;
+  if (xhr) xhr.kpFocusAfter = (elt && elt.dataset && elt.dataset.focusAfter) || null;
   const status = document.getElementById("key-status");
   if (status) status.textContent = "";
 });
-document.addEventListener("htmx:afterSettle", () => {
-  if (!focusAfterSettle) return;
-  const selector = focusAfterSettle;
-  focusAfterSettle = null;
+document.addEventListener("htmx:afterSettle", (event) => {
+  const xhr = event.detail && event.detail.xhr;
+  const selector = xhr && xhr.kpFocusAfter;
+  if (!selector) return;
+  xhr.kpFocusAfter = null;
   focusOn(selector);
 });
 
 function sayFailed() {
-  focusAfterSettle = null;
   const status = document.getElementById("key-status");
   if (status) status.textContent = status.dataset.failed || "";
 }

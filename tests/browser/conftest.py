@@ -18,6 +18,21 @@ CHROMIUM_ARGS = [
 ]
 
 
+# Every wait is for a state (a text, a focus, a count), never for a time; how long a state
+# may take to come is a deadline, generous because CI machines are busy: Playwright's expect
+# gives up after 5 s by default, which a loaded machine rendering /my-keys can pass.
+WAIT_MS = 30_000
+
+
+@pytest.fixture(autouse=True)
+def _patient_expect() -> Iterator[None]:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    yield
+    expect.set_options(timeout=5_000)
+
+
 @pytest.fixture
 def browser_context_args() -> dict:
     """Options of the browser context `page` opens; a test module overrides this fixture to
@@ -37,7 +52,7 @@ def page(monkeypatch, browser_context_args) -> Iterator:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(**browser_context_args)
-        context.set_default_timeout(15_000)
+        context.set_default_timeout(WAIT_MS)
         try:
             yield context.new_page()
         finally:

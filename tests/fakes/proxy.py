@@ -68,6 +68,10 @@ class Fault:
     body: bytes
     delay: float
     times: int
+    hold: threading.Event | None = None  # the answer waits until the test sets it
+
+
+HOLD_MAX_SECONDS = 120.0  # a held answer is sent anyway after this: a test never hangs
 
 
 def _snapshot_tokens(record: dict[str, Any]) -> dict[str, int]:
@@ -479,14 +483,17 @@ class FakeProxy(_AdminRoutes):
         delay: float = 0.0,
         method: str | None = None,
         times: int = 1,
+        hold: threading.Event | None = None,
     ) -> None:
-        """The next `times` management requests to `path` (a prefix) answer this instead."""
+        """The next `times` management requests to `path` (a prefix) answer this instead;
+        with `hold`, each answer waits until the test sets that event (a proxy stalled for
+        exactly as long as the test needs, not for a guessed time)."""
         if isinstance(body, (dict, list)):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode()
         with self.lock:
-            self.faults.append(Fault(path, method, status, body, delay, times))
+            self.faults.append(Fault(path, method, status, body, delay, times, hold))
 
     def requests_to(self, path: str, method: str | None = None) -> int:
         return sum(
@@ -697,6 +704,8 @@ class FakeProxy(_AdminRoutes):
         if fault:
             if fault.delay:
                 time.sleep(fault.delay)
+            if fault.hold is not None:
+                fault.hold.wait(HOLD_MAX_SECONDS)
             return self._reply(handler, fault.status, fault.body, raw=True)
         try:
             body = json.loads(raw_body) if raw_body else None
