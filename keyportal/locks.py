@@ -184,4 +184,10 @@ def lease(name: str, *, ttl: timedelta = DEFAULT_TTL, wait: float = 0) -> Iterat
         yield held
     finally:
         held.stop()
-        lease_release(name=name, holder=holder)
+        try:
+            lease_release(name=name, holder=holder)
+        except OperationalError as exc:
+            # The database is locked or away: the lease frees itself (this process is gone
+            # in a moment, and the time to live runs out elsewhere). Raising here would hide
+            # what the block itself reported.
+            log.warning("Lease %s not released (%s); it expires on its own.", name, exc)
