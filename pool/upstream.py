@@ -44,6 +44,7 @@ from datetime import datetime
 from typing import Any
 
 import requests
+import urllib3
 from django.conf import settings
 from django.core.cache import cache
 from django.utils.translation import gettext as _
@@ -586,8 +587,14 @@ class ProxyClient:
         whole = self._time_left()
         response = self._send("GET", "/usage-queue", params={"count": count}, stream=True)
         written = 0
+        # Read from urllib3 directly, with its length check off: when the connection drops
+        # short of Content-Length it would raise *before* handing over the bytes it has,
+        # and those are records the proxy no longer holds. The length is checked here.
+        raw = response.raw
+        raw.enforce_content_length = False
+        expected = response.headers.get("Content-Length")
         try:
-            for chunk in response.iter_content(chunk_size=64 * 1024):
+            for chunk in raw.stream(64 * 1024, decode_content=True):
                 sink(chunk)
                 written += len(chunk)
                 if time.monotonic() - started > whole:
@@ -595,13 +602,19 @@ class ProxyClient:
                         f"The proxy at {self.base_url} did not finish its answer within "
                         f"{whole:g} s (CLIPROXY_TIMEOUT); {written} bytes had arrived."
                     )
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise UpstreamUnreachable(
                 f"The proxy at {self.base_url} dropped the connection in the middle of its "
                 f"answer ({type(exc).__name__}); {written} bytes had arrived."
             ) from None
         finally:
             response.close()
+        if (expected and expected.isdigit() and not response.headers.get("Content-Encoding")
+                and written < int(expected)):
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} dropped the connection in the middle of its "
+                f"answer; {written} of {expected} bytes had arrived."
+            )
         return written
 
     def usage_queue_pop(self, *, count: int) -> list[UsageRecord]:

@@ -659,8 +659,9 @@ def _spool_import(path: Path, state: _Pass) -> IngestResult:
     tail = f"{name}:rest"
     if tail not in done:
         recovered = splitter.records if splitter else 0
-        reason = _("Answer cut short (%(why)s): %(n)d complete records were counted; the rest "
-                   "is kept sealed in the spool's quarantine folder as %(file)s.") % {
+        # The file's name first: the reason column keeps 200 characters.
+        reason = _("Answer cut short, kept sealed as spool/quarantine/%(file)s; %(n)d complete "
+                   "records before the cut were counted (%(why)s).") % {
                        "why": problem, "n": recovered, "file": name}
 
         def note() -> None:
