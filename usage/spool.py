@@ -26,6 +26,7 @@ Reading splits a body into pieces of at most `piece_limit()` characters along it
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import struct
@@ -282,15 +283,21 @@ def _ended_early(records: int) -> str:
 def pieces_of(reader: SpoolReader) -> tuple[Iterator[tuple[bytes, int]], Splitter | None]:
     """The pieces of a spool file: a whole body that fits in one piece is handed on as it is
     (exactly as a body read whole always was); a bigger or cut one goes through a Splitter,
-    returned so the caller can read its `error` once the pieces are consumed."""
+    returned so the caller can read its `error` once the pieces are consumed. Never more
+    than about one piece is read ahead."""
     limit = piece_limit()
-    if os.path.getsize(reader.path) <= limit // 4:  # compressed: can it fit? read and see
-        body = reader.read_whole()
-        if not reader.cut and len(body) <= limit:
-            return iter([(body, -1)]), None
-        splitter = Splitter(iter([body]), limit=limit)
-        return splitter.pieces(), splitter
-    splitter = Splitter(reader.chunks(), limit=limit)
+    chunks = reader.chunks()
+    head: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    else:
+        if not reader.cut:
+            return iter([(b"".join(head), -1)]), None
+    splitter = Splitter(itertools.chain(head, chunks), limit=limit)
     return splitter.pieces(), splitter
 
 
