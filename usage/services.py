@@ -483,7 +483,7 @@ def _apply_pending(now: datetime, books: Books) -> tuple[IngestResult, int]:
     # and the file's removal): their names are what keeps the file from counting twice.
     keep = timedelta(days=settings.USAGE_BATCH_KEEP_DAYS)
     old = UsageBatch.objects.filter(applied_at__lt=now - keep)
-    for path in spool.pending_files(spool.spool_dir()):
+    for path in _spool_pending():
         old = old.exclude(spool__startswith=f"{path.name}:")
     old.delete()
     result, sealed = IngestResult(), 0
@@ -620,11 +620,19 @@ class _Pass:
     db_down: str = ""  # the kind, once the database failed past its retry
     sealed: int = 0
     notes: list[str] = field(default_factory=list)
+    direct: IngestResult = field(default_factory=IngestResult)  # the last pop stored directly
 
     def load_books(self) -> Books:
         if self.books is None:
             self.books = _with_db(Books.load, stop=self.stop)
         return self.books
+
+
+def _spool_pending() -> list[Path]:
+    try:
+        return spool.pending_files(spool.spool_dir())
+    except OSError:
+        return []  # an unreadable spool directory: said when a pop cannot be written there
 
 
 def _spool_import(path: Path, state: _Pass) -> IngestResult:
@@ -685,7 +693,7 @@ def _spool_import_all(state: _Pass) -> IngestResult:
     """What earlier runs left in the spool, oldest first; stops at a stop request or when
     the database fails (the files stay)."""
     result = IngestResult()
-    for path in spool.pending_files(spool.spool_dir()):
+    for path in _spool_pending():
         if state.stop.is_set() or state.db_down:
             break
         try:
@@ -700,7 +708,7 @@ def _spool_import_all(state: _Pass) -> IngestResult:
 def _spooled_records() -> int:
     """Records waiting in the spool (files not yet imported, read in bounded memory)."""
     total = 0
-    for path in spool.pending_files(spool.spool_dir()):
+    for path in _spool_pending():
         try:
             total += spool.records_in(path)
         except EscrowUnreadable:
@@ -714,7 +722,10 @@ def _sync_queue(client: ProxyClient, state: _Pass, result: IngestResult, held: H
     Each pop streams into a spool file, fsynced before anything else, then is counted from
     there; once the database has failed, pops go on into the spool only. A stop request
     ends the loop after the pop in hand."""
-    directory = spool.spool_dir()
+    try:
+        directory = spool.spool_dir()
+    except OSError:
+        directory = Path(settings.USAGE_SPOOL_DIR)  # each writer fails, and says so
     for _pop in range(MAX_POPS_PER_PASS):
         if state.stop.is_set():
             return
@@ -729,8 +740,9 @@ def _sync_queue(client: ProxyClient, state: _Pass, result: IngestResult, held: H
                 writer.discard()
                 raise
             # Cut in the middle: what arrived is kept and its complete records counted.
-            path = writer.finish(cut=str(exc))
-            _import_or_keep(path, state, result)
+            path = _spool_finish(writer, state, result, cut=str(exc))
+            if path is not None:
+                _import_or_keep(path, state, result)
             raise SyncFailed(_(
                 "The proxy's answer was cut off before its end (%(why)s); the part that "
                 "arrived is kept in the spool, its complete records are counted and the rest "
@@ -742,8 +754,11 @@ def _sync_queue(client: ProxyClient, state: _Pass, result: IngestResult, held: H
         if writer.empty:
             writer.discard()
             return
-        path = writer.finish()
-        records, answer_error = _import_or_keep(path, state, result)
+        path = _spool_finish(writer, state, result)
+        if path is None:  # the spool could not take it: stored in the database directly
+            records, answer_error = state.direct.read, state.direct.answer_error
+        else:
+            records, answer_error = _import_or_keep(path, state, result)
         if answer_error:
             raise SyncFailed(_(
                 "%(reason)s It was set aside (Usage → Quarantined usage records); usage already "
@@ -754,6 +769,38 @@ def _sync_queue(client: ProxyClient, state: _Pass, result: IngestResult, held: H
             state.notes.append(note)
         if records < count:
             return
+
+
+def _spool_finish(writer: spool.SpoolWriter, state: _Pass, result: IngestResult, *,
+                  cut: str = "") -> Path | None:
+    """The spool file of a pop, or None when the spool's disk refused it: then the body (read
+    to its end all the same, held in memory) is stored in the database directly, as before
+    the spool existed, into `result` and `state.direct`. Raises SyncFailed when neither the
+    spool nor the database could take it."""
+    try:
+        return writer.finish(cut=cut)
+    except OSError as exc:
+        body = writer.recover()
+        writer.discard()
+        note = _("The spool directory (USAGE_SPOOL_DIR) cannot be written (%(error)s); pops "
+                 "go to the database directly until it can.") % {
+                     "error": exc.strerror or type(exc).__name__}
+        if note not in state.notes:
+            state.notes.append(note)
+    try:
+        batch_id = _with_db(lambda: usage_pop_store(body=body), stop=state.stop)
+        books = state.load_books()
+        state.direct = _with_db(
+            lambda: _apply_or_note(batch_id, now=state.now, books=books, body=body),
+            stop=state.stop,
+        )
+    except _DbDown as down:
+        raise SyncFailed(_(
+            "Neither the spool directory nor the database could take a pop (%(why)s): its "
+            "%(size)d bytes are lost. Free space for USAGE_SPOOL_DIR."
+        ) % {"why": DB_WHY[down.kind], "size": len(body)}) from None
+    result.add(state.direct)
+    return None
 
 
 def _import_or_keep(path: Path, state: _Pass, result: IngestResult) -> tuple[int, str]:
@@ -776,14 +823,17 @@ def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> Inge
     body waits in the spool for the next run."""
     if body.strip() == b"[]":
         return IngestResult()  # an empty pop holds nothing to keep
-    writer = spool.SpoolWriter(spool.spool_dir())
     try:
-        writer.write(body)
-    except BaseException:
-        writer.discard()
-        raise
-    path = writer.finish()
+        directory = spool.spool_dir()
+    except OSError:
+        directory = Path(settings.USAGE_SPOOL_DIR)  # the writer fails and falls back
+    writer = spool.SpoolWriter(directory)
+    writer.write(body)
     state = _Pass(now=now, stop=threading.Event(), books=books)
+    direct = IngestResult()
+    path = _spool_finish(writer, state, direct)
+    if path is None:
+        return direct
     try:
         return _spool_import(path, state)
     except _DbDown as exc:

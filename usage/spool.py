@@ -84,13 +84,20 @@ class SpoolWriter:
         self.file_id = os.urandom(8).hex()
         self.name = f"{time.time_ns():020d}-{self.file_id}{SUFFIX}"
         self.tmp = directory / f"{TMP_PREFIX}{os.getpid()}-{self.name}"
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(MAGIC + self.file_id.encode())
         self._index = 0
         self._buffer = bytearray()
         self.size = 0
         self.head = b""  # the first bytes, to tell an empty answer (`[]`) without reading back
+        self.failed: OSError | None = None  # the spool could not be written (see recover)
+        self._offset = 0
+        self._closed = True
+        try:
+            # Unbuffered: a write the disk refuses leaves nothing behind to be written later.
+            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._closed = False
+            self._put(MAGIC + self.file_id.encode())
+        except OSError as exc:
+            self.failed = exc  # the body is held in memory instead (see recover)
 
     def write(self, chunk: bytes) -> None:
         if not chunk:
@@ -99,38 +106,79 @@ class SpoolWriter:
             self.head = (self.head + chunk)[:16]
         self.size += len(chunk)
         self._buffer += chunk
-        if len(self._buffer) >= FRAME_BYTES:
-            self._frame(b"d", bytes(self._buffer))
+        if self.failed is None and len(self._buffer) >= FRAME_BYTES:
+            try:
+                self._frame(b"d", bytes(self._buffer))
+            except OSError as exc:
+                # The spool's disk is full or gone: the answer is still read to its end
+                # (it is gone from the proxy), held in memory from here; see recover().
+                self.failed = exc
+                return
             self._buffer.clear()
+
+    def recover(self) -> bytes:
+        """The whole body after the spool could not be written: the frames that reached the
+        file, then what was held in memory since."""
+        self._close()
+        if self._offset <= len(MAGIC) + 16:
+            return bytes(self._buffer)
+        written = SpoolReader(self.tmp)
+        return b"".join(written.chunks()) + bytes(self._buffer)
 
     @property
     def empty(self) -> bool:
         return self.size <= 16 and self.head.strip() in (b"[]", b"")
 
+    def _put(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._offset)  # no half frame left in the file
+            except OSError:
+                pass
+            raise
+        self._offset += len(data)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
     def _frame(self, kind: bytes, data: bytes) -> None:
+        # Each frame goes to the kernel as soon as it is sealed (no fsync until the end).
         sealed = frame_seal(data, aad=_aad(self.file_id, self._index, kind))
-        self._file.write(_LENGTH.pack(len(sealed)) + kind + sealed)
-        self._file.flush()
+        self._put(_LENGTH.pack(len(sealed)) + kind + sealed)
         self._index += 1
 
     def finish(self, *, cut: str = "") -> Path:
         """Seals the rest, fsyncs, renames into place, fsyncs the directory. `cut`: why the
-        answer stopped short (it is then set aside when imported)."""
+        answer stopped short (it is then set aside when imported). Raises OSError when the
+        spool cannot be written: recover() then has the body."""
+        if self.failed is not None:
+            raise self.failed
         if self._buffer:
             self._frame(b"d", bytes(self._buffer))
             self._buffer.clear()
         self._frame(b"e", json.dumps({"bytes": self.size, "cut": cut}).encode())
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        os.fsync(self._fd)
+        self._close()
+        if self.failed is not None:
+            raise self.failed
         final = self.directory / self.name
         os.rename(self.tmp, final)
+        self.tmp = final  # what recover() and discard() work on from here
         _fsync_dir(self.directory)
         return final
 
     def discard(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        self._close()
+        try:
+            self.tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _aad(file_id: str, index: int, kind: bytes) -> bytes:

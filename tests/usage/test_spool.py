@@ -155,7 +155,7 @@ def test_a_body_left_half_written_by_a_killed_run_is_recovered(fake_proxy, peopl
     part = body[: len(body) * 3 // 4]
     for i in range(0, len(part), 16 * 1024):  # as the answer arrives
         writer.write(part[i : i + 16 * 1024])  # frames of 64 KiB reach the file as they fill
-    writer._file.close()  # the process died here
+    writer._close()  # the process died here
     dead = _dead_pid()
     orphan = writer.tmp.with_name(f"{spool.TMP_PREFIX}{dead}-{writer.name}")
     os.rename(writer.tmp, orphan)
@@ -328,3 +328,23 @@ def test_a_full_disk_under_the_database_loses_nothing(bench, tiny_disk):
     assert b.totals()["counted"] == b.served == 3000
     assert b.spooled() == []
     shutil.rmtree(b.spool, ignore_errors=True)
+
+
+@pytest.mark.django_db
+def test_a_spool_on_a_full_disk_falls_back_to_the_database(fake_proxy, people_keys, settings,
+                                                           tiny_disk):
+    """The spool's own disk fills up in the middle of an answer: the answer is still read to
+    its end (it is gone from the proxy) and stored in the database directly."""
+    settings.CLIPROXY_USAGE_MODE = "queue"
+    settings.USAGE_QUEUE_BATCH = 3000  # ~700 KB a pop: several 64 KiB frames
+    settings.USAGE_SPOOL_DIR = tiny_disk / "spool"
+    spool.spool_dir()
+    filler = _fill(tiny_disk)
+    os.truncate(filler, filler.stat().st_size - 16 * 1024)  # room for a few sealed frames
+    fill(fake_proxy, people_keys, 7000)
+
+    out = sync()
+
+    assert counted() == 7000
+    assert "USAGE_SPOOL_DIR) cannot be written (No space left on device)" in out
+    assert spool_files(settings) == [] and not list((tiny_disk / "spool").glob(".tmp-*"))
