@@ -644,11 +644,17 @@ def _spool_import(path: Path, state: _Pass) -> IngestResult:
     name = path.name
     done = set(_with_db(lambda: list(UsageBatch.objects.filter(
         spool__startswith=f"{name}:").values_list("spool", flat=True)), stop=state.stop))
+    # Pieces are cut the same way on every run: with the size an earlier run used, if one
+    # stored some (CLIPROXY_MAX_ANSWER_BYTES may have changed since), named by that size.
+    used = sorted({t.split(":")[1] for t in done if t.count(":") == 2})
+    limit = int(used[0]) if used else spool.piece_limit()
     reader = spool.SpoolReader(path)
-    pieces, splitter = spool.pieces_of(reader)
+    pieces, splitter = spool.pieces_of(reader, limit=limit)
     result = IngestResult()
     for index, (piece, _n) in enumerate(pieces):
-        tag = f"{name}:{index}"
+        if index and state.stop.is_set():
+            return result  # stopped: the rest of this file waits in the spool
+        tag = f"{name}:{limit}:{index}"
         if tag in done:
             continue
         try:

@@ -328,12 +328,13 @@ def _ended_early(records: int) -> str:
     return f"the answer ends before its list does ({records} complete records before that)"
 
 
-def pieces_of(reader: SpoolReader) -> tuple[Iterator[tuple[bytes, int]], Splitter | None]:
+def pieces_of(
+    reader: SpoolReader, *, limit: int
+) -> tuple[Iterator[tuple[bytes, int]], Splitter | None]:
     """The pieces of a spool file: a whole body that fits in one piece is handed on as it is
     (exactly as a body read whole always was); a bigger or cut one goes through a Splitter,
     returned so the caller can read its `error` once the pieces are consumed. Never more
     than about one piece is read ahead."""
-    limit = piece_limit()
     chunks = reader.chunks()
     head: list[bytes] = []
     size = 0
@@ -419,4 +420,10 @@ def runs_pending() -> list[tuple[Path, dict[str, object]]]:
     directory = spool_dir() / RUNS
     if not directory.is_dir():
         return []
-    return [(p, json.loads(p.read_text())) for p in sorted(directory.glob("[0-9]*.json"))]
+    runs = []
+    for path in sorted(directory.glob("[0-9]*.json")):
+        try:
+            runs.append((path, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a run's summary only; its records are elsewhere
+    return runs

@@ -69,7 +69,7 @@ def test_a_spooled_body_is_sealed_private_and_gone_once_counted(fake_proxy, peop
     assert b"mock-gpt" not in seen[0]  # nothing of the body in clear
     assert stat.S_IMODE(Path(settings.USAGE_SPOOL_DIR).stat().st_mode) == 0o700
     assert spool_files(settings) == []
-    assert UsageBatch.objects.get().spool.endswith(".pop:0")
+    assert UsageBatch.objects.get().spool.endswith(f".pop:{spool.piece_limit()}:0")
 
 
 @pytest.mark.django_db
