@@ -100,7 +100,7 @@ def test_a_body_over_the_memory_cap_is_counted_in_pieces_and_the_pops_shrink(
 ):
     settings.CLIPROXY_USAGE_MODE = "queue"
     settings.USAGE_QUEUE_BATCH = 3000
-    settings.CLIPROXY_MAX_ANSWER_BYTES = 256 * 1024  # pieces of 64 KiB
+    settings.CLIPROXY_MAX_ANSWER_BYTES = 256 * 1024  # pieces of 64 KiB (the least)
     fill(fake_proxy, people_keys, 4000)
 
     out = sync()
