@@ -846,6 +846,12 @@ def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> Inge
         raise _unavailable(exc.kind, records=_spooled_records()) from None
 
 
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """A database error met outside the retried writes, as one sentence (never the driver's
+    own text, which can name hosts and users)."""
+    return _unavailable(_db_kind(exc), records=_spooled_records())
+
+
 def _unavailable(kind: str, *, records: int, snapshot: bool = False) -> DatabaseUnavailable:
     why = DB_WHY.get(kind, DB_WHY["away"])
     if snapshot:
@@ -1000,15 +1006,20 @@ def usage_sync_pass(
         except _DbDown as exc:
             state.db_down = exc.kind
         if not state.stop.is_set():
-            with ProxyClient.from_settings() as client:
-                # First call: a wrong management key stops here, after one request.
-                enabled = client.usage_statistics_enabled()
-                if mode not in MODES:
-                    mode = client.usage_mode()
-                if mode == "queue":
-                    _sync_queue(client, state, result, held, sizing)
-                elif not state.db_down:
-                    result.add(_sync_snapshot(client, held, state))
+            try:
+                with ProxyClient.from_settings() as client:
+                    # First call: a wrong management key stops here, after one request.
+                    enabled = client.usage_statistics_enabled()
+                    if mode not in MODES:
+                        mode = client.usage_mode()
+                    if mode == "queue":
+                        _sync_queue(client, state, result, held, sizing)
+                    elif not state.db_down:
+                        result.add(_sync_snapshot(client, held, state))
+            except _DB_DOWN as exc:
+                # The client's refusal latch lives in the shared cache, which is the database
+                # by default: with the database away no call is sent (nothing more popped).
+                state.db_down = _db_kind(exc)
     except LeaseLost:
         message = _("Another usage sync took over the lease while this one ran; it stopped "
                     "and left the rest to that one.")

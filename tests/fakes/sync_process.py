@@ -41,7 +41,8 @@ class SyncProcess:
     environment to run manage.py against both."""
 
     def __init__(self, workdir: Path, *, keys: int = 6, batch: int = 100,
-                 database: Path | None = None, generation: str = "queue",
+                 database: Path | None = None, database_url: str = "",
+                 generation: str = "queue",
                  retry_seconds: float = 2.0, busy_timeout: float = 0.5) -> None:
         self.workdir = workdir
         self.database = database or workdir / "sync.sqlite3"
@@ -51,7 +52,7 @@ class SyncProcess:
         self.proxy.start()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("CLIPROXY", "USAGE"))},
-            "DATABASE_URL": f"sqlite:///{self.database}",
+            "DATABASE_URL": database_url or f"sqlite:///{self.database}",
             "SECRET_KEY": "sync-process-secret-key-sync-process-secret-key-sync",
             "DEBUG": "false",
             "CACHE_URL": "dbcache://keyportal_cache",

@@ -6,11 +6,14 @@ process against a database that another process locks, or whose disk is full."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -348,3 +351,83 @@ def test_a_spool_on_a_full_disk_falls_back_to_the_database(fake_proxy, people_ke
     assert counted() == 7000
     assert "USAGE_SPOOL_DIR) cannot be written (No space left on device)" in out
     assert spool_files(settings) == [] and not list((tiny_disk / "spool").glob(".tmp-*"))
+
+
+class OwnPostgres:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 that a test can stop and start again."""
+
+    def __init__(self) -> None:
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bins or shutil.which("runuser") is None and os.getuid() == 0:
+            pytest.skip("no PostgreSQL server binaries here")
+        self.bin = Path(bins[-1])
+        self.dir = Path(tempfile.mkdtemp(prefix="keyportal-pg-"))
+        self.as_owner: list[str] = []
+        if os.getuid() == 0:  # the server refuses root: run it as the postgres user
+            try:
+                shutil.chown(self.dir, "postgres")
+            except LookupError:
+                pytest.skip("no postgres user to run the server as")
+            self.as_owner = ["runuser", "-u", "postgres", "--"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._run("initdb", "-D", str(self.dir / "data"), "-U", "keyportal", "--auth=trust",
+                  "-E", "UTF8")
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "keyportal",
+                  "keyportal")
+        self.url = f"postgres://keyportal@127.0.0.1:{self.port}/keyportal"
+
+    def _run(self, tool: str, *args: str) -> None:
+        done = subprocess.run([*self.as_owner, str(self.bin / tool), *args],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stderr[-1000:]}")
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w",
+                  "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                  "-c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run([*self.as_owner, str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"),
+                        "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_postgresql_going_down_mid_run_loses_nothing(bench):
+    pg = OwnPostgres()
+    try:
+        b = bench(batch=100, database_url=pg.url, retry_seconds=2)
+        b.serve(450)
+        stopped: list[bool] = []
+
+        def stop_on_second_pop(method: str, path: str) -> None:
+            if path == "/usage-queue" and b.proxy.popped == 100 and not stopped:
+                pg.stop()  # the server crashes while the pop is in flight
+                stopped.append(True)
+
+        b.proxy.on_management = stop_on_second_pop
+        run = b.run("sync_usage")
+        assert run.returncode == 75, run.stderr
+        assert "Traceback" not in run.stderr, run.stderr
+        assert "cannot be reached" in run.stderr
+        # The pop in flight went to the spool; no further pop was sent without a database
+        # (the refusal latch lives in the database cache): the proxy keeps the rest.
+        assert "saved 100 records in the spool" in run.stderr
+        assert b.proxy.popped == 200 and len(b.spooled()) == 1
+
+        pg.start()
+        b.proxy.on_management = None
+        rerun = b.run("sync_usage")
+
+        assert rerun.returncode == 0, rerun.stderr
+        totals = b.totals()
+        assert totals["counted"] == b.served == 450 and totals["pending"] == 0
+        assert totals["failed_runs"] == 1 and b.spooled() == []
+    finally:
+        pg.remove()

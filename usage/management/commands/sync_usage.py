@@ -19,12 +19,13 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
 from usage.services import (
     EXIT_DB_UNAVAILABLE, DatabaseUnavailable, PopSizing, SyncBusy, SyncFailed, SyncReport,
-    sync_lease, usage_sync, usage_sync_pass,
+    database_unavailable, sync_lease, usage_sync, usage_sync_pass,
 )
 
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
@@ -132,6 +133,9 @@ class Command(BaseCommand):
             except DatabaseUnavailable as exc:
                 self._tell_database(exc)
                 stop.wait(interval)
+            except DatabaseError as exc:
+                self._tell_database(database_unavailable(exc))
+                stop.wait(interval)
         self.stdout.write(_("Stopped."))
 
     def _passes(self, held: Held, mode: str | None, interval: float,
@@ -153,6 +157,10 @@ class Command(BaseCommand):
                 self._tell_database(exc)
             except SyncFailed as exc:
                 self.stderr.write(str(exc))
+            except DatabaseError as exc:
+                # Anywhere else the database fails (the lease, the cache): told like the rest,
+                # and the loop goes on.
+                self._tell_database(database_unavailable(exc))
             stop.wait(interval)
 
     def _tell_database(self, exc: DatabaseUnavailable) -> None:
