@@ -264,10 +264,17 @@ def test_a_following_sync_survives_a_locked_database_and_counts_everything_after
                      "the queue drained into the spool", process=follower)
             b.serve(100)
             wait_for(lambda: not b.proxy.queue, "more pops into the spool", process=follower)
+            # Locked for longer than the retry, pass after pass: each failed pass is filed
+            # in the spool until the database takes it.
+            wait_for(lambda: len(list((b.spool / spool.RUNS).glob("*.json"))) >= 2,
+                     "two passes over the retry", process=follower)
         finally:
             locker.release()
         wait_for(lambda: b.totals()["counted"] == b.served == 600,
                  "everything counted once the lock is gone", process=follower)
+        wait_for(lambda: not list((b.spool / spool.RUNS).glob("*.json")),
+                 "the failed passes filed as SyncRuns", process=follower)
+        assert b.totals()["failed_runs"] >= 2
         assert follower.poll() is None  # still running
     finally:
         follower.terminate()
