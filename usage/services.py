@@ -2,12 +2,17 @@
 recomputing cost.
 
 How a sync survives the proxy, kills and bad data (../shared/docs/cliproxyapi-contract.md):
-- queue (`/usage-queue`, destructive): each popped body is sealed and committed as a
-  UsageBatch the moment it arrives, before it is parsed; counting marks the batch applied
-  (and drops the body) in the same transaction that adds its counts. A run killed anywhere
-  after the body arrived leaves a pending batch that the next run counts first: nothing lost,
-  nothing counted twice. Only the network read itself can lose a pop (the proxy removed it
-  before answering): that is the proxy's limit.
+- queue (`/usage-queue`, destructive): each popped body streams into a spool file
+  (usage/spool.py), sealed and fsynced before the database is touched; then it is stored as
+  a sealed UsageBatch (named after its spool file, so a file is never stored twice) and
+  counted, and the file is removed. Counting marks the batch applied (and drops the body) in
+  the same transaction that adds its counts. A run killed anywhere after the body reached
+  the spool leaves a file or a pending batch that the next run counts first: nothing lost,
+  nothing counted twice. Only the part of an answer still on the wire can be lost.
+- the database failing (locked past SQLite's busy timeout, a full disk, PostgreSQL down):
+  writes are retried for USAGE_DB_RETRY_SECONDS, then pops go on into the spool only and the
+  run ends with DatabaseUnavailable (one sentence: how many records wait in the spool).
+- a stop request (`stop`, set by SIGTERM or Ctrl-C) ends a pass after the pop in hand.
 - snapshot (`/usage`, cumulative): per (key, model) cursors say how much of each list of
   details is already counted (see SnapshotCursor); counts and cursors move in one transaction,
   fenced by the sync lease.

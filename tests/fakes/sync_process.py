@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.fakes.kill_trial import SETUP_SCRIPT
@@ -109,7 +110,8 @@ class SyncProcess:
         return sorted(self.spool.glob("[0-9]*.pop")) if self.spool.is_dir() else []
 
 
-def wait_for(condition, what: str, *, timeout: float = WAIT, process=None) -> None:  # noqa: ANN001
+def wait_for(condition: Callable[[], bool], what: str, *, timeout: float = WAIT,
+             process: subprocess.Popen[str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if process is not None and process.poll() is not None:
@@ -125,7 +127,8 @@ def finish(process: subprocess.Popen[str], timeout: float = WAIT) -> tuple[int, 
     return process.returncode, out, err
 
 
-def signal_on_pop(process_box: list[subprocess.Popen[str]], signum: int, *, at_pop: int = 1):  # noqa: ANN201
+def signal_on_pop(process_box: list[subprocess.Popen[str]], signum: int, *,
+                  at_pop: int = 1) -> Callable[[str, str], None]:
     """An `on_management` hook: sends `signum` to the sync process while its `at_pop`-th
     pop is in flight (the proxy answers right after)."""
     seen = [0]
