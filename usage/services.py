@@ -716,14 +716,29 @@ def _spool_import_all(state: _Pass) -> IngestResult:
     return result
 
 
+# Records per spool file, remembered: a file never changes once written, and a --follow loop
+# with the database down says how many records wait at every pass.
+_records_in_file: dict[str, int] = {}
+
+
+def _records_in(path: Path) -> int:
+    n = _records_in_file.get(path.name)
+    if n is None:
+        n = _records_in_file[path.name] = spool.records_in(path)
+    return n
+
+
 def _spooled_records() -> int:
     """Records waiting in the spool (files not yet imported, read in bounded memory)."""
-    total = 0
+    total, present = 0, set()
     for path in _spool_pending():
+        present.add(path.name)
         try:
-            total += spool.records_in(path)
+            total += _records_in(path)
         except EscrowUnreadable:
             continue
+    for gone in set(_records_in_file) - present:
+        del _records_in_file[gone]
     return total
 
 
@@ -824,7 +839,7 @@ def _import_or_keep(path: Path, state: _Pass, result: IngestResult) -> tuple[int
             return popped.read, popped.answer_error
         except _DbDown as exc:
             state.db_down = exc.kind
-    return spool.records_in(path), ""
+    return _records_in(path), ""
 
 
 def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> IngestResult:
