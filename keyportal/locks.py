@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from django.db import IntegrityError, OperationalError, connection, connections, transaction
+from django.db import (
+    DatabaseError, IntegrityError, connection, connections, transaction,
+)
 from django.db.models import Q
 from django.utils import timezone
 
@@ -147,8 +149,10 @@ class Held:
                         self.lost.set()
                         log.error("Lease %s was taken over by another holder.", self.name)
                         return
-                except OperationalError as exc:  # the database is busy or away: try again
+                except DatabaseError as exc:  # the database is busy or away: try again
                     log.warning("Lease %s heartbeat failed (%s); retrying.", self.name, exc)
+                    if connection.vendor != "sqlite":
+                        connection.close()  # a dropped server connection: a new one next beat
         finally:
             connections.close_all()  # this thread's connections only
 
@@ -184,4 +188,10 @@ def lease(name: str, *, ttl: timedelta = DEFAULT_TTL, wait: float = 0) -> Iterat
         yield held
     finally:
         held.stop()
-        lease_release(name=name, holder=holder)
+        try:
+            lease_release(name=name, holder=holder)
+        except DatabaseError as exc:
+            # The database is locked or away: the lease frees itself (this process is gone
+            # in a moment, and the time to live runs out elsewhere). Raising here would hide
+            # what the block itself reported.
+            log.warning("Lease %s not released (%s); it expires on its own.", name, exc)

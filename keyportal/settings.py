@@ -113,7 +113,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            # Seconds a statement waits for another writer's lock before "database is
+            # locked"; sync_usage retries on top of it (USAGE_DB_RETRY_SECONDS).
+            "timeout": number("SQLITE_BUSY_TIMEOUT", "20", float),
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
@@ -324,3 +326,13 @@ USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "5000"), 1)
 USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
 # Days a counted queue batch (hashed keys only) is kept for inspection before it is dropped.
 USAGE_BATCH_KEEP_DAYS = number("USAGE_BATCH_KEEP_DAYS", "7")
+# Where sync_usage writes each popped body (sealed, fsynced) before any database write, so a
+# locked, full or absent database loses nothing (usage/spool.py). Created 0700; on a local
+# disk, not on the database's volume if that can fill up.
+USAGE_SPOOL_DIR = Path(setting("USAGE_SPOOL_DIR", str(BASE_DIR / "var" / "spool")))
+# Seconds sync_usage keeps retrying a database write that fails because the database is
+# locked, full or away, before it leaves the body in the spool for the next run.
+USAGE_DB_RETRY_SECONDS = number("USAGE_DB_RETRY_SECONDS", "60", float)
+# The biggest proxy answer held in memory (bytes). A spooled pop bigger than this is counted
+# in pieces, and the next pops ask for fewer records.
+CLIPROXY_MAX_ANSWER_BYTES = number("CLIPROXY_MAX_ANSWER_BYTES", str(64 * 1024 * 1024))

@@ -84,6 +84,28 @@ def body_open(sealed: bytes) -> bytes:
         raise EscrowUnreadable from None
 
 
+# --- spooled usage bodies, frame by frame ------------------------------------------------------
+# usage/spool.py writes a popped body to disk as it arrives, so it is sealed in frames (each
+# compressed and AES-GCM sealed on its own) and never has to be whole in memory. `aad` binds a
+# frame to its file and position, so frames cannot be reordered or moved between files.
+
+
+def _spool_cipher() -> AESGCM:
+    return _cipher(b"keyportal-usage-spool", _material())
+
+
+def frame_seal(data: bytes, *, aad: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + _spool_cipher().encrypt(nonce, zlib.compress(data, 1), aad)
+
+
+def frame_open(sealed: bytes, *, aad: bytes) -> bytes:
+    try:
+        return zlib.decompress(_spool_cipher().decrypt(sealed[:12], sealed[12:], aad))
+    except (InvalidTag, zlib.error, ValueError):
+        raise EscrowUnreadable from None
+
+
 # --- unissued pool keys -----------------------------------------------------------------------
 # A pool key is handed to a person later, so a copy of the database (a backup, a stolen file)
 # must not reveal it. Its value is stored sealed with AES-256-GCM under a key derived from the

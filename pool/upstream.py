@@ -38,12 +38,13 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import requests
+import urllib3
 from django.conf import settings
 from django.core.cache import cache
 from django.utils.translation import gettext as _
@@ -571,6 +572,50 @@ class ProxyClient:
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise ValueError("count must be a positive integer")
         return self._send("GET", "/usage-queue", params={"count": count}).content
+
+    def usage_queue_pop_stream(self, *, count: int, sink: Callable[[bytes], None]) -> int:
+        """Pops up to `count` records and hands the answer body to `sink` chunk by chunk, as it
+        arrives, never holding it whole (the caller spools it). Returns the bytes written.
+        The whole answer is bounded by CLIPROXY_TIMEOUT (or the budget) from the request to
+        the last byte; a deadline hit or a dropped connection mid-answer raises
+        UpstreamUnreachable after the chunks received went to `sink`.
+
+        Minimal version from the "spool" branch; the "deadline" branch owns the final one."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError("count must be a positive integer")
+        started = time.monotonic()
+        whole = self._time_left()
+        response = self._send("GET", "/usage-queue", params={"count": count}, stream=True)
+        written = 0
+        # Read from urllib3 directly, with its length check off: when the connection drops
+        # short of Content-Length it would raise *before* handing over the bytes it has,
+        # and those are records the proxy no longer holds. The length is checked here.
+        raw = response.raw
+        raw.enforce_content_length = False
+        expected = response.headers.get("Content-Length")
+        try:
+            for chunk in raw.stream(64 * 1024, decode_content=True):
+                sink(chunk)
+                written += len(chunk)
+                if time.monotonic() - started > whole:
+                    raise UpstreamUnreachable(
+                        f"The proxy at {self.base_url} did not finish its answer within "
+                        f"{whole:g} s (CLIPROXY_TIMEOUT); {written} bytes had arrived."
+                    )
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} dropped the connection in the middle of its "
+                f"answer ({type(exc).__name__}); {written} bytes had arrived."
+            ) from None
+        finally:
+            response.close()
+        if (expected and expected.isdigit() and not response.headers.get("Content-Encoding")
+                and written < int(expected)):
+            raise UpstreamUnreachable(
+                f"The proxy at {self.base_url} dropped the connection in the middle of its "
+                f"answer; {written} of {expected} bytes had arrived."
+            )
+        return written
 
     def usage_queue_pop(self, *, count: int) -> list[UsageRecord]:
         return parse_usage_queue(self.usage_queue_pop_raw(count=count))

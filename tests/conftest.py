@@ -31,6 +31,13 @@ def _plain_static_storage(settings) -> None:
     }
 
 
+@pytest.fixture(autouse=True)
+def _own_spool(settings, tmp_path_factory) -> None:
+    # sync_usage writes each pop to the spool before the database: one directory per test,
+    # never the project's var/spool.
+    settings.USAGE_SPOOL_DIR = tmp_path_factory.mktemp("spool")
+
+
 @pytest.fixture
 def fake_proxy(settings) -> Iterator[FakeProxy]:
     """A running fake proxy (queue generation) the portal's settings point at."""

@@ -275,9 +275,10 @@ class UsageBatchAdmin(ReadOnlyAdmin):
     batch is counted, and counted batches are dropped after USAGE_BATCH_KEEP_DAYS."""
 
     list_display = ("id", "created_at", "size", "record_count", "quarantined", "applied_at",
-                    "error")
+                    "spool", "error")
     list_filter = (("applied_at", admin.EmptyFieldListFilter),)
-    search_fields = ("error",)
+    # A spool file's name finds its batches (a cut answer's file is named in its reason).
+    search_fields = ("error", "spool")
     date_hierarchy = "created_at"
     show_full_result_count = False
     exclude = ("raw", "rows")

@@ -124,6 +124,11 @@ class UsageBatch(models.Model):
     rows = models.JSONField(_("records (keys hashed)"), null=True, blank=True, editable=False)
     applied_at = models.DateTimeField(_("applied"), null=True, blank=True)
     error = models.TextField(_("error"), blank=True)
+    # "<spool file>:<piece size>:<piece>" for a batch imported from the spool
+    # (usage/spool.py): unique, so a run that died between this batch's commit and the spool
+    # file's removal does not import the same piece twice.
+    spool = models.CharField(_("spool piece"), max_length=120, null=True, blank=True,
+                             unique=True, editable=False)
 
     class Meta:
         verbose_name = _("usage queue batch")

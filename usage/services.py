@@ -2,12 +2,17 @@
 recomputing cost.
 
 How a sync survives the proxy, kills and bad data (../shared/docs/cliproxyapi-contract.md):
-- queue (`/usage-queue`, destructive): each popped body is sealed and committed as a
-  UsageBatch the moment it arrives, before it is parsed; counting marks the batch applied
-  (and drops the body) in the same transaction that adds its counts. A run killed anywhere
-  after the body arrived leaves a pending batch that the next run counts first: nothing lost,
-  nothing counted twice. Only the network read itself can lose a pop (the proxy removed it
-  before answering): that is the proxy's limit.
+- queue (`/usage-queue`, destructive): each popped body streams into a spool file
+  (usage/spool.py), sealed and fsynced before the database is touched; then it is stored as
+  a sealed UsageBatch (named after its spool file, so a file is never stored twice) and
+  counted, and the file is removed. Counting marks the batch applied (and drops the body) in
+  the same transaction that adds its counts. A run killed anywhere after the body reached
+  the spool leaves a file or a pending batch that the next run counts first: nothing lost,
+  nothing counted twice. Only the part of an answer still on the wire can be lost.
+- the database failing (locked past SQLite's busy timeout, a full disk, PostgreSQL down):
+  writes are retried for USAGE_DB_RETRY_SECONDS, then pops go on into the spool only and the
+  run ends with DatabaseUnavailable (one sentence: how many records wait in the spool).
+- a stop request (`stop`, set by SIGTERM or Ctrl-C) ends a pass after the pop in hand.
 - snapshot (`/usage`, cumulative): per (key, model) cursors say how much of each list of
   details is already counted (see SnapshotCursor); counts and cursors move in one transaction,
   fenced by the sync lease.
@@ -22,16 +27,21 @@ How a sync survives the proxy, kills and bad data (../shared/docs/cliproxyapi-co
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import (
+    DatabaseError, DataError, IntegrityError, InterfaceError, OperationalError, connection,
+    transaction,
+)
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
@@ -41,8 +51,9 @@ from keyportal.notify import staff_alert
 from pool.escrow import EscrowUnreadable, body_open, body_seal
 from pool.models import ApiKey
 from pool.services import keys_lock
-from pool.upstream import ProxyClient, UpstreamError, UpstreamUnexpected
+from pool.upstream import ProxyClient, UpstreamError, UpstreamUnexpected, UpstreamUnreachable
 from usage import records as R
+from usage import spool
 from usage.models import (
     QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay,
     UsageSnapshot,
@@ -105,6 +116,8 @@ class SyncReport:
     result: IngestResult
     duration: float
     limits: LimitsReport | None = None  # what enforcement did after the pass
+    notes: list[str] = field(default_factory=list)  # sentences for the output (pop size)
+    stopped: bool = False  # a stop request (SIGTERM, Ctrl-C) ended the pass early
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -422,11 +435,13 @@ def usage_ingest(*, rows: Sequence[R.Row]) -> IngestResult:
 # --- queue generation -------------------------------------------------------------------------
 
 
-def usage_pop_store(*, body: bytes) -> int:
-    """The first thing done with a popped body, before parsing it: sealed and committed.
-    Returns the batch's id."""
+def usage_pop_store(*, body: bytes, spool_name: str | None = None) -> int:
+    """A popped body (or a piece of a spooled one, named `spool_name`) sealed and committed.
+    Returns the batch's id. Raises IntegrityError when that spool piece is stored already."""
     with transaction.atomic():
-        return UsageBatch.objects.create(raw=body_seal(body), size=len(body)).pk
+        return UsageBatch.objects.create(
+            raw=body_seal(body), size=len(body), spool=spool_name
+        ).pk
 
 
 def _queue_rows(
@@ -479,9 +494,13 @@ def _apply_pending(now: datetime, books: Books) -> tuple[IngestResult, int]:
     stored bodies cannot be opened (the escrow secret changed): those stay pending, so that
     they are counted once the secret is put back."""
     # Applied batches are kept a while for inspection, then dropped: their counts are in
-    # UsageSnapshot.
+    # UsageSnapshot. Not those of a spool file still there (a run died between the commit
+    # and the file's removal): their names are what keeps the file from counting twice.
     keep = timedelta(days=settings.USAGE_BATCH_KEEP_DAYS)
-    UsageBatch.objects.filter(applied_at__lt=now - keep).delete()
+    old = UsageBatch.objects.filter(applied_at__lt=now - keep)
+    for path in _spool_pending():
+        old = old.exclude(spool__startswith=f"{path.name}:")
+    old.delete()
     result, sealed = IngestResult(), 0
     pending = UsageBatch.objects.filter(applied_at__isnull=True).order_by("pk")
     for batch_id in pending.values_list("pk", flat=True):
@@ -504,8 +523,8 @@ def _apply_or_note(
 ) -> IngestResult:
     try:
         return usage_batch_apply(batch_id=batch_id, now=now, body=body, books=books)
-    except EscrowUnreadable:
-        raise
+    except (EscrowUnreadable, *_DB_DOWN):
+        raise  # the database away or locked: retried (see _with_db), the batch stays pending
     except Exception as exc:
         # The batch stays pending (its body is safe) and is retried on the next run.
         UsageBatch.objects.filter(pk=batch_id).update(error=f"{type(exc).__name__}: {exc}"[:500])
@@ -515,32 +534,363 @@ def _apply_or_note(
         ) from exc
 
 
-def _sync_queue(client: ProxyClient, now: datetime, books: Books, result: IngestResult,
-                held: Held | None) -> None:
-    """Drains the queue into `result` (kept up to date, so a failure reports what was done)."""
-    count = settings.USAGE_QUEUE_BATCH
+# --- the database failing: retried, then left to the spool ----------------------------------
+
+# What a database that is locked (SQLite past its busy timeout), full, or away (PostgreSQL
+# restarting) raises. Anything else (a refused row, a bug) is not retried.
+_DB_DOWN = (OperationalError, InterfaceError)
+DB_WHY = {
+    "locked": gettext_lazy("the database is locked by another writer"),
+    "full": gettext_lazy("the disk holding the database is full"),
+    "away": gettext_lazy("the database cannot be reached"),
+}
+EXIT_DB_UNAVAILABLE = 75  # EX_TEMPFAIL: try again later, nothing is lost
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(SyncFailed):
+    """The database stayed locked, full or away past USAGE_DB_RETRY_SECONDS. What was popped
+    is in the spool. `kind` is "locked", "full" or "away"."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _DbDown(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _db_kind(exc: BaseException) -> str:
+    # Classified, never quoted: a driver's message can name hosts and users.
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "locked"
+    if "full" in text or "no space" in text or "disk i/o" in text:
+        return "full"
+    return "away"
+
+
+def _with_db(fn: Callable[[], T], *, stop: threading.Event | None = None) -> T:
+    """`fn()`, retried with backoff while the database is locked, full or away, for up to
+    USAGE_DB_RETRY_SECONDS (a SQLite statement itself waits SQLITE_BUSY_TIMEOUT first).
+    Raises _DbDown past that, or at once when `stop` is set: whatever was popped is in the
+    spool by then."""
+    deadline = time.monotonic() + settings.USAGE_DB_RETRY_SECONDS
+    pause = 0.05
+    while True:
+        try:
+            return fn()
+        except _DB_DOWN as exc:
+            if connection.in_atomic_block:
+                raise  # the outermost caller retries the whole transaction
+            kind = _db_kind(exc)
+            if connection.vendor != "sqlite":
+                connection.close()  # a dropped server connection is not reused
+            if (stop is not None and stop.is_set()) or time.monotonic() + pause > deadline:
+                raise _DbDown(kind) from None
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+# --- the spool ------------------------------------------------------------------------------
+
+
+@dataclass
+class PopSizing:
+    """How many records the next pop asks for. Kept by a --follow loop across passes: after
+    an answer bigger than CLIPROXY_MAX_ANSWER_BYTES the pops ask for fewer records."""
+
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.count = self.count or settings.USAGE_QUEUE_BATCH
+
+    def after(self, *, size: int, records: int) -> str:
+        """Shrinks the count after a big answer; returns a sentence saying so, or ""."""
+        cap = settings.CLIPROXY_MAX_ANSWER_BYTES
+        if size <= cap or records <= 1:
+            return ""
+        # Aim at half the cap: records vary in size.
+        fewer = max(1, min(self.count - 1, int(records * cap / 2 / size)))
+        self.count = fewer
+        return _("The proxy's answer was %(size)d bytes for %(n)d records, over "
+                 "CLIPROXY_MAX_ANSWER_BYTES, so the next pops ask for %(next)d records.") % {
+                     "size": size, "n": records, "next": fewer}
+
+
+@dataclass
+class _Pass:
+    """What one pass carries along: the stop request, the books (loaded on first need), and
+    whether the database has failed (then popped bodies stay in the spool)."""
+
+    now: datetime
+    stop: threading.Event
+    books: Books | None = None
+    db_down: str = ""  # the kind, once the database failed past its retry
+    sealed: int = 0
+    notes: list[str] = field(default_factory=list)
+    direct: IngestResult = field(default_factory=IngestResult)  # the last pop stored directly
+
+    def load_books(self) -> Books:
+        if self.books is None:
+            self.books = _with_db(Books.load, stop=self.stop)
+        return self.books
+
+
+def _spool_pending() -> list[Path]:
+    try:
+        return spool.pending_files(spool.spool_dir())
+    except OSError:
+        return []  # an unreadable spool directory: said when a pop cannot be written there
+
+
+def _spool_import(path: Path, state: _Pass) -> IngestResult:
+    """Counts one spool file, piece by piece, then removes it (or sets a cut one aside).
+    Each piece is a UsageBatch named `<file>:<n>`: a piece stored by an earlier run that
+    died before the file's removal is not stored again. Raises _DbDown or EscrowUnreadable,
+    leaving the file for the next run."""
+    books = state.load_books()
+    name = path.name
+    done = set(_with_db(lambda: list(UsageBatch.objects.filter(
+        spool__startswith=f"{name}:").values_list("spool", flat=True)), stop=state.stop))
+    # Pieces are cut the same way on every run: with the size an earlier run used, if one
+    # stored some (CLIPROXY_MAX_ANSWER_BYTES may have changed since), named by that size.
+    used = sorted({t.split(":")[1] for t in done if t.count(":") == 2})
+    limit = int(used[0]) if used else spool.piece_limit()
+    reader = spool.SpoolReader(path)
+    pieces, splitter = spool.pieces_of(reader, limit=limit)
+    result = IngestResult()
+    for index, (piece, _n) in enumerate(pieces):
+        if index and state.stop.is_set():
+            return result  # stopped: the rest of this file waits in the spool
+        tag = f"{name}:{limit}:{index}"
+        if tag in done:
+            continue
+        try:
+            batch_id = _with_db(lambda: usage_pop_store(body=piece, spool_name=tag),
+                                stop=state.stop)
+        except IntegrityError:
+            continue  # another importer stored it meanwhile: it counts it
+        result.add(_with_db(
+            lambda: _apply_or_note(batch_id, now=state.now, books=books, body=piece),
+            stop=state.stop,
+        ))
+    problem = reader.cut or (splitter.error if splitter else "")
+    if not problem:
+        spool.remove(path)
+        return result
+    tail = f"{name}:rest"
+    if tail not in done:
+        recovered = splitter.records if splitter else 0
+        # The file's name first: the reason column keeps 200 characters.
+        reason = _("Answer cut short, kept sealed as spool/quarantine/%(file)s; %(n)d complete "
+                   "records before the cut were counted (%(why)s).") % {
+                       "why": problem, "n": recovered, "file": name}
+
+        def note() -> None:
+            with transaction.atomic():
+                batch = UsageBatch.objects.create(spool=tail, applied_at=state.now,
+                                                  quarantined=1, error=reason[:500])
+                QuarantinedRecord.objects.create(
+                    source=QuarantinedRecord.Source.QUEUE, batch=batch, reason=reason[:200],
+                )
+
+        _with_db(note, stop=state.stop)
+        result.read += 1
+        result.quarantined += 1
+        if not reader.cut:  # a whole answer that is not a list: the run says so
+            result.answer_error = problem
+    spool.set_aside(path)
+    return result
+
+
+def _spool_import_all(state: _Pass) -> IngestResult:
+    """What earlier runs left in the spool, oldest first; stops at a stop request or when
+    the database fails (the files stay)."""
+    result = IngestResult()
+    for path in _spool_pending():
+        if state.stop.is_set() or state.db_down:
+            break
+        try:
+            result.add(_spool_import(path, state))
+        except EscrowUnreadable:
+            state.sealed += 1
+        except _DbDown as exc:
+            state.db_down = exc.kind
+    return result
+
+
+# Records per spool file, remembered: a file never changes once written, and a --follow loop
+# with the database down says how many records wait at every pass.
+_records_in_file: dict[str, int] = {}
+
+
+def _records_in(path: Path) -> int:
+    n = _records_in_file.get(path.name)
+    if n is None:
+        n = _records_in_file[path.name] = spool.records_in(path)
+    return n
+
+
+def _spooled_records() -> int:
+    """Records waiting in the spool (files not yet imported, read in bounded memory)."""
+    total, present = 0, set()
+    for path in _spool_pending():
+        present.add(path.name)
+        try:
+            total += _records_in(path)
+        except EscrowUnreadable:
+            continue
+    for gone in set(_records_in_file) - present:
+        del _records_in_file[gone]
+    return total
+
+
+def _sync_queue(client: ProxyClient, state: _Pass, result: IngestResult, held: Held | None,
+                sizing: PopSizing) -> None:
+    """Drains the queue into `result` (kept up to date, so a failure reports what was done).
+    Each pop streams into a spool file, fsynced before anything else, then is counted from
+    there; once the database has failed, pops go on into the spool only. A stop request
+    ends the loop after the pop in hand."""
+    try:
+        directory = spool.spool_dir()
+    except OSError:
+        directory = Path(settings.USAGE_SPOOL_DIR)  # each writer fails, and says so
     for _pop in range(MAX_POPS_PER_PASS):
+        if state.stop.is_set():
+            return
         if held is not None and held.lost.is_set():
             raise LeaseLost(SYNC_LEASE)  # another sync took over: it drains from here
-        popped = usage_queue_body_ingest(
-            body=client.usage_queue_pop_raw(count=count), now=now, books=books
-        )
-        result.add(popped)
-        if popped.answer_error:
+        count = sizing.count
+        writer = spool.SpoolWriter(directory)
+        try:
+            size = client.usage_queue_pop_stream(count=count, sink=writer.write)
+        except UpstreamUnreachable as exc:
+            if not writer.size:
+                writer.discard()
+                raise
+            # Cut in the middle: what arrived is kept and its complete records counted.
+            path = _spool_finish(writer, state, result, cut=str(exc))
+            if path is not None:
+                _import_or_keep(path, state, result)
+            raise SyncFailed(_(
+                "The proxy's answer was cut off before its end (%(why)s); the part that "
+                "arrived is kept in the spool, its complete records are counted and the rest "
+                "is set aside (Usage → Quarantined usage records)."
+            ) % {"why": exc}) from None
+        except BaseException:
+            writer.discard()
+            raise
+        if writer.empty:
+            writer.discard()
+            return
+        path = _spool_finish(writer, state, result)
+        if path is None:  # the spool could not take it: stored in the database directly
+            records, answer_error = state.direct.read, state.direct.answer_error
+        else:
+            records, answer_error = _import_or_keep(path, state, result)
+        if answer_error:
             raise SyncFailed(_(
                 "%(reason)s It was set aside (Usage → Quarantined usage records); usage already "
                 "counted is safe, and the next sync starts afresh."
-            ) % {"reason": popped.answer_error})
-        if popped.read < count:
-            break
+            ) % {"reason": answer_error})
+        note = sizing.after(size=size, records=records)
+        if note and note not in state.notes:
+            state.notes.append(note)
+        if records < count:
+            return
+
+
+def _spool_finish(writer: spool.SpoolWriter, state: _Pass, result: IngestResult, *,
+                  cut: str = "") -> Path | None:
+    """The spool file of a pop, or None when the spool's disk refused it: then the body (read
+    to its end all the same, held in memory) is stored in the database directly, as before
+    the spool existed, into `result` and `state.direct`. Raises SyncFailed when neither the
+    spool nor the database could take it."""
+    try:
+        return writer.finish(cut=cut)
+    except OSError as exc:
+        body = writer.recover()
+        writer.discard()
+        note = _("The spool directory (USAGE_SPOOL_DIR) cannot be written (%(error)s); pops "
+                 "go to the database directly until it can.") % {
+                     "error": exc.strerror or type(exc).__name__}
+        if note not in state.notes:
+            state.notes.append(note)
+    try:
+        batch_id = _with_db(lambda: usage_pop_store(body=body), stop=state.stop)
+        books = state.load_books()
+        state.direct = _with_db(
+            lambda: _apply_or_note(batch_id, now=state.now, books=books, body=body),
+            stop=state.stop,
+        )
+    except _DbDown as down:
+        raise SyncFailed(_(
+            "Neither the spool directory nor the database could take a pop (%(why)s): its "
+            "%(size)d bytes are lost. Free space for USAGE_SPOOL_DIR."
+        ) % {"why": DB_WHY[down.kind], "size": len(body)}) from None
+    result.add(state.direct)
+    return None
+
+
+def _import_or_keep(path: Path, state: _Pass, result: IngestResult) -> tuple[int, str]:
+    """Counts a freshly spooled body into `result`, unless the database is down (then it
+    waits in the spool). Returns its records and, if so, why the answer was not a list."""
+    if not state.db_down:
+        try:
+            popped = _spool_import(path, state)
+            result.add(popped)
+            return popped.read, popped.answer_error
+        except _DbDown as exc:
+            state.db_down = exc.kind
+    return _records_in(path), ""
 
 
 def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> IngestResult:
-    """One popped `/usage-queue` answer: stored (committed) first, then counted."""
+    """One popped `/usage-queue` answer (or records buffered from the live stream): written
+    to the spool and fsynced first, then stored and counted from there. Raises
+    DatabaseUnavailable when the database stays locked, full or away past the retry: the
+    body waits in the spool for the next run."""
     if body.strip() == b"[]":
         return IngestResult()  # an empty pop holds nothing to keep
-    batch_id = usage_pop_store(body=body)
-    return _apply_or_note(batch_id, now=now, books=books, body=body)
+    try:
+        directory = spool.spool_dir()
+    except OSError:
+        directory = Path(settings.USAGE_SPOOL_DIR)  # the writer fails and falls back
+    writer = spool.SpoolWriter(directory)
+    writer.write(body)
+    state = _Pass(now=now, stop=threading.Event(), books=books)
+    direct = IngestResult()
+    path = _spool_finish(writer, state, direct)
+    if path is None:
+        return direct
+    try:
+        return _spool_import(path, state)
+    except _DbDown as exc:
+        raise _unavailable(exc.kind, records=_spooled_records()) from None
+
+
+def database_unavailable(exc: BaseException) -> DatabaseUnavailable:
+    """A database error met outside the retried writes, as one sentence (never the driver's
+    own text, which can name hosts and users)."""
+    return _unavailable(_db_kind(exc), records=_spooled_records())
+
+
+def _unavailable(kind: str, *, records: int, snapshot: bool = False) -> DatabaseUnavailable:
+    why = DB_WHY.get(kind, DB_WHY["away"])
+    if snapshot:
+        message = _("The database could not be written (%(why)s); nothing is lost: the proxy "
+                    "keeps its cumulative usage and the next run counts it.") % {"why": why}
+    else:
+        message = _("The database could not be written (%(why)s): saved %(n)d records in the "
+                    "spool; they are counted at the next run.") % {"why": why, "n": records}
+    return DatabaseUnavailable(message, kind=kind)
 
 
 # --- snapshot generation ----------------------------------------------------------------------
@@ -609,9 +959,17 @@ def _timestamp_of(detail: Any) -> str:
         return ascii(ts)[1:65]  # a form any database stores, compared the same way each run
 
 
-def _sync_snapshot(client: ProxyClient, held: Held | None) -> IngestResult:
+def _sync_snapshot(client: ProxyClient, held: Held | None, state: _Pass) -> IngestResult:
     snapshot = client.usage_snapshot()
-    return usage_snapshot_ingest(apis=snapshot.apis, fence=held.fence if held else None)
+    # A stop request during the read still counts the snapshot in hand (one transaction).
+    try:
+        return _with_db(
+            lambda: usage_snapshot_ingest(apis=snapshot.apis, fence=held.fence if held else None),
+            stop=state.stop,
+        )
+    except _DbDown as exc:
+        state.db_down = exc.kind
+        return IngestResult()
 
 
 # --- the sync ---------------------------------------------------------------------------------
@@ -619,62 +977,106 @@ def _sync_snapshot(client: ProxyClient, held: Held | None) -> IngestResult:
 
 @contextmanager
 def sync_lease() -> Iterator[Held]:
-    """Holds the sync lease (never waits) for the block, renewed by its heartbeat."""
+    """Holds the sync lease (never waits) for the block, renewed by its heartbeat. Raises
+    SyncBusy when another sync holds it, DatabaseUnavailable when the database cannot be
+    written to take it (nothing was popped then)."""
     try:
-        with lease(SYNC_LEASE, ttl=SYNC_LEASE_TTL) as held:
-            yield held
+        held_cm = lease(SYNC_LEASE, ttl=SYNC_LEASE_TTL)
+        held = held_cm.__enter__()
     except LeaseHeld:
         raise SyncBusy(_("Another usage sync is running; not starting a second one.")) from None
+    except _DB_DOWN as exc:
+        kind = _db_kind(exc)
+        raise DatabaseUnavailable(
+            _("The database could not be written (%(why)s), so no usage was read from the "
+              "proxy; it keeps the records for the next run.") % {"why": DB_WHY[kind]},
+            kind=kind,
+        ) from None
+    try:
+        yield held
+    except BaseException as exc:
+        if not held_cm.__exit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        held_cm.__exit__(None, None, None)
 
 
-def usage_sync(*, mode: str | None = None) -> SyncReport:
+def usage_sync(*, mode: str | None = None, stop: threading.Event | None = None) -> SyncReport:
     """One sync, under the lease. Raises SyncBusy when another sync runs, SyncFailed (after
-    recording the failure) when this one could not finish."""
+    recording the failure) when this one could not finish, DatabaseUnavailable (a SyncFailed)
+    when the database stayed locked, full or away: what was popped is then in the spool."""
     with sync_lease() as held:
-        return usage_sync_pass(mode=mode, held=held)
+        return usage_sync_pass(mode=mode, held=held, stop=stop)
 
 
 def usage_sync_pass(
-    *, mode: str | None = None, now: datetime | None = None, held: Held | None = None
+    *, mode: str | None = None, now: datetime | None = None, held: Held | None = None,
+    stop: threading.Event | None = None, sizing: PopSizing | None = None,
 ) -> SyncReport:
     """One pass; the caller holds the lease (usage_sync, or the --follow loop) and passes it
-    as `held`. After the usage is stored, limits are enforced as of `now` (default: the
-    clock; tests freeze it)."""
+    as `held`. What the spool and the database hold from earlier runs is counted first. After
+    the usage is stored, limits are enforced as of `now` (default: the clock; tests freeze
+    it). `stop` (SIGTERM, Ctrl-C) ends the pass after the pop in hand; `sizing` carries the
+    pop size from pass to pass."""
     started, clock = timezone.now(), time.monotonic()
     mode = mode or settings.CLIPROXY_USAGE_MODE
+    state = _Pass(now=started, stop=stop or threading.Event())
+    sizing = sizing or PopSizing()
     result = IngestResult()
+    enabled = True
     try:
-        books = Books.load()
-        # What an earlier run popped but did not count comes first, and needs no proxy.
-        pending, sealed = _apply_pending(started, books)
-        result.add(pending)
-        with ProxyClient.from_settings() as client:
-            # First call: a wrong management key stops here, after one request.
-            enabled = client.usage_statistics_enabled()
-            if mode not in MODES:
-                mode = client.usage_mode()
-            if mode == "queue":
-                _sync_queue(client, started, books, result, held)
-            else:
-                result.add(_sync_snapshot(client, held))
+        # What earlier runs popped but did not count comes first, and needs no proxy.
+        try:
+            _with_db(_runs_restore, stop=state.stop)
+            pending, state.sealed = _with_db(
+                lambda: _apply_pending(started, state.load_books()), stop=state.stop
+            )
+            result.add(pending)
+            result.add(_spool_import_all(state))
+        except _DbDown as exc:
+            state.db_down = exc.kind
+        if not state.stop.is_set():
+            try:
+                with ProxyClient.from_settings() as client:
+                    # First call: a wrong management key stops here, after one request.
+                    enabled = client.usage_statistics_enabled()
+                    if mode not in MODES:
+                        mode = client.usage_mode()
+                    if mode == "queue":
+                        _sync_queue(client, state, result, held, sizing)
+                    elif not state.db_down:
+                        result.add(_sync_snapshot(client, held, state))
+            except _DB_DOWN as exc:
+                # The client's refusal latch lives in the shared cache, which is the database
+                # by default: with the database away no call is sent (nothing more popped).
+                state.db_down = _db_kind(exc)
     except LeaseLost:
         message = _("Another usage sync took over the lease while this one ran; it stopped "
                     "and left the rest to that one.")
-        _record(started, clock, mode, False, message, result)
+        _record(started, clock, mode, False, message, result, db_ok=not state.db_down)
         raise SyncFailed(message) from None
     except (UpstreamError, SyncFailed) as exc:
-        _record(started, clock, mode, False, str(exc), result)
-        raise SyncFailed(str(exc)) from exc
+        message = str(exc)
+        if state.db_down:
+            message += " " + str(_unavailable(state.db_down, records=_spooled_records()))
+        _record(started, clock, mode, False, message, result, db_ok=not state.db_down)
+        raise SyncFailed(message) from exc
     finally:
-        _notify_unissued()
+        if not state.db_down:
+            _notify_unissued_safely()
+    if state.db_down:
+        failure = _unavailable(state.db_down, records=_spooled_records(),
+                               snapshot=mode == "snapshot")
+        _record(started, clock, mode, False, str(failure), result, db_ok=False)
+        raise failure
     ok, messages = True, []
     if not enabled:
         ok = False
         messages.append(str(STATISTICS_OFF))
-    if sealed:
+    if state.sealed:
         ok = False
         messages.append(_("%(n)d stored pops cannot be opened: %(why)s")
-                        % {"n": sealed, "why": BODY_SEALED})
+                        % {"n": state.sealed, "why": BODY_SEALED})
     if result.quarantined:
         messages.append(_(
             "%(n)d usage records could not be counted and were set aside (Usage → Quarantined "
@@ -684,16 +1086,25 @@ def usage_sync_pass(
     # Enforced only on what a finished pass stored, and before the run is recorded so that
     # the status page's "last sync" includes it. The suspensions are committed in the portal
     # before the proxy is asked; a proxy that does not answer follows at the next reconcile.
-    limits = limits_enforce(now=now or timezone.now())
-    report = SyncReport(mode, ok, message, result, time.monotonic() - clock, limits)
-    _record(started, clock, mode, ok, message, result)
+    try:
+        limits = _with_db(lambda: limits_enforce(now=now or timezone.now()), stop=state.stop)
+    except _DbDown as exc:
+        failure = _unavailable(exc.kind, records=_spooled_records())
+        _record(started, clock, mode, False, str(failure), result, db_ok=False)
+        raise failure from None
+    report = SyncReport(mode, ok, message, result, time.monotonic() - clock, limits,
+                        notes=state.notes, stopped=state.stop.is_set())
+    _record(started, clock, mode, ok, message, result, db_ok=True)
     return report
 
 
 def _record(
-    started: datetime, clock: float, mode: str, ok: bool, message: str, result: IngestResult
+    started: datetime, clock: float, mode: str, ok: bool, message: str, result: IngestResult,
+    *, db_ok: bool = True,
 ) -> None:
-    run = SyncRun.objects.create(
+    """Files the run as a SyncRun; when the database cannot take it, the run waits in the
+    spool's `runs` folder and is filed by the next run that can (see _runs_restore)."""
+    fields = dict(
         started_at=started, finished_at=timezone.now(), ok=ok,
         mode=mode if mode in MODES else "", message=message, records_read=result.read,
         records_stored=result.stored, records_foreign=result.foreign,
@@ -701,7 +1112,30 @@ def _record(
         records_incomplete=result.incomplete,
         people=len(result.people), duration_ms=int((time.monotonic() - clock) * 1000),
     )
-    SyncRun.objects.filter(pk__lte=run.pk - KEEP_SYNC_RUNS).delete()
+    if db_ok:
+        try:
+            with transaction.atomic():
+                run = SyncRun.objects.create(**fields)
+                SyncRun.objects.filter(pk__lte=run.pk - KEEP_SYNC_RUNS).delete()
+            return
+        except _DB_DOWN:
+            pass
+    spool.run_save(fields)
+
+
+def _runs_restore() -> None:
+    for path, fields in spool.runs_pending():
+        for name in ("started_at", "finished_at"):
+            fields[name] = datetime.fromisoformat(str(fields[name]))
+        SyncRun.objects.create(**fields)
+        path.unlink()
+
+
+def _notify_unissued_safely() -> None:
+    try:
+        _notify_unissued()
+    except DatabaseError:
+        pass  # the next pass that reaches the database tells staff
 
 
 def _notify_unissued() -> None:

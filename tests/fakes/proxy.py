@@ -440,6 +440,13 @@ class FakeProxy(_AdminRoutes):
         self.snapshot_records: list[dict[str, Any]] = []
         self._live_keys: list[str] = list(self.api_keys)
         self.models_delay = 0.0  # seconds GET /v1/models takes (a slow proxy, under test)
+        # Called with (method, path) once a management request is authenticated, before it is
+        # answered: a test sends a signal or locks the database while the call is in flight.
+        self.on_management: Any = None
+        # The next `cut_pops` pops send only their first `cut_after` bytes, then drop the
+        # connection (the records are gone from the queue all the same, as on a real cut).
+        self.cut_pops = 0
+        self.cut_after = 0
         self._server = _QuietServer(("127.0.0.1", port), self._handler_class())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -701,6 +708,8 @@ class FakeProxy(_AdminRoutes):
         refusal = self._authenticate(handler)
         if refusal:
             return self._reply(handler, *refusal)
+        if self.on_management is not None:
+            self.on_management(method, path)
         if fault:
             if fault.delay:
                 time.sleep(fault.delay)
@@ -715,6 +724,17 @@ class FakeProxy(_AdminRoutes):
             self.request_content_type = handler.headers.get("Content-Type", "")
             self.raw_request_body = raw_body
             status, answer = self._route(method, path, query, body)
+        if path == "/usage-queue" and status == 200 and self.cut_pops > 0:
+            self.cut_pops -= 1
+            data = json.dumps(answer).encode()
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data[: self.cut_after])
+            handler.wfile.flush()
+            handler.close_connection = True
+            return None
         if isinstance(answer, bytes):
             return self._reply(handler, status, answer, raw=True)
         return self._reply(handler, status, answer)

@@ -93,21 +93,24 @@ def test_a_sync_killed_at_any_step_after_the_body_arrived_loses_nothing(
     assert not UsageBatch.objects.filter(raw__isnull=False).exists()  # no key left at rest
 
 
-def test_the_only_window_is_between_receiving_a_body_and_committing_it(
+def test_a_sync_killed_between_the_spool_and_the_database_loses_nothing(
     fake_proxy, people_keys, settings, monkeypatch
 ):
-    """What a kill during the network read or the sealing write loses: that one pop, and
-    nothing else (the README documents this window)."""
+    """The body is in the spool (sealed, fsynced) before the database is written: dying
+    right before the database write loses nothing, and the pop is counted once. The only
+    window left is the network read itself (the README documents it)."""
     settings.USAGE_QUEUE_BATCH = 5
     fill(fake_proxy, people_keys, 23)
     with monkeypatch.context() as patched:
         patched.setattr(services, "usage_pop_store", _die_before(services, "usage_pop_store"))
         with pytest.raises(Killed):
             sync()
+    assert len(fake_proxy.queue) == 23 - 10
 
     sync()
 
-    assert requests_counted() == 23 - 5
+    assert requests_counted() == 23
+    assert not UsageBatch.objects.filter(applied_at__isnull=True).exists()
 
 
 def _record(value: str, **changes) -> dict:

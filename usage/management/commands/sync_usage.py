@@ -1,21 +1,36 @@
-"""`manage.py sync_usage [--follow]`: file what the proxy served under keys, models and hours."""
+"""`manage.py sync_usage [--follow]`: file what the proxy served under keys, models and hours.
+
+Exit codes (one-shot runs; cron and systemd see them):
+  0    done.
+  1    failed (the proxy unreachable or refusing, another sync running, ...): one sentence.
+  75   the database stayed locked, full or away (EX_TEMPFAIL): whatever was popped is in the
+       spool (USAGE_SPOOL_DIR) and the next run counts it.
+  130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM (128 + the signal, as a shell
+       reports it): the pop in hand was finished or spooled first, nothing is lost.
+`--follow` runs until SIGTERM or SIGINT, then finishes the pop in hand and exits 0.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
 from usage.services import (
-    SyncBusy, SyncFailed, SyncReport, sync_lease, usage_sync, usage_sync_pass,
+    EXIT_DB_UNAVAILABLE, DatabaseUnavailable, PopSizing, SyncBusy, SyncFailed, SyncReport,
+    database_unavailable, sync_lease, usage_sync, usage_sync_pass,
 )
 
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
+REPORT_AGAIN_AFTER = 60.0  # seconds before the same kind of database failure is told again
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 class Command(BaseCommand):
@@ -41,71 +56,118 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, mode: str | None, follow: bool, interval: float | None,
                **options: Any) -> None:
-        if not follow:
-            try:
-                report = usage_sync(mode=mode)
-            except SyncFailed as exc:
-                raise CommandError(str(exc)) from None
-            self._write(report)
-            if not report.ok:
-                raise CommandError(report.message)
-            if report.message:  # records set aside: counted around, worth a look
-                self.stderr.write(report.message)
-            return
-        self._follow(mode, interval if interval is not None else settings.USAGE_FOLLOW_INTERVAL)
-
-    def _follow(self, mode: str | None, interval: float) -> None:
-        if interval <= 0:
+        if interval is not None and interval <= 0:
             raise CommandError(_("--interval must be a positive number of seconds."))
+        stop = threading.Event()
+        caught: list[int] = []
+
+        def on_signal(signum: int, frame: Any) -> None:
+            # Only a flag: the pop in hand finishes (or is spooled) and the loops look at
+            # the flag between pops and while they wait.
+            caught.append(signum)
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
+        try:
+            if follow:
+                self._follow(mode, interval if interval is not None
+                             else settings.USAGE_FOLLOW_INTERVAL, stop)
+            else:
+                self._once(mode, stop, caught)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _once(self, mode: str | None, stop: threading.Event, caught: list[int]) -> None:
+        try:
+            report = usage_sync(mode=mode, stop=stop)
+        except DatabaseUnavailable as exc:
+            self._stopped(caught)
+            raise CommandError(str(exc), returncode=EXIT_DB_UNAVAILABLE) from None
+        except SyncFailed as exc:
+            self._stopped(caught)
+            raise CommandError(str(exc)) from None
+        self._write(report)
+        self._stopped(caught)
+        if not report.ok:
+            raise CommandError(report.message)
+        if report.message:  # records set aside: counted around, worth a look
+            self.stderr.write(report.message)
+
+    def _stopped(self, caught: list[int]) -> None:
+        if not caught:
+            return
+        signum = caught[0]
+        raise CommandError(
+            _("Stopped by %(signal)s: everything popped from the proxy is counted or saved in "
+              "the spool, and the next run counts the rest.") % {"signal": SIGNAL_NAMES[signum]},
+            returncode=128 + signum,
+        )
+
+    def _follow(self, mode: str | None, interval: float, stop: threading.Event) -> None:
         if interval >= RETENTION_DEFAULT:
             self.stderr.write(_(
                 "Warning: an interval of %(s)g s is not shorter than the proxy's default queue "
                 "retention (60 s); raise redis-usage-queue-retention-seconds or records expire "
                 "unread."
             ) % {"s": interval})
-        stop = threading.Event()
-
-        def on_signal(signum: int, frame: Any) -> None:
-            stop.set()  # finish the pass in progress (its batch commits), then leave
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.stdout.write(_("Following the proxy every %(s)g s; stop with SIGTERM or Ctrl-C.")
                           % {"s": interval})
+        self._told: dict[str, float] = {}
+        sizing = PopSizing()
         waiting = False
-        try:
-            while not stop.is_set():
-                try:
-                    with sync_lease() as held:
-                        waiting = False
-                        self._passes(held, mode, interval, stop)
-                except SyncBusy:
-                    # A standby: another sync holds the lease. When it dies, its lease is free
-                    # at once on this machine (its process is gone) or after the lease's time
-                    # to live elsewhere, and this loop takes over.
-                    if not waiting:
-                        self.stderr.write(_("Another usage sync is running; waiting to take over "
-                                            "when it stops."))
-                        waiting = True
-                    stop.wait(interval)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        while not stop.is_set():
+            try:
+                with sync_lease() as held:
+                    waiting = False
+                    self._passes(held, mode, interval, stop, sizing)
+            except SyncBusy:
+                # A standby: another sync holds the lease. When it dies, its lease is free
+                # at once on this machine (its process is gone) or after the lease's time
+                # to live elsewhere, and this loop takes over.
+                if not waiting:
+                    self.stderr.write(_("Another usage sync is running; waiting to take over "
+                                        "when it stops."))
+                    waiting = True
+                stop.wait(interval)
+            except DatabaseUnavailable as exc:
+                self._tell_database(exc)
+                stop.wait(interval)
+            except DatabaseError as exc:
+                self._tell_database(database_unavailable(exc))
+                stop.wait(interval)
         self.stdout.write(_("Stopped."))
 
     def _passes(self, held: Held, mode: str | None, interval: float,
-                stop: threading.Event) -> None:
+                stop: threading.Event, sizing: PopSizing) -> None:
         """Passes every `interval` seconds while this process holds the lease. Failures are
         reported and the loop goes on: a refused management key is retried only when the
-        client's refusal latch lets a probe through (see pool.upstream), never faster."""
+        client's refusal latch lets a probe through (see pool.upstream), never faster; a
+        database that fails is told once per kind a minute while pops go on into the spool."""
         while not stop.is_set() and not held.lost.is_set():
             try:
-                report = usage_sync_pass(mode=mode, held=held)
+                report = usage_sync_pass(mode=mode, held=held, stop=stop, sizing=sizing)
                 self._write(report)
                 if report.message:
                     self.stderr.write(report.message)
+                if self._told:
+                    self.stdout.write(_("The database is writable again; the spool is counted."))
+                    self._told.clear()
+            except DatabaseUnavailable as exc:
+                self._tell_database(exc)
             except SyncFailed as exc:
                 self.stderr.write(str(exc))
+            except DatabaseError as exc:
+                # Anywhere else the database fails (the lease, the cache): told like the rest,
+                # and the loop goes on.
+                self._tell_database(database_unavailable(exc))
             stop.wait(interval)
+
+    def _tell_database(self, exc: DatabaseUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._told.get(exc.kind, -REPORT_AGAIN_AFTER) >= REPORT_AGAIN_AFTER:
+            self.stderr.write(str(exc))
+            self._told[exc.kind] = now
 
     def _write(self, report: SyncReport) -> None:
         r = report.result
@@ -117,6 +179,8 @@ class Command(BaseCommand):
             "unissued": r.unissued, "quarantined": r.quarantined, "people": len(r.people), "secs": report.duration,
         }
         self.stdout.write(line)
+        for note in report.notes:
+            self.stdout.write(note)
         if r.flagged:
             self.stdout.write(_("%(n)d pool key(s) nobody was given have usage; staff are "
                                 "told by email.") % {"n": len(r.flagged)})
