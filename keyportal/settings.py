@@ -325,7 +325,8 @@ USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
 # `sync_usage --follow` subscribes to the proxy's usage stream (RESP, on CLIPROXY_URL's port) on
 # proxies that have it (7.x) and polls the others; false: always poll.
 USAGE_STREAM = env.bool("USAGE_STREAM", default=True)
-# The stream commits (stores, counts, checks limits) what arrived at least this often (seconds).
+# The stream commits (stores, counts, checks limits) as soon as pushes pause, and under steady
+# traffic at least this often (seconds).
 USAGE_STREAM_COMMIT_SECONDS = max(number("USAGE_STREAM_COMMIT_SECONDS", "1", float), 0.05)
 # The stream writes one progress row (SyncRun, mode "stream") this often, even when idle.
 USAGE_STREAM_RUN_SECONDS = max(number("USAGE_STREAM_RUN_SECONDS", "60", float), 1.0)

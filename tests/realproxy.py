@@ -366,22 +366,22 @@ class RawSubscriber:
     def __init__(self, proxy: RealProxy) -> None:
         self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
         self.records: list[dict[str, Any]] = []
-        self._buffer = b""
+        self.subscribed = threading.Event()
         self._stop = threading.Event()
         self.sock.sendall(_command("AUTH", MANAGEMENT_KEY) + _command("SUBSCRIBE", "usage"))
         self._thread = threading.Thread(target=self._read, daemon=True)
 
     def start(self) -> RawSubscriber:
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while b":1\r\n" not in self._buffer and not self._stop.is_set():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no subscribe confirmation: {self._buffer[:200]!r}")
-            time.sleep(0.01)
+        if not self.subscribed.wait(10):
+            raise AssertionError("the proxy never confirmed the second subscription")
         return self
 
     def _read(self) -> None:
+        # Pushes are RESP bulk strings on lines of their own; records are the JSON lines
+        # that carry an api_key (control messages do not).
         self.sock.settimeout(0.2)
+        pending = b""
         while not self._stop.is_set():
             try:
                 chunk = self.sock.recv(65536)
@@ -391,15 +391,16 @@ class RawSubscriber:
                 return
             if not chunk:
                 return
-            self._buffer += chunk
-            for line in self._buffer.split(b"\r\n"):
-                if line.startswith(b'{"') and b'"api_key"' in line:
+            lines = (pending + chunk).split(b"\r\n")
+            pending = lines.pop()
+            for line in lines:
+                if line == b":1":
+                    self.subscribed.set()
+                elif line.startswith(b'{"') and b'"api_key"' in line:
                     try:
-                        record = json.loads(line)
+                        self.records.append(json.loads(line))
                     except ValueError:
                         continue
-                    if record not in self.records:
-                        self.records.append(record)
 
     def close(self) -> None:
         self._stop.set()

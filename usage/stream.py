@@ -12,7 +12,8 @@ The order, each time the subscription is (re)made (pool.resp has the protocol):
    queued while nobody listened. Subscribing first means nothing slips in between; records
    pushed meanwhile wait in the socket (the proxy drops a subscriber 256 messages behind:
    then we reconnect and go round again).
-3. Read pushes; commit what arrived at least every USAGE_STREAM_COMMIT_SECONDS through
+3. Read pushes; commit what arrived when the stream goes quiet for QUIET seconds, and at
+   least every USAGE_STREAM_COMMIT_SECONDS under steady traffic, through
    `usage_queue_body_ingest` (stored sealed, then counted, exactly as a pop), and enforce
    limits after each commit that stored something.
 A dropped connection is committed and re-made at once (then with a growing pause, up to 5 s,
@@ -55,6 +56,7 @@ from usage.services import (
 
 STREAM_MODE = "stream"
 STOP_CHECK = 0.5  # seconds: the longest a read waits before the loop looks at `stop`
+QUIET = 0.05  # seconds without a push after which the buffer is committed
 RECONNECT_MAX_PAUSE = 5.0
 
 
@@ -167,18 +169,21 @@ class UsageStream:
             self._note(str(exc))
 
     def _listen(self, sub: UsageSubscriber) -> None:
+        """Buffers pushes; commits when the stream goes quiet for QUIET seconds (light
+        traffic is counted at once), and at the latest USAGE_STREAM_COMMIT_SECONDS after the
+        oldest buffered record arrived (heavy traffic is counted in batches of a second)."""
         while not self._done():
             now = time.monotonic()
             wait = STOP_CHECK
             if self._buffer:
-                wait = min(wait, max(self._oldest + self.commit_every - now, 0.0))
+                wait = min(QUIET, max(self._oldest + self.commit_every - now, 0.0))
             payload = sub.read(timeout=wait)
             if payload is not None:
                 if not self._buffer:
                     self._oldest = time.monotonic()
                 self._buffer.append(payload)
             now = time.monotonic()
-            if self._buffer and (now - self._oldest >= self.commit_every
+            if self._buffer and (payload is None or now - self._oldest >= self.commit_every
                                  or len(self._buffer) >= self.max_buffer):
                 self._commit()
             self._write_period()
