@@ -111,6 +111,7 @@ class UsageStream:
         self.max_buffer = settings.USAGE_QUEUE_BATCH
         self._buffer: list[bytes] = []
         self._oldest = 0.0  # monotonic time the oldest buffered record arrived
+        self._last_push = 0.0  # and the newest
         self._period = _Period()
         self.subscriptions = 0  # how many times a subscription was made (tests, reports)
 
@@ -176,14 +177,16 @@ class UsageStream:
             now = time.monotonic()
             wait = STOP_CHECK
             if self._buffer:
-                wait = min(QUIET, max(self._oldest + self.commit_every - now, 0.0))
+                wait = min(STOP_CHECK, QUIET, max(self._oldest + self.commit_every - now, 0.0))
             payload = sub.read(timeout=wait)
+            now = time.monotonic()
             if payload is not None:
                 if not self._buffer:
-                    self._oldest = time.monotonic()
+                    self._oldest = now
                 self._buffer.append(payload)
-            now = time.monotonic()
-            if self._buffer and (payload is None or now - self._oldest >= self.commit_every
+                self._last_push = now
+            if self._buffer and (now - self._last_push >= QUIET
+                                 or now - self._oldest >= self.commit_every
                                  or len(self._buffer) >= self.max_buffer):
                 self._commit()
             self._write_period()
