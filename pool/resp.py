@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from pool.upstream import UpstreamNotConfigured, UpstreamRefused, UpstreamUnexpected, \
     UpstreamUnreachable
@@ -81,7 +83,7 @@ def parse_frame(buffer: bytes | bytearray, start: int = 0, depth: int = 0) -> tu
     end = buffer.find(b"\r\n", start)
     if end < 0:
         if len(buffer) - start > MAX_FRAME:
-            raise UpstreamUnexpected(_NOT_RESP)
+            raise UpstreamUnexpected(str(_NOT_RESP))
         raise _Incomplete
     kind, line = buffer[start:start + 1], bytes(buffer[start + 1:end])
     after = end + 2
@@ -98,32 +100,34 @@ def parse_frame(buffer: bytes | bytearray, start: int = 0, depth: int = 0) -> tu
         if len(buffer) < after + size + 2:
             raise _Incomplete
         if buffer[after + size:after + size + 2] != b"\r\n":
-            raise UpstreamUnexpected(_NOT_RESP)
+            raise UpstreamUnexpected(str(_NOT_RESP))
         return bytes(buffer[after:after + size]), after + size + 2
     if kind == b"*":
         count = _length(line)
         if count < 0:
             return None, after
         if depth >= MAX_DEPTH:
-            raise UpstreamUnexpected(_NOT_RESP)
+            raise UpstreamUnexpected(str(_NOT_RESP))
         items = []
         for _i in range(count):
             item, after = parse_frame(buffer, after, depth + 1)
             items.append(item)
         return items, after
-    raise UpstreamUnexpected(_NOT_RESP)
+    raise UpstreamUnexpected(str(_NOT_RESP))
 
 
-_NOT_RESP = "The proxy's port answered something that is not the Redis protocol (RESP)."
+_NOT_RESP = gettext_lazy(
+    "The proxy's port answered something that is not the Redis protocol (RESP)."
+)
 
 
 def _length(line: bytes, *, allow_negative: bool = False) -> int:
     try:
         value = int(line)
     except ValueError:
-        raise UpstreamUnexpected(_NOT_RESP) from None
+        raise UpstreamUnexpected(str(_NOT_RESP)) from None
     if value > MAX_FRAME or (value < -1 and not allow_negative):
-        raise UpstreamUnexpected(_NOT_RESP)
+        raise UpstreamUnexpected(str(_NOT_RESP))
     return value
 
 
@@ -146,10 +150,10 @@ class UsageSubscriber:
     def __init__(self, *, host: str, port: int, management_key: str, timeout: float,
                  tls: bool = False, channel: str = "usage") -> None:
         if not management_key:
-            raise UpstreamNotConfigured(
+            raise UpstreamNotConfigured(_(
                 "CLIPROXY_MANAGEMENT_KEY is not set: the portal cannot subscribe to the proxy's "
                 "usage stream."
-            )
+            ))
         self.host, self.port, self.tls, self.channel = host, port, tls, channel
         self.timeout = timeout
         self._key = management_key
@@ -162,12 +166,12 @@ class UsageSubscriber:
         """The RESP endpoint is CLIPROXY_URL's host and port (the proxy serves both there)."""
         if not settings.CLIPROXY_URL:
             raise UpstreamNotConfigured(
-                "No proxy is configured: set CLIPROXY_URL (and CLIPROXY_MANAGEMENT_KEY)."
+                _("No proxy is configured: set CLIPROXY_URL (and CLIPROXY_MANAGEMENT_KEY).")
             )
         parts = urlsplit(settings.CLIPROXY_URL)
         tls = parts.scheme == "https"
         if not parts.hostname:
-            raise UpstreamNotConfigured("CLIPROXY_URL has no host name.")
+            raise UpstreamNotConfigured(_("CLIPROXY_URL has no host name."))
         return cls(
             host=parts.hostname, port=parts.port or (443 if tls else 80),
             management_key=settings.CLIPROXY_MANAGEMENT_KEY, timeout=settings.CLIPROXY_TIMEOUT,
@@ -201,17 +205,18 @@ class UsageSubscriber:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError:
-            raise UpstreamUnreachable(
-                f"The proxy's usage stream at {self.where} cannot be reached (connection "
-                "failed); check CLIPROXY_URL and that the proxy is running."
-            ) from None
+            raise UpstreamUnreachable(_(
+                "The proxy's usage stream at %(where)s cannot be reached (connection failed); "
+                "check CLIPROXY_URL and that the proxy is running."
+            ) % {"where": self.where}) from None
         if self.tls:
             try:
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
             except (OSError, ssl.SSLError):
                 sock.close()
                 raise UpstreamUnreachable(
-                    f"The proxy's usage stream at {self.where} refused the TLS handshake."
+                    _("The proxy's usage stream at %(where)s refused the TLS handshake.")
+                    % {"where": self.where}
                 ) from None
         self._sock = sock
         self._buffer.clear()
@@ -219,30 +224,32 @@ class UsageSubscriber:
             self._send(encode_command("AUTH", self._key))
             reply = self._reply(deadline)
             if isinstance(reply, RespError):
-                raise UpstreamRefused(
-                    f"The proxy's usage stream at {self.where} refused the management key "
-                    f"({_short(reply.text)}): check CLIPROXY_MANAGEMENT_KEY. It is not tried "
-                    "again on the spot: the proxy bans an address after 5 failed attempts."
-                )
+                raise UpstreamRefused(_(
+                    "The proxy's usage stream at %(where)s refused the management key "
+                    "(%(reason)s): check CLIPROXY_MANAGEMENT_KEY. It is not tried again on the "
+                    "spot: the proxy bans an address after 5 failed attempts."
+                ) % {"where": self.where, "reason": _short(reply.text)})
             if reply != "OK":
-                raise UpstreamUnexpected(_NOT_RESP)
+                raise UpstreamUnexpected(str(_NOT_RESP))
             self._send(encode_command("SUBSCRIBE", self.channel))
             reply = self._reply(deadline)
             if isinstance(reply, RespError):
                 raise UpstreamUnexpected(
-                    f"The proxy's usage stream at {self.where} refused SUBSCRIBE "
-                    f"{self.channel} ({_short(reply.text)})."
+                    _("The proxy's usage stream at %(where)s refused SUBSCRIBE %(channel)s "
+                      "(%(reason)s).")
+                    % {"where": self.where, "channel": self.channel,
+                       "reason": _short(reply.text)}
                 )
             if (not isinstance(reply, list) or len(reply) != 3 or reply[0] != b"subscribe"
                     or reply[1] != self.channel.encode()):
-                raise UpstreamUnexpected(_NOT_RESP)
+                raise UpstreamUnexpected(str(_NOT_RESP))
         except _Closed:
             # Hung up on the handshake without a word: a plain HTTP server (not RESP).
             self.close()
-            raise UpstreamUnexpected(
-                f"The proxy at {self.where} closed the connection on the Redis protocol's "
-                "AUTH: it has no usage stream (RESP)."
-            ) from None
+            raise UpstreamUnexpected(_(
+                "The proxy at %(where)s closed the connection on the Redis protocol's AUTH: it "
+                "has no usage stream (RESP)."
+            ) % {"where": self.where}) from None
         except BaseException:
             self.close()
             raise
@@ -261,15 +268,15 @@ class UsageSubscriber:
                 return None
             if isinstance(frame, RespError):
                 raise UpstreamUnexpected(
-                    f"The proxy's usage stream at {self.where} sent an error "
-                    f"({_short(frame.text)})."
+                    _("The proxy's usage stream at %(where)s sent an error (%(reason)s).")
+                    % {"where": self.where, "reason": _short(frame.text)}
                 )
             if not isinstance(frame, list) or len(frame) != 3 or frame[0] != b"message":
                 # pong or another subscribe confirmation: not a record, not an error
                 continue
             payload = frame[2]
             if not isinstance(payload, bytes):
-                raise UpstreamUnexpected(_NOT_RESP)
+                raise UpstreamUnexpected(str(_NOT_RESP))
             if is_control_message(payload):
                 self.skipped += 1
                 continue
@@ -292,7 +299,10 @@ class UsageSubscriber:
 
     def _fill(self, timeout: float) -> None:
         if self._sock is None:
-            raise UpstreamUnreachable(f"The proxy's usage stream at {self.where} is not connected.")
+            raise UpstreamUnreachable(
+                _("The proxy's usage stream at %(where)s is not connected.")
+                % {"where": self.where}
+            )
         self._sock.settimeout(max(timeout, 0.001))
         try:
             chunk = self._sock.recv(RECV_SIZE)
@@ -301,22 +311,23 @@ class UsageSubscriber:
         except OSError:
             self.close()
             raise UpstreamUnreachable(
-                f"The connection to the proxy's usage stream at {self.where} broke."
+                _("The connection to the proxy's usage stream at %(where)s broke.")
+                % {"where": self.where}
             ) from None
         if not chunk:
             self.close()
-            raise _Closed(
-                f"The proxy's usage stream at {self.where} closed the connection (it drops a "
+            raise _Closed(_(
+                "The proxy's usage stream at %(where)s closed the connection (it drops a "
                 "subscriber that falls 256 messages behind, and closes them all when it stops)."
-            )
+            ) % {"where": self.where})
         self._buffer += chunk
 
     def _reply(self, deadline: float) -> Any:
         frame = self._next_frame(deadline)
         if frame is None:
             raise UpstreamUnreachable(
-                f"The proxy's usage stream at {self.where} did not answer within "
-                f"{self.timeout:g} s (CLIPROXY_TIMEOUT)."
+                _("The proxy's usage stream at %(where)s did not answer within %(s)g s "
+                  "(CLIPROXY_TIMEOUT).") % {"where": self.where, "s": self.timeout}
             )
         return frame
 
@@ -328,7 +339,8 @@ class UsageSubscriber:
         except OSError:
             self.close()
             raise UpstreamUnreachable(
-                f"The connection to the proxy's usage stream at {self.where} broke."
+                _("The connection to the proxy's usage stream at %(where)s broke.")
+                % {"where": self.where}
             ) from None
 
 
