@@ -205,3 +205,24 @@ def test_prompt_cache_cost_is_what_anthropic_bills(upstream, tmp_path, template,
             incomplete = portal.query("SELECT SUM(incomplete_requests) FROM "
                                       "usage_usagesnapshot WHERE api_key_id = ?", (pk,))[0][0]
             assert incomplete == 1
+
+
+def test_on_6_9_47_follow_polls_as_before(upstream, tmp_path, template):
+    with RealProxy(version="6.9.47", upstream=upstream, workdir=tmp_path / "proxy") as proxy:
+        portal = portal_for(tmp_path, template, proxy.url)
+        ((pk, value),) = portal.issue_keys(1)
+        proxy.wait_for_key(value)
+        portal.start_follower("--interval", "1")
+        try:
+            portal.wait_until(
+                lambda: portal.query("SELECT COUNT(*) FROM usage_syncrun")[0][0] > 0,
+                timeout=GENEROUS, what="the follower's first pass")
+            assert proxy.claude(value) == 200
+            portal.wait_until(lambda: portal.counted(pk) == 1, timeout=GENEROUS,
+                              what="the request counted by polling /usage")
+        finally:
+            portal.stop_followers()
+        modes = {m for (m,) in portal.query("SELECT DISTINCT mode FROM usage_syncrun")}
+        assert modes == {"snapshot"}
+        log = portal.follower_log()
+        assert "live usage stream" not in log and "Traceback" not in log, log
