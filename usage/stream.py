@@ -168,6 +168,11 @@ class UsageStream:
             self._report(usage_sync_pass(mode="queue", held=self.held))
         except SyncFailed as exc:
             self._note(str(exc))
+        except DatabaseError as exc:
+            # The queue keeps what it holds (nothing was popped, or the pop is a stored
+            # batch): the next drain takes it. The stream goes on meanwhile.
+            self._note(_("The database is not available (%(error)s); the queue is drained "
+                         "again at the next subscription.") % {"error": type(exc).__name__})
 
     def _listen(self, sub: UsageSubscriber) -> None:
         """Buffers pushes; commits when the stream goes quiet for QUIET seconds (light

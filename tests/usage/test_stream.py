@@ -16,6 +16,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.db.models import Sum
+from django.utils import translation
 
 from pool.resp import UsageSubscriber
 from tests.fakes.resp import FakeResp, push
@@ -37,6 +38,13 @@ def record(value: str, n: int) -> bytes:
         "request_id": f"r{n}", "tokens": {"input_tokens": 10, "output_tokens": 5,
                                           "total_tokens": 15},
     }).encode()
+
+
+@pytest.fixture(autouse=True)
+def _english():
+    # The messages are asserted in English, whatever an earlier test left active.
+    with translation.override("en"):
+        yield
 
 
 @pytest.fixture
