@@ -30,6 +30,7 @@ plus the drain's own SyncRun at each (re)subscribe.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -141,13 +142,18 @@ class UsageStream:
                     continue
                 failures = 0
                 self.subscriptions += 1
+                reader = _Reader(sub)
+                reader.start()
                 try:
                     self._drain()
-                    self._listen(sub)
+                    self._listen(reader)
                 except (UpstreamUnreachable, UpstreamUnexpected) as exc:
                     self._note(_("%(error)s Reconnecting.") % {"error": exc})
                 finally:
+                    reader.halt.set()
+                    reader.join(timeout=STOP_CHECK * 10)
                     sub.close()
+                    self._take(reader, wait=0, final=True)  # what it read before it halted
                     if not self.held.lost.is_set():
                         self._commit()
         finally:
@@ -174,7 +180,7 @@ class UsageStream:
             self._note(_("The database is not available (%(error)s); the queue is drained "
                          "again at the next subscription.") % {"error": type(exc).__name__})
 
-    def _listen(self, sub: UsageSubscriber) -> None:
+    def _listen(self, reader: _Reader) -> None:
         """Buffers pushes; commits when the stream goes quiet for QUIET seconds (light
         traffic is counted at once), and at the latest USAGE_STREAM_COMMIT_SECONDS after the
         oldest buffered record arrived (heavy traffic is counted in batches of a second)."""
@@ -183,18 +189,36 @@ class UsageStream:
             wait = STOP_CHECK
             if self._buffer:
                 wait = min(STOP_CHECK, QUIET, max(self._oldest + self.commit_every - now, 0.0))
-            payload = sub.read(timeout=wait)
+            self._take(reader, wait=wait)
             now = time.monotonic()
-            if payload is not None:
-                if not self._buffer:
-                    self._oldest = now
-                self._buffer.append(payload)
-                self._last_push = now
             if self._buffer and (now - self._last_push >= QUIET
                                  or now - self._oldest >= self.commit_every
                                  or len(self._buffer) >= self.max_buffer):
                 self._commit()
             self._write_period()
+
+    def _take(self, reader: _Reader, *, wait: float, final: bool = False) -> None:
+        """Moves what the reader received into the buffer: waits up to `wait` for the first
+        push, then takes every one already there. Re-raises the reader's failure, unless
+        `final` (after the reader was halted: the connection is being closed anyway)."""
+        try:
+            item = reader.pushes.get(timeout=wait) if wait > 0 else reader.pushes.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if isinstance(item, BaseException):
+                if not final:
+                    raise item
+            else:
+                now = time.monotonic()
+                if not self._buffer:
+                    self._oldest = now
+                self._buffer.append(item)
+                self._last_push = now
+            try:
+                item = reader.pushes.get_nowait()
+            except queue.Empty:
+                return
 
     # -- committing ----------------------------------------------------------------------
 
@@ -265,6 +289,29 @@ class UsageStream:
             self._warn(_("The stream's progress could not be recorded (%(error)s).")
                        % {"error": type(exc).__name__})
         self._report(report)
+
+
+class _Reader(threading.Thread):
+    """Reads pushes off the socket all the time, into `pushes`, so that a commit, a drain or
+    a slow database never leaves the proxy 256 messages ahead of us (it would drop the
+    subscription, and with another subscriber present, records published until we are back
+    would go to that one only). A failure is put in `pushes` too, and ends the thread.
+    It touches no database: Django's connections stay with the stream's thread."""
+
+    def __init__(self, sub: UsageSubscriber) -> None:
+        super().__init__(name="usage-stream-reader", daemon=True)
+        self.sub = sub
+        self.pushes: queue.Queue[bytes | BaseException] = queue.Queue()
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                payload = self.sub.read(timeout=STOP_CHECK)
+                if payload is not None:
+                    self.pushes.put(payload)
+        except Exception as exc:
+            self.pushes.put(exc)
 
 
 def _record_of(payload: bytes) -> Any:
