@@ -100,13 +100,13 @@ class UsageStream:
         report: Callable[[SyncReport], None] | None = None,
         warn: Callable[[str], None] | None = None,
         subscriber: Callable[[], UsageSubscriber] = UsageSubscriber.from_settings,
-        mode: str | None = None,
     ) -> None:
         self.held, self.stop = held, stop
         self._report = report or (lambda r: None)
         self._warn = warn or (lambda s: None)
         self._subscriber = subscriber
-        self._mode = mode
+        self._retry_at = 0.0  # after a database error, no commit is tried before this
+        self._last_note = ""
         self.commit_every = settings.USAGE_STREAM_COMMIT_SECONDS
         self.run_every = settings.USAGE_STREAM_RUN_SECONDS
         self.max_buffer = settings.USAGE_QUEUE_BATCH
@@ -155,7 +155,7 @@ class UsageStream:
                     sub.close()
                     self._take(reader, wait=0, final=True)  # what it read before it halted
                     if not self.held.lost.is_set():
-                        self._commit()
+                        self._commit(final=True)
         finally:
             if self.held.lost.is_set() and self._buffer:
                 self._warn(_(
@@ -222,9 +222,10 @@ class UsageStream:
 
     # -- committing ----------------------------------------------------------------------
 
-    def _commit(self) -> None:
-        """Stores and counts the buffer as one batch, like a pop; limits follow."""
-        if not self._buffer:
+    def _commit(self, *, final: bool = False) -> None:
+        """Stores and counts the buffer as one batch, like a pop; limits follow. After a
+        database error the buffer is kept and tried again a second later (or at the end)."""
+        if not self._buffer or (not final and time.monotonic() < self._retry_at):
             return
         try:
             with transaction.atomic():
@@ -232,8 +233,7 @@ class UsageStream:
         except LeaseLost:
             return
         except DatabaseError as exc:
-            self._note(_("The database is not available (%(error)s); the stream keeps what it "
-                         "received and tries again.") % {"error": type(exc).__name__})
+            self._database_error(exc)
             return
         body = json.dumps([_record_of(p) for p in self._buffer]).encode()
         period = self._period
@@ -245,9 +245,8 @@ class UsageStream:
             self._note(str(exc))
             return
         except DatabaseError as exc:
-            # Not stored: keep the buffer, try again at the next tick.
-            self._note(_("The database is not available (%(error)s); the stream keeps what it "
-                         "received and tries again.") % {"error": type(exc).__name__})
+            # Not stored: keep the buffer, try again a little later.
+            self._database_error(exc)
             return
         self._buffer.clear()
         period.commits += 1
@@ -259,9 +258,17 @@ class UsageStream:
                 self._note(_("Limits could not be checked after a stream commit (%(error)s); "
                              "the next commit checks them.") % {"error": type(exc).__name__})
 
+    def _database_error(self, exc: DatabaseError) -> None:
+        self._retry_at = time.monotonic() + max(self.commit_every, 1.0)
+        self._note(_("The database is not available (%(error)s); the stream keeps what it "
+                     "received and tries again.") % {"error": type(exc).__name__})
+
     def _note(self, message: str) -> None:
-        self._warn(message)
-        self._period.errors.append(message)
+        if message != self._last_note:  # a database locked for a minute is one line, not 60
+            self._warn(message)
+            self._last_note = message
+        if message not in self._period.errors:
+            self._period.errors.append(message)
 
     def _write_period(self, *, force: bool = False) -> None:
         """One SyncRun per period, with what the stream counted in it (even nothing)."""
@@ -271,7 +278,7 @@ class UsageStream:
             return
         self._period = _Period()
         ok = not period.errors
-        message = " ".join(dict.fromkeys(period.errors))[:2000]
+        message = " ".join(period.errors)[:2000]
         result = period.result
         report = SyncReport(STREAM_MODE, ok, message, result, duration, period.limits)
         try:
