@@ -42,6 +42,7 @@ from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from keyportal.locks import Held, LeaseLost
 from pool.resp import UsageSubscriber
@@ -59,6 +60,11 @@ STREAM_MODE = "stream"
 STOP_CHECK = 0.5  # seconds: the longest a read waits before the loop looks at `stop`
 QUIET = 0.05  # seconds without a push after which the buffer is committed
 RECONNECT_MAX_PAUSE = 5.0
+
+
+_CUT_IN_HANDSHAKE = gettext_lazy(
+    "The connection to the proxy's usage stream at %(where)s was cut while subscribing."
+)
 
 
 class StreamUnavailable(SyncFailed):
@@ -125,7 +131,14 @@ class UsageStream:
             while not self._done():
                 sub = self._subscriber()
                 try:
-                    sub.connect()
+                    try:
+                        sub.connect()
+                    except UpstreamUnexpected:
+                        if not self.subscriptions:
+                            raise
+                        # It spoke RESP a moment ago: a connection cut in the handshake (a
+                        # partition ending, a balancer) is a network fault, not a 6.x proxy.
+                        raise UpstreamUnreachable(str(_CUT_IN_HANDSHAKE) % {"where": sub.where})
                 except (UpstreamRefused, UpstreamUnexpected) as exc:
                     raise StreamUnavailable(str(exc)) from None
                 except UpstreamUnreachable as exc:

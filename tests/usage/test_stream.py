@@ -203,3 +203,31 @@ def _follow_with(subscriber):
     def follow(*, held, stop, report=None, warn=None):
         UsageStream(held=held, stop=stop, report=report, warn=warn, subscriber=subscriber).run()
     return follow
+
+
+def test_a_handshake_cut_after_a_subscription_is_a_fault_not_a_proxy_without_stream(
+    stream_settings, people_keys, resp_servers
+):
+    value = people_keys[0].value
+    sent = threading.Event()
+
+    def script(conn, server):
+        if server.connections == 2:
+            conn.recv(4096)
+            conn.close()  # hung up on AUTH: at first sight, "no RESP here"
+            return
+        server.handshake(conn)
+        if server.connections == 1:
+            conn.close()
+            return
+        conn.sendall(push(record(value, 1)))
+        sent.set()
+        time.sleep(WAIT)
+
+    server = resp_servers(script)
+    with sync_lease() as held:
+        stream = UsageStream(held=held, stop=threading.Event(), subscriber=subscriber_to(server))
+        run_until(stream, lambda: sent.is_set() and stream._period.commits >= 1
+                  and not stream._buffer)  # StreamUnavailable would end run() at once
+    assert server.connections == 3 and stream.subscriptions == 2
+    assert counted() == 1
