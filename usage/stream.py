@@ -59,6 +59,10 @@ from usage.services import (
 STREAM_MODE = "stream"
 STOP_CHECK = 0.5  # seconds: the longest a read waits before the loop looks at `stop`
 QUIET = 0.05  # seconds without a push after which the buffer is committed
+# Under steady traffic the stream never goes quiet: it then commits what arrived during the
+# last commit and this gap after it. A kill -9 loses what was received and not committed,
+# so the gap bounds that (about rate x (gap + one commit)) while keeping commits few.
+BUSY_COMMIT_GAP = 0.2
 RECONNECT_MAX_PAUSE = 5.0
 
 
@@ -119,6 +123,7 @@ class UsageStream:
         self._buffer: list[bytes] = []
         self._oldest = 0.0  # monotonic time the oldest buffered record arrived
         self._last_push = 0.0  # and the newest
+        self._last_commit = 0.0  # when the last commit ended
         self._period = _Period()
         self.subscriptions = 0  # how many times a subscription was made (tests, reports)
 
@@ -195,19 +200,23 @@ class UsageStream:
 
     def _listen(self, reader: _Reader) -> None:
         """Buffers pushes; commits when the stream goes quiet for QUIET seconds (light
-        traffic is counted at once), and at the latest USAGE_STREAM_COMMIT_SECONDS after the
-        oldest buffered record arrived (heavy traffic is counted in batches of a second)."""
+        traffic is counted at once), or BUSY_COMMIT_GAP after the last commit (steady
+        traffic), and at the latest USAGE_STREAM_COMMIT_SECONDS after the oldest buffered
+        record arrived."""
         while not self._done():
             now = time.monotonic()
             wait = STOP_CHECK
             if self._buffer:
-                wait = min(STOP_CHECK, QUIET, max(self._oldest + self.commit_every - now, 0.0))
+                wait = min(STOP_CHECK, QUIET, max(self._oldest + self.commit_every - now, 0.0),
+                           max(self._last_commit + BUSY_COMMIT_GAP - now, 0.0))
             self._take(reader, wait=wait)
             now = time.monotonic()
             if self._buffer and (now - self._last_push >= QUIET
+                                 or now - self._last_commit >= BUSY_COMMIT_GAP
                                  or now - self._oldest >= self.commit_every
                                  or len(self._buffer) >= self.max_buffer):
                 self._commit()
+                self._last_commit = time.monotonic()
             self._write_period()
 
     def _take(self, reader: _Reader, *, wait: float, final: bool = False) -> None:

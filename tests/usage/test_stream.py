@@ -94,6 +94,7 @@ def run_until(stream: UsageStream, condition) -> None:
 def test_a_stop_commits_what_is_buffered_then_returns(stream_settings, people_keys,
                                                       resp_servers, monkeypatch):
     monkeypatch.setattr(stream_module, "QUIET", 3600)  # nothing commits on its own
+    monkeypatch.setattr(stream_module, "BUSY_COMMIT_GAP", 3600)
     stream_settings.USAGE_STREAM_COMMIT_SECONDS = 3600
     values = [k.value for k in people_keys]
 
@@ -142,6 +143,7 @@ def test_a_dropped_subscription_is_made_again_and_the_queue_drained(
 def test_a_lost_lease_commits_nothing_more(stream_settings, people_keys, resp_servers,
                                            monkeypatch):
     monkeypatch.setattr(stream_module, "QUIET", 3600)
+    monkeypatch.setattr(stream_module, "BUSY_COMMIT_GAP", 3600)
     stream_settings.USAGE_STREAM_COMMIT_SECONDS = 3600
     value = people_keys[0].value
 
