@@ -7,6 +7,7 @@ measured figures are printed (pytest -s, or the -ra summary on failure)."""
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 import time
 from decimal import Decimal
@@ -175,6 +176,42 @@ def test_the_stream_reconnects_after_a_cut_and_drains_what_queued_meanwhile(
     log = portal.follower_log()
     assert "Reconnecting" in log and "Traceback" not in log, log
     assert log.count("Following the proxy's live usage stream.") == 1, log
+
+
+SQLITE_BUSY_TIMEOUT = 20  # keyportal/settings.py: how long a writer waits for a lock
+
+
+def test_the_stream_keeps_what_it_received_while_the_database_is_locked(
+    proxy7, tmp_path, template
+):
+    portal = portal_for(tmp_path, template, proxy7.url)
+    keys = portal.issue_keys(5)
+    for _pk, value in keys:
+        proxy7.wait_for_key(value)
+    portal.start_follower()
+    try:
+        portal.wait_until(lambda: portal.query("SELECT COUNT(*) FROM usage_syncrun")[0][0] > 0,
+                          timeout=GENEROUS, what="the follower's first drain")
+        # Another writer holds the database past the follower's busy timeout.
+        locker = sqlite3.connect(portal.db_path, isolation_level=None, timeout=30)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            for _pk, value in keys:
+                assert proxy7.claude(value) == 200
+            log_has = lambda text: text in portal.follower_log()  # noqa: E731
+            portal.wait_until(lambda: log_has("The database is not available"),
+                              timeout=SQLITE_BUSY_TIMEOUT * 3,
+                              what="the follower reporting the locked database")
+        finally:
+            locker.rollback()
+            locker.close()
+        portal.wait_until(lambda: portal.counted() == len(keys), timeout=GENEROUS,
+                          what="what arrived during the lock counted")
+        assert all(f.poll() is None for f in portal.followers)  # it kept running
+    finally:
+        portal.stop_followers()
+    log = portal.follower_log()
+    assert "Traceback" not in log and "Stopped." in log, log
 
 
 PRICE_SCRIPT = """
