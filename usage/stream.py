@@ -123,7 +123,7 @@ class UsageStream:
         self._buffer: list[bytes] = []
         self._oldest = 0.0  # monotonic time the oldest buffered record arrived
         self._last_push = 0.0  # and the newest
-        self._last_commit = 0.0  # when the last commit ended
+        self._last_commit = time.monotonic()  # when the last commit ended (or the start)
         self._period = _Period()
         self.subscriptions = 0  # how many times a subscription was made (tests, reports)
 
