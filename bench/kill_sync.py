@@ -1,6 +1,10 @@
 """kill -9 trial of sync_usage: nothing popped is lost once its body has arrived.
 
     .venv/bin/python bench/kill_sync.py [--records 60000] [--kills 10] [--batch 1000] [--seed 1]
+    .venv/bin/python bench/kill_sync.py --stream [--kills 10] [--seed 1] [--rate 40]
+
+`--stream`: the live stream against the real CLIProxyAPI 7.2.140 (../shared/cliproxyapi), see
+bench/kill_stream.py.
 
 Fills the fake proxy's queue (on 127.0.0.1) with `--records` records, runs
 `sync_usage --follow` and kills it with SIGKILL `--kills` times at random moments while it
@@ -33,7 +37,18 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1000, help="records per pop")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stream", action="store_true",
+                        help="the live stream path against the real CLIProxyAPI 7.2.140")
+    parser.add_argument("--rate", type=float, default=40,
+                        help="--stream: client requests per second during the kills")
+    parser.add_argument("--latency-requests", type=int, default=50,
+                        help="--stream: requests timed from their answer to their count")
     args = parser.parse_args()
+    if args.stream:
+        from bench.kill_stream import main as stream_main
+
+        return stream_main(kills=args.kills, seed=args.seed, rate=args.rate,
+                           latency_requests=args.latency_requests)
     url = os.environ.get("DATABASE_URL", "")
     url = url if url.startswith("postgres") else ""
     with tempfile.TemporaryDirectory(prefix="keyportal-kill-") as tmp:

@@ -324,6 +324,17 @@ USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "5000"), 1)
 # Seconds between passes of `sync_usage --follow`: well under the proxy's queue retention
 # (redis-usage-queue-retention-seconds, 60 s by default), or records expire unread.
 USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
+# `sync_usage --follow` subscribes to the proxy's usage stream (RESP, on CLIPROXY_URL's port) on
+# proxies that have it (7.x) and polls the others; false: always poll.
+USAGE_STREAM = env.bool("USAGE_STREAM", default=True)
+# The stream commits (stores, counts, checks limits) as soon as pushes pause, and under steady
+# traffic at least this often (seconds).
+USAGE_STREAM_COMMIT_SECONDS = max(number("USAGE_STREAM_COMMIT_SECONDS", "1", float), 0.05)
+# The stream writes one progress row (SyncRun, mode "stream") this often, even when idle.
+USAGE_STREAM_RUN_SECONDS = max(number("USAGE_STREAM_RUN_SECONDS", "60", float), 1.0)
+# After the proxy refused the stream (no RESP, or AUTH refused), poll this long before trying
+# the stream again (a refused AUTH counts toward the proxy's ban of the address).
+USAGE_STREAM_RETRY_SECONDS = max(number("USAGE_STREAM_RETRY_SECONDS", "600", float), 1.0)
 # Days a counted queue batch (hashed keys only) is kept for inspection before it is dropped.
 USAGE_BATCH_KEEP_DAYS = number("USAGE_BATCH_KEEP_DAYS", "7")
 # Where sync_usage writes each popped body (sealed, fsynced) before any database write, so a

@@ -29,6 +29,8 @@ os.environ.update(
         "CLIPROXY_USAGE_MODE": "auto",
         "USAGE_QUEUE_BATCH": "1000",
         "USAGE_FOLLOW_INTERVAL": "15",
+        # The poll path unless a test turns the live stream on (tests/usage/test_stream*.py).
+        "USAGE_STREAM": "false",
         "USAGE_BATCH_KEEP_DAYS": "7",
         "PORTAL_HTTPS": "false",
         "SECURE_COOKIES": "false",

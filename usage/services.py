@@ -726,6 +726,21 @@ def _spool_import_all(state: _Pass) -> IngestResult:
     return result
 
 
+def usage_spool_catch_up(*, now: datetime, books: Books) -> IngestResult:
+    """Counts what waits in the spool and the pending batches (bodies the live stream saved
+    while the database was away), without asking the proxy. Raises DatabaseUnavailable when
+    the database is still away: the files stay for the next try."""
+    state = _Pass(now=now, stop=threading.Event(), books=books)
+    try:
+        result, state.sealed = _with_db(lambda: _apply_pending(now, books), stop=state.stop)
+    except _DbDown as exc:
+        raise _unavailable(exc.kind, records=_spooled_records()) from None
+    result.add(_spool_import_all(state))
+    if state.db_down:
+        raise _unavailable(state.db_down, records=_spooled_records())
+    return result
+
+
 # Records per spool file, remembered: a file never changes once written, and a --follow loop
 # with the database down says how many records wait at every pass.
 _records_in_file: dict[str, int] = {}
@@ -852,11 +867,13 @@ def _import_or_keep(path: Path, state: _Pass, result: IngestResult) -> tuple[int
     return _records_in(path), ""
 
 
-def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> IngestResult:
+def usage_queue_body_ingest(
+    *, body: bytes, now: datetime, books: Books, stop: threading.Event | None = None
+) -> IngestResult:
     """One popped `/usage-queue` answer (or records buffered from the live stream): written
     to the spool and fsynced first, then stored and counted from there. Raises
-    DatabaseUnavailable when the database stays locked, full or away past the retry: the
-    body waits in the spool for the next run."""
+    DatabaseUnavailable when the database stays locked, full or away past the retry, or at
+    once after `stop` is set: the body waits in the spool for the next run."""
     if body.strip() == b"[]":
         return IngestResult()  # an empty pop holds nothing to keep
     try:
@@ -865,7 +882,7 @@ def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> Inge
         directory = Path(settings.USAGE_SPOOL_DIR)  # the writer fails and falls back
     writer = spool.SpoolWriter(directory)
     writer.write(body)
-    state = _Pass(now=now, stop=threading.Event(), books=books)
+    state = _Pass(now=now, stop=stop or threading.Event(), books=books)
     direct = IngestResult()
     path = _spool_finish(writer, state, direct)
     if path is None:

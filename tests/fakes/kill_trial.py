@@ -118,6 +118,7 @@ class Trial:
             "CLIPROXY_MANAGEMENT_KEY": MANAGEMENT_KEY,
             "CLIPROXY_USAGE_MODE": "queue",
             "USAGE_QUEUE_BATCH": str(batch),
+            "USAGE_STREAM": "false",  # the fake proxy has no RESP: the poll path
             "PORTAL_POOL_MIN": "0",
             "EMAIL_URL": "consolemail://",
             "LOG_LEVEL": "ERROR",

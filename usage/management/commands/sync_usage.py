@@ -12,6 +12,7 @@ Exit codes (one-shot runs; cron and systemd see them):
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -23,10 +24,12 @@ from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
+from pool.upstream import UpstreamError
 from usage.services import (
     EXIT_DB_UNAVAILABLE, DatabaseUnavailable, PopSizing, SyncBusy, SyncFailed, SyncReport,
     database_unavailable, sync_lease, usage_sync, usage_sync_pass,
 )
+from usage.stream import StreamUnavailable, usage_stream_follow, usage_stream_offered
 
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
 REPORT_AGAIN_AFTER = 60.0  # seconds before the same kind of database failure is told again
@@ -47,7 +50,8 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--follow", action="store_true",
-            help=_("Keep syncing every --interval seconds until SIGTERM or Ctrl-C."),
+            help=_("Keep syncing until SIGTERM or Ctrl-C: from the proxy's live usage stream "
+                   "where it has one (7.x), otherwise every --interval seconds."),
         )
         parser.add_argument(
             "--interval", type=float, default=None,
@@ -140,16 +144,37 @@ class Command(BaseCommand):
 
     def _passes(self, held: Held, mode: str | None, interval: float,
                 stop: threading.Event, sizing: PopSizing) -> None:
-        """Passes every `interval` seconds while this process holds the lease. Failures are
-        reported and the loop goes on: a refused management key is retried only when the
-        client's refusal latch lets a probe through (see pool.upstream), never faster; a
-        database that fails is told once per kind a minute while pops go on into the spool."""
+        """The live stream where the proxy has one (usage.stream), otherwise passes every
+        `interval` seconds, while this process holds the lease. Failures are reported and the
+        loop goes on: a refused management key is retried only when the client's refusal
+        latch lets a probe through (see pool.upstream), never faster; a proxy that refused
+        the stream is polled for USAGE_STREAM_RETRY_SECONDS before the stream is tried again;
+        a database that fails is told once per kind a minute while pops go on into the
+        spool."""
+        stream_after = 0.0  # monotonic time before which the stream is not tried
         while not stop.is_set() and not held.lost.is_set():
+            if time.monotonic() >= stream_after:
+                try:
+                    if usage_stream_offered(mode=mode):
+                        self.stdout.write(_("Following the proxy's live usage stream."))
+                        usage_stream_follow(held=held, stop=stop, report=self._report,
+                                            warn=self.stderr.write)
+                        continue  # stopped, or the lease was lost: the loop's test decides
+                    stream_after = math.inf  # this proxy has no stream (6.x): poll
+                except StreamUnavailable as exc:
+                    stream_after = time.monotonic() + settings.USAGE_STREAM_RETRY_SECONDS
+                    self.stderr.write(_(
+                        "%(error)s Polling every %(s)g s instead; the stream is tried again in "
+                        "%(m)d minutes."
+                    ) % {"error": exc, "s": interval,
+                         "m": max(1, round(settings.USAGE_STREAM_RETRY_SECONDS / 60))})
+                except (UpstreamError, SyncFailed) as exc:
+                    self.stderr.write(str(exc))  # the pass below reports too, and waits
+                except DatabaseError as exc:  # the refusal latch lives in the database cache
+                    self._tell_database(database_unavailable(exc))
             try:
                 report = usage_sync_pass(mode=mode, held=held, stop=stop, sizing=sizing)
-                self._write(report)
-                if report.message:
-                    self.stderr.write(report.message)
+                self._report(report)
                 if self._told:
                     self.stdout.write(_("The database is writable again; the spool is counted."))
                     self._told.clear()
@@ -169,14 +194,21 @@ class Command(BaseCommand):
             self.stderr.write(str(exc))
             self._told[exc.kind] = now
 
+    def _report(self, report: SyncReport) -> None:
+        self._write(report)
+        if report.message:
+            self.stderr.write(report.message)
+
     def _write(self, report: SyncReport) -> None:
         r = report.result
         line = _(
             "%(mode)s: read %(read)d, stored %(stored)d, foreign %(foreign)d, on unissued keys "
-            "%(unissued)d, quarantined %(quarantined)d, people touched %(people)d, in %(secs).2f s."
+            "%(unissued)d, quarantined %(quarantined)d, incomplete %(incomplete)d, people touched "
+            "%(people)d, in %(secs).2f s."
         ) % {
             "mode": report.mode, "read": r.read, "stored": r.stored, "foreign": r.foreign,
-            "unissued": r.unissued, "quarantined": r.quarantined, "people": len(r.people), "secs": report.duration,
+            "unissued": r.unissued, "quarantined": r.quarantined, "incomplete": r.incomplete,
+            "people": len(r.people), "secs": report.duration,
         }
         self.stdout.write(line)
         for note in report.notes:
