@@ -211,13 +211,21 @@ OTP_ADMIN_HIDE_SENSITIVE_DATA = True
 # /v0/management). Empty: the portal runs and says on its status page that no proxy is set.
 CLIPROXY_URL = setting("CLIPROXY_URL", "").rstrip("/")
 CLIPROXY_MANAGEMENT_KEY = env.str("CLIPROXY_MANAGEMENT_KEY", default="")
+# Seconds a command (sync_usage, reconcile_keys, ...) gives each proxy call, from connect to
+# the answer's last byte: a proxy that drips its answer is cut off at this deadline, not only
+# one that stays silent.
 CLIPROXY_TIMEOUT = number("CLIPROXY_TIMEOUT", "10", float)
+# The largest answer the portal reads into memory from the proxy, in bytes (default 64 MiB):
+# a larger one is refused with a sentence and the connection closed. A /usage-queue pop that
+# sync_usage streams to disk is not capped; its size follows USAGE_QUEUE_BATCH.
+CLIPROXY_MAX_ANSWER_BYTES = max(number("CLIPROXY_MAX_ANSWER_BYTES", str(64 * 1024 * 1024)), 1024)
 # Base URL people paste into their tools; defaults to CLIPROXY_URL.
 CLIPROXY_PUBLIC_URL = setting("CLIPROXY_PUBLIC_URL", CLIPROXY_URL).rstrip("/")
 # A page that changes keys (revoke; the admin's revoke, suspend and resume) asks the proxy to
 # follow at once but waits for it at most this many seconds in all, and never for another
 # portal process's write: past that the change stays pending at the proxy (it is already
-# committed in the portal) and the next sync or reconcile_keys finishes it.
+# committed in the portal) and the next sync or reconcile_keys finishes it. Staff pages that
+# read the proxy (/staff/proxy, its settings pages) get the same budget for all their calls.
 PORTAL_REQUEST_PROXY_BUDGET = number("PORTAL_REQUEST_PROXY_BUDGET", "2", float)
 # Reconcile refuses a key list from the proxy that lacks more than this share of the keys the
 # portal put there (and at least 3 of them), or lacks all of them: a proxy whose config was
