@@ -31,6 +31,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -41,7 +42,7 @@ from keyportal.notify import staff_alert
 from pool.escrow import EscrowUnreadable, body_open, body_seal
 from pool.models import ApiKey
 from pool.services import keys_lock
-from pool.upstream import ProxyClient, UpstreamError, UpstreamUnexpected
+from pool.upstream import ProxyClient, UpstreamError, UpstreamTooLarge, UpstreamUnexpected
 from usage import records as R
 from usage.models import (
     QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay,
@@ -505,16 +506,52 @@ def _apply_or_note(
         ) from exc
 
 
+# The pop size in use when it had to shrink below USAGE_QUEUE_BATCH (shared by every sync
+# process; forgotten after a day, when USAGE_QUEUE_BATCH is tried again).
+POP_SIZE_CACHE_KEY = "usage:queue:pop-size"
+POP_SIZE_KEEP = 24 * 60 * 60
+
+
+def usage_pop_size() -> int:
+    """Records to ask for in the next /usage-queue pop: USAGE_QUEUE_BATCH, or less when pops
+    had to shrink to stay under CLIPROXY_MAX_ANSWER_BYTES."""
+    shrunk = cache.get(POP_SIZE_CACHE_KEY)
+    if isinstance(shrunk, int) and 0 < shrunk < settings.USAGE_QUEUE_BATCH:
+        return shrunk
+    return settings.USAGE_QUEUE_BATCH
+
+
+def _pop_size_after(*, count: int, read: int, size: int) -> int:
+    """The next pop's size, at the bytes per record this pop showed: at most what keeps an
+    answer under half of CLIPROXY_MAX_ANSWER_BYTES. A pop refused over the cap is lost (the
+    proxy removed its records when it answered), so the size shrinks before that happens:
+    records that grow (long fail bodies, new fields) make the pops smaller, not lost."""
+    if read <= 0 or size <= 0:
+        return count
+    fits = max(1, settings.CLIPROXY_MAX_ANSWER_BYTES // 2 * read // size)
+    if fits < count:
+        cache.set(POP_SIZE_CACHE_KEY, fits, POP_SIZE_KEEP)
+        return fits
+    return count
+
+
 def _sync_queue(client: ProxyClient, now: datetime, books: Books, result: IngestResult,
                 held: Held | None) -> None:
     """Drains the queue into `result` (kept up to date, so a failure reports what was done)."""
-    count = settings.USAGE_QUEUE_BATCH
+    count = usage_pop_size()
     for _pop in range(MAX_POPS_PER_PASS):
         if held is not None and held.lost.is_set():
             raise LeaseLost(SYNC_LEASE)  # another sync took over: it drains from here
-        popped = usage_queue_body_ingest(
-            body=client.usage_queue_pop_raw(count=count), now=now, books=books
-        )
+        try:
+            body = client.usage_queue_pop_raw(count=count)
+        except UpstreamTooLarge as exc:
+            smaller = max(1, count // 4)
+            cache.set(POP_SIZE_CACHE_KEY, smaller, POP_SIZE_KEEP)
+            raise SyncFailed(_(
+                "%(reason)s The records of that pop of %(count)d are gone from the proxy; the "
+                "next pops ask for %(smaller)d records at a time."
+            ) % {"reason": exc, "count": count, "smaller": smaller}) from None
+        popped = usage_queue_body_ingest(body=body, now=now, books=books)
         result.add(popped)
         if popped.answer_error:
             raise SyncFailed(_(
@@ -523,6 +560,7 @@ def _sync_queue(client: ProxyClient, now: datetime, books: Books, result: Ingest
             ) % {"reason": popped.answer_error})
         if popped.read < count:
             break
+        count = _pop_size_after(count=count, read=popped.read, size=len(body))
 
 
 def usage_queue_body_ingest(*, body: bytes, now: datetime, books: Books) -> IngestResult:
