@@ -115,12 +115,19 @@ class _WatchedHTTPSPool(_WatchedPool, HTTPSConnectionPool):
     pass
 
 
+_WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
 class _WatchedAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {  # type: ignore[attr-defined]
-            "http": _WatchedHTTPPool, "https": _WatchedHTTPSPool,
-        }
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS  # type: ignore[attr-defined]
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # An HTTP(S)_PROXY in the environment gets its own manager: watched the same way.
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 def session() -> requests.Session:
@@ -195,7 +202,8 @@ class Answer:
 
     def stream(self, sink: Callable[[bytes], None]) -> int:
         """Hands the body to `sink` chunk by chunk as it arrives; returns the bytes handed
-        over. On DeadlinePassed or AnswerBroken, what arrived before went to the sink."""
+        over. On DeadlinePassed or AnswerBroken, what arrived before went to the sink; what
+        the sink raises (a full disk) comes out unchanged, the connection closed."""
         written = 0
         for chunk in self._chunks():
             sink(chunk)

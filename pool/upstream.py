@@ -626,7 +626,8 @@ class ProxyClient:
         writes it to disk). Returns the bytes handed over. The whole answer has the call's
         deadline; when it passes, or the connection breaks, mid-answer, UpstreamUnreachable is
         raised after the chunks read so far went to the sink: the proxy has removed those
-        records, and the sink's owner keeps what arrived."""
+        records, and the sink's owner keeps what arrived. What the sink raises comes out
+        unchanged (the connection is closed)."""
         _check_count(count)
         response = self._send("GET", "/usage-queue", params={"count": count}, sink=sink)
         return response.written  # type: ignore[attr-defined]

@@ -380,3 +380,15 @@ def test_a_refused_pop_gives_the_sink_nothing():
     assert chunks == []
 
 
+
+
+def test_what_the_sink_raises_comes_out_unchanged_and_the_client_goes_on():
+    def full(chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    with Server(pieces(PARTS)) as server, client_for(server.url) as client:
+        with pytest.raises(OSError, match="No space left"):
+            client.usage_queue_pop_stream(count=300, sink=full)
+        chunks: list[bytes] = []
+        assert client.usage_queue_pop_stream(count=300, sink=chunks.append) == len(BODY)
+    assert b"".join(chunks) == BODY
