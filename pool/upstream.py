@@ -334,8 +334,8 @@ class ProxyClient:
                 % {"url": self.base_url, "s": timeout, "budget": self.budget}
             )
         return UpstreamUnreachable(
-            _("The proxy at %(url)s did not answer %(method)s %(path)s within %(s)g s "
-              "(CLIPROXY_TIMEOUT, the deadline for a whole answer); the portal closed the "
+            _("The proxy at %(url)s did not answer within %(s)g s (CLIPROXY_TIMEOUT, the "
+              "deadline for its whole answer to %(method)s %(path)s); the portal closed the "
               "connection.")
             % {"url": self.base_url, "method": method, "path": path, "s": self.timeout}
         )
