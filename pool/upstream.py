@@ -364,7 +364,9 @@ class ProxyClient:
         with answer:
             response = answer.response
             try:
-                if sink is not None and response.status_code == 200:
+                if response.status_code != 200:
+                    _read_error_body(answer)
+                elif sink is not None:
                     response.written = answer.stream(sink)  # type: ignore[attr-defined]
                 else:
                     answer.read(cap=self.max_answer_bytes)
@@ -634,6 +636,19 @@ class ProxyClient:
 
     def usage_queue_pop(self, *, count: int) -> list[UsageRecord]:
         return parse_usage_queue(self.usage_queue_pop_raw(count=count))
+
+
+ERROR_BODY_CAP = 64 * 1024  # the proxy's error answers are one short JSON object
+
+
+def _read_error_body(answer: bounded.Answer) -> None:
+    """An error answer's body, for its sentence: a huge one is dropped, never refused, so
+    that a 401 or 403 is still remembered by the latch whatever came with it."""
+    try:
+        answer.read(cap=ERROR_BODY_CAP)
+    except bounded.AnswerTooLarge:
+        answer.response._content = b""  # type: ignore[attr-defined]
+        answer.response._content_consumed = True  # type: ignore[attr-defined]
 
 
 def _check_count(count: int) -> None:

@@ -24,7 +24,9 @@ from django.test import Client
 
 from accounts.models import User
 from pool.keytest import ProxySlow, key_models
-from pool.upstream import ProxyClient, UpstreamTooLarge, UpstreamUnexpected, UpstreamUnreachable
+from pool.upstream import (
+    ProxyClient, UpstreamRefused, UpstreamTooLarge, UpstreamUnexpected, UpstreamUnreachable,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "deadline-management-key"
@@ -392,3 +394,19 @@ def test_what_the_sink_raises_comes_out_unchanged_and_the_client_goes_on():
         chunks: list[bytes] = []
         assert client.usage_queue_pop_stream(count=300, sink=chunks.append) == len(BODY)
     assert b"".join(chunks) == BODY
+
+
+def test_a_refusal_with_a_huge_body_is_still_a_refusal():
+    def refuse(handler: BaseHTTPRequestHandler, server: Server) -> None:
+        handler.send_response(401)
+        handler.send_header("Content-Length", str(5 * MiB))
+        handler.end_headers()
+        server.write(handler, b"x" * (5 * MiB))
+
+    with Server(refuse) as server, client_for(server.url, max_answer_bytes=MiB) as client:
+        with pytest.raises(UpstreamRefused, match="CLIPROXY_MANAGEMENT_KEY"):
+            client.list_keys()
+        # Remembered by the latch: nothing more is sent with that key.
+        with pytest.raises(UpstreamRefused, match="Nothing was sent"):
+            client.list_keys()
+    assert server.requests == 1
