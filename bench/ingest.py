@@ -1,6 +1,6 @@
 """Ingest benchmark for sync_usage, both proxy generations. Not part of the test suite.
 
-    .venv/bin/python bench/ingest.py [--count 1000000] [--batch 5000] [--keys 3000]
+    .venv/bin/python bench/ingest.py [--count 1000000] [--batch 4000] [--keys 3000]
 
 Generates `count` usage records shaped like the proxy's real answers (tests/fixtures/), then
 ingests them with the real code on a throw-away SQLite database, or on the PostgreSQL
@@ -206,7 +206,7 @@ def bench_snapshot(count: int, keys: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=5000, help="records per queue pop (the USAGE_QUEUE_BATCH default)")
+    parser.add_argument("--batch", type=int, default=4000, help="records per queue pop (the USAGE_QUEUE_BATCH default)")
     parser.add_argument("--keys", type=int, default=3000)
     parser.add_argument("--only", choices=["queue", "snapshot"])
     args = parser.parse_args()

@@ -3,9 +3,9 @@ with the key itself as the credential, the way a client tool would.
 
 Not the management client (pool/upstream.py): that one carries the management key and its
 refusal latch, neither of which has any business here; a refused client key costs nothing at
-the proxy (no ban counts client keys). Like it, every call has a short timeout, answers are a
-dataclass, failures are typed errors whose str() is a sentence for a person, and the key
-never appears in an error, a log line or an exception chain."""
+the proxy (no ban counts client keys). Like it, every call is bounded from connect to last
+byte by a short deadline and in size (pool/bounded.py), answers are a dataclass, failures are
+typed errors whose str() is a sentence for a person, and the key never appears in an error, a log line or an exception chain."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import requests
 from django.conf import settings
 from django.utils.translation import gettext as _
+
+from pool import bounded
 
 MAX_MODELS = 500  # a page lists them; a proxy answering more is cut, not trusted to be sane
 
@@ -60,21 +62,31 @@ def key_models(*, key: str) -> ModelList:
             _("The portal has no proxy address configured, so it cannot test keys; ask staff.")
         )
     timeout = timeout_seconds()
-    try:
-        response = requests.get(
-            f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout,
-            allow_redirects=False,
-        )
-    except requests.Timeout:
-        raise ProxySlow(
-            _("The proxy did not answer within %(s)g seconds. The key may well be fine; try "
-              "again in a moment.") % {"s": timeout}
-        ) from None
-    except requests.RequestException:
-        raise ProxyUnreachable(
-            _("The proxy cannot be reached right now, so the key could not be tested. The key "
-              "may well be fine; try again later.")
-        ) from None
+    with bounded.session() as session:
+        try:
+            # The deadline covers the whole answer: a proxy that drips its model list is cut
+            # off like one that says nothing.
+            with bounded.send(
+                session, "GET", f"{base}/v1/models", timeout=timeout,
+                headers={"Authorization": f"Bearer {key}"}, allow_redirects=False,
+            ) as answer:
+                answer.read(cap=settings.CLIPROXY_MAX_ANSWER_BYTES)
+                response = answer.response
+        except (bounded.DeadlinePassed, requests.Timeout):
+            raise ProxySlow(
+                _("The proxy did not answer within %(s)g seconds. The key may well be fine; try "
+                  "again in a moment.") % {"s": timeout}
+            ) from None
+        except bounded.AnswerTooLarge:
+            raise ProxyUnexpected(
+                _("The proxy's model list is larger than the portal accepts "
+                  "(CLIPROXY_MAX_ANSWER_BYTES); the key could not be tested.")
+            ) from None
+        except (bounded.AnswerBroken, requests.RequestException):
+            raise ProxyUnreachable(
+                _("The proxy cannot be reached right now, so the key could not be tested. The "
+                  "key may well be fine; try again later.")
+            ) from None
     if response.status_code in (401, 403):
         raise KeyUnknownToProxy(
             _("The proxy doesn't know this key yet. A new key usually starts working within a "

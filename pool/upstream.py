@@ -6,10 +6,13 @@ Built to the proxy's code, not its published docs (../shared/docs/cliproxyapi-co
 - `/usage` (snapshot, up to 6.9.x) and `/usage-queue` (destructive pop, 6.10.8+) are both
   spoken; `usage_mode()` tells which one without popping anything.
 
-Every call has a timeout; answers come out as dataclasses; failures are typed errors whose
-message is one plain sentence that never contains a key. A client built with a `budget`
-(pages: PORTAL_REQUEST_PROXY_BUDGET) waits at most that long in all: each call's timeout is
-min(CLIPROXY_TIMEOUT, time left), and with no time left nothing is sent.
+Every call is bounded from connect to last byte (pool/bounded.py: a proxy that drips its answer
+cannot outlast it) and in size (CLIPROXY_MAX_ANSWER_BYTES, refused with UpstreamTooLarge);
+answers come out as dataclasses; failures are typed errors whose message is one plain sentence
+that never contains a key. A client built with a `budget` (pages: PORTAL_REQUEST_PROXY_BUDGET)
+waits at most that long in all: each call's deadline is min(CLIPROXY_TIMEOUT, time left), and
+with no time left nothing is sent. A pop can also be streamed to a sink
+(`usage_queue_pop_stream`), which is not capped: it goes to disk, not to memory.
 
 The refusal latch. The proxy counts failed management logins per address (localhost
 included): each 401 adds one, a successful login resets the count, so does the end of a ban,
@@ -49,6 +52,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils.translation import gettext as _
 
+from pool import bounded
+
 MANAGEMENT_PREFIX = "/v0/management"
 
 # The refusal latch (see the module's docstring). Seconds.
@@ -58,6 +63,10 @@ PROXY_BAN_AFTER = 5  # the proxy bans an address at its 5th failed login...
 STRIKES_BEFORE_PAUSE = 3  # ...the portal lets a latch spend at most 3 of them in a row
 PROXY_FORGETS_AFTER = 3 * 60 * 60 + 10 * 60  # idle > 2 h, swept hourly: gone within 3 h
 LATCH_KEEP = 24 * 60 * 60  # long after the proxy forgot; refreshed at every attempt
+
+# The settings' default for CLIPROXY_MAX_ANSWER_BYTES: far above any management answer and a
+# pop of USAGE_QUEUE_BATCH records (about 1.3 KB each), far below what hurts a worker.
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 def clock() -> float:
@@ -79,6 +88,10 @@ class UpstreamNotConfigured(UpstreamError):
 
 class UpstreamUnreachable(UpstreamError):
     """No answer: connection refused, DNS, or timeout."""
+
+
+class UpstreamTooLarge(UpstreamError):
+    """An answer over CLIPROXY_MAX_ANSWER_BYTES: refused before it could fill the memory."""
 
 
 class UpstreamRefused(UpstreamError):
@@ -250,7 +263,8 @@ class ProxyClient:
     USAGE_MODE_SNAPSHOT = "snapshot"
 
     def __init__(
-        self, *, base_url: str, management_key: str, timeout: float, budget: float | None = None
+        self, *, base_url: str, management_key: str, timeout: float, budget: float | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         if not base_url:
             raise UpstreamNotConfigured(
@@ -266,7 +280,8 @@ class ProxyClient:
         # The budget runs from here: build the client right before its calls.
         self.budget = budget
         self._deadline = None if budget is None else time.monotonic() + budget
-        self.session = requests.Session()
+        self.max_answer_bytes = max_answer_bytes
+        self.session = bounded.session()
         self.session.headers["Authorization"] = f"Bearer {management_key}"
         self.requests_sent = 0
         self._strikes_seen = False
@@ -280,6 +295,7 @@ class ProxyClient:
             management_key=settings.CLIPROXY_MANAGEMENT_KEY,
             timeout=settings.CLIPROXY_TIMEOUT,
             budget=budget,
+            max_answer_bytes=settings.CLIPROXY_MAX_ANSWER_BYTES,
         )
 
     def close(self) -> None:
@@ -309,24 +325,34 @@ class ProxyClient:
             )
         return min(self.timeout, left)
 
-    def _transport(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """One request, past the latch: sent, its refusal remembered, its failure typed."""
+    def _deadline_error(self, timeout: float, method: str, path: str) -> UpstreamUnreachable:
+        """The call did not end by its deadline (no answer, or an answer still arriving): the
+        connection is closed by now. Names the setting that set the deadline."""
+        if timeout < self.timeout:
+            return UpstreamUnreachable(
+                _("The proxy at %(url)s did not answer within %(s).1f s, what was left of the "
+                  "%(budget)g s a page may wait for it (PORTAL_REQUEST_PROXY_BUDGET).")
+                % {"url": self.base_url, "s": timeout, "budget": self.budget}
+            )
+        return UpstreamUnreachable(
+            _("The proxy at %(url)s did not answer within %(s)g s (CLIPROXY_TIMEOUT, the "
+              "deadline for its whole answer to %(method)s %(path)s); the portal closed the "
+              "connection.")
+            % {"url": self.base_url, "method": method, "path": path, "s": self.timeout}
+        )
+
+    def _transport(self, method: str, path: str, *, sink: Callable[[bytes], None] | None = None,
+                   **kwargs: Any) -> requests.Response:
+        """One request, past the latch: sent, read to its last byte within the deadline, its
+        refusal remembered, its failure typed. With `sink`, a 200 answer's body goes there
+        chunk by chunk (uncapped; `response.written` says how much) instead of into memory."""
         timeout = self._time_left()
         url = f"{self.base_url}{MANAGEMENT_PREFIX}{path}"
         self.requests_sent += 1
         try:
-            response = self.session.request(method, url, timeout=timeout, **kwargs)
-        except requests.Timeout:
-            if timeout < self.timeout:
-                raise UpstreamUnreachable(
-                    _("The proxy at %(url)s did not answer within %(s).1f s, what was left of "
-                      "the %(budget)g s a page may wait for it (PORTAL_REQUEST_PROXY_BUDGET).")
-                    % {"url": self.base_url, "s": timeout, "budget": self.budget}
-                ) from None
-            raise UpstreamUnreachable(
-                f"The proxy at {self.base_url} did not answer within {self.timeout:g} s "
-                "(CLIPROXY_TIMEOUT)."
-            ) from None
+            answer = bounded.send(self.session, method, url, timeout=timeout, **kwargs)
+        except (bounded.DeadlinePassed, requests.Timeout):
+            raise self._deadline_error(timeout, method, path) from None
         except requests.ConnectionError:
             raise UpstreamUnreachable(
                 f"The proxy at {self.base_url} cannot be reached (connection failed); "
@@ -336,6 +362,31 @@ class ProxyClient:
             raise UpstreamUnreachable(
                 f"The proxy at {self.base_url} cannot be reached ({type(exc).__name__})."
             ) from None
+        with answer:
+            response = answer.response
+            try:
+                if response.status_code != 200:
+                    _read_error_body(answer)
+                elif sink is not None:
+                    response.written = answer.stream(sink)  # type: ignore[attr-defined]
+                else:
+                    answer.read(cap=self.max_answer_bytes)
+            except bounded.DeadlinePassed:
+                raise self._deadline_error(timeout, method, path) from None
+            except bounded.AnswerBroken:
+                raise UpstreamUnreachable(
+                    _("The proxy at %(url)s broke the connection before the end of its answer "
+                      "to %(method)s %(path)s.")
+                    % {"url": self.base_url, "method": method, "path": path}
+                ) from None
+            except bounded.AnswerTooLarge as exc:
+                raise UpstreamTooLarge(
+                    _("The proxy at %(url)s answered %(method)s %(path)s with more than "
+                      "%(mib)s MiB (CLIPROXY_MAX_ANSWER_BYTES), so the portal refused the "
+                      "answer and closed the connection.")
+                    % {"url": self.base_url, "method": method, "path": path,
+                       "mib": _mib(exc.cap)}
+                ) from None
         if response.status_code in (401, 403):
             message = self._refusal_message(response)
             banned = "banned" in _error_text(response).lower()
@@ -569,56 +620,41 @@ class ProxyClient:
     def usage_queue_pop_raw(self, *, count: int) -> bytes:
         """Pops up to `count` records and returns the answer body untouched, so the caller can
         make it durable before parsing: a popped record is gone from the proxy for good."""
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError("count must be a positive integer")
+        _check_count(count)
         return self._send("GET", "/usage-queue", params={"count": count}).content
 
     def usage_queue_pop_stream(self, *, count: int, sink: Callable[[bytes], None]) -> int:
-        """Pops up to `count` records and hands the answer body to `sink` chunk by chunk, as it
-        arrives, never holding it whole (the caller spools it). Returns the bytes written.
-        The whole answer is bounded by CLIPROXY_TIMEOUT (or the budget) from the request to
-        the last byte; a deadline hit or a dropped connection mid-answer raises
-        UpstreamUnreachable after the chunks received went to `sink`.
-
-        Minimal version from the "spool" branch; the "deadline" branch owns the final one."""
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ValueError("count must be a positive integer")
-        started = time.monotonic()
-        whole = self._time_left()
-        response = self._send("GET", "/usage-queue", params={"count": count}, stream=True)
-        written = 0
-        # Read from urllib3 directly, with its length check off: when the connection drops
-        # short of Content-Length it would raise *before* handing over the bytes it has,
-        # and those are records the proxy no longer holds. The length is checked here.
-        raw = response.raw
-        raw.enforce_content_length = False
-        expected = response.headers.get("Content-Length")
-        try:
-            for chunk in raw.stream(64 * 1024, decode_content=True):
-                sink(chunk)
-                written += len(chunk)
-                if time.monotonic() - started > whole:
-                    raise UpstreamUnreachable(
-                        f"The proxy at {self.base_url} did not finish its answer within "
-                        f"{whole:g} s (CLIPROXY_TIMEOUT); {written} bytes had arrived."
-                    )
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise UpstreamUnreachable(
-                f"The proxy at {self.base_url} dropped the connection in the middle of its "
-                f"answer ({type(exc).__name__}); {written} bytes had arrived."
-            ) from None
-        finally:
-            response.close()
-        if (expected and expected.isdigit() and not response.headers.get("Content-Encoding")
-                and written < int(expected)):
-            raise UpstreamUnreachable(
-                f"The proxy at {self.base_url} dropped the connection in the middle of its "
-                f"answer; {written} of {expected} bytes had arrived."
-            )
-        return written
+        """Pops up to `count` records and hands the answer body to `sink` chunk by chunk as it
+        arrives, never holding it whole (so CLIPROXY_MAX_ANSWER_BYTES does not apply: the sink
+        writes it to disk). Returns the bytes handed over. The whole answer has the call's
+        deadline; when it passes, or the connection breaks, mid-answer, UpstreamUnreachable is
+        raised after the chunks read so far went to the sink: the proxy has removed those
+        records, and the sink's owner keeps what arrived. What the sink raises comes out
+        unchanged (the connection is closed)."""
+        _check_count(count)
+        response = self._send("GET", "/usage-queue", params={"count": count}, sink=sink)
+        return response.written  # type: ignore[attr-defined]
 
     def usage_queue_pop(self, *, count: int) -> list[UsageRecord]:
         return parse_usage_queue(self.usage_queue_pop_raw(count=count))
+
+
+ERROR_BODY_CAP = 64 * 1024  # the proxy's error answers are one short JSON object
+
+
+def _read_error_body(answer: bounded.Answer) -> None:
+    """An error answer's body, for its sentence: a huge one is dropped, never refused, so
+    that a 401 or 403 is still remembered by the latch whatever came with it."""
+    try:
+        answer.read(cap=ERROR_BODY_CAP)
+    except bounded.AnswerTooLarge:
+        answer.response._content = b""  # type: ignore[attr-defined]
+        answer.response._content_consumed = True  # type: ignore[attr-defined]
+
+
+def _check_count(count: int) -> None:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError("count must be a positive integer")
 
 
 def _error_text(response: requests.Response) -> str:
@@ -632,6 +668,10 @@ def _error_text(response: requests.Response) -> str:
     text = text if isinstance(text, str) and text else (response.text or response.reason or "")
     text = " ".join(text.split())
     return text[:200] or "no reason given"
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g}"
 
 
 def _remembered(strikes: dict[str, Any] | None, now: float) -> int:

@@ -299,7 +299,8 @@ def _proxy_report() -> ProxyReport:
         return ProxyReport(configured=False)
     report = ProxyReport(configured=True)
     try:
-        with ProxyClient.from_settings() as client:
+        # A page: all its calls share the page budget, each bounded to its last byte.
+        with ProxyClient.from_settings(budget=settings.PORTAL_REQUEST_PROXY_BUDGET) as client:
             report.statistics = client.usage_statistics_enabled()
             report.mode = client.usage_mode()
             try:
