@@ -309,11 +309,7 @@ class UsageSubscriber:
         except (TimeoutError, socket.timeout):
             return
         except OSError:
-            self.close()
-            raise UpstreamUnreachable(
-                _("The connection to the proxy's usage stream at %(where)s broke.")
-                % {"where": self.where}
-            ) from None
+            raise self._broken() from None
         if not chunk:
             self.close()
             raise _Closed(_(
@@ -331,17 +327,20 @@ class UsageSubscriber:
             )
         return frame
 
+    def _broken(self) -> UpstreamUnreachable:
+        self.close()
+        return UpstreamUnreachable(
+            _("The connection to the proxy's usage stream at %(where)s broke.")
+            % {"where": self.where}
+        )
+
     def _send(self, data: bytes) -> None:
         assert self._sock is not None
         self._sock.settimeout(self.timeout)
         try:
             self._sock.sendall(data)
         except OSError:
-            self.close()
-            raise UpstreamUnreachable(
-                _("The connection to the proxy's usage stream at %(where)s broke.")
-                % {"where": self.where}
-            ) from None
+            raise self._broken() from None
 
 
 def _short(text: str) -> str:

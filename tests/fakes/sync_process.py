@@ -62,6 +62,8 @@ class SyncProcess:
             "CLIPROXY_TIMEOUT": "20",
             "CLIPROXY_USAGE_MODE": generation,
             "USAGE_QUEUE_BATCH": str(batch),
+            # The fake proxy has no RESP port: --follow polls (the stream has its own tests).
+            "USAGE_STREAM": "false",
             "USAGE_SPOOL_DIR": str(self.spool),
             "USAGE_DB_RETRY_SECONDS": str(retry_seconds),
             "SQLITE_BUSY_TIMEOUT": str(busy_timeout),
