@@ -328,11 +328,13 @@ if CLIPROXY_USAGE_MODE not in ("auto", "queue", "snapshot"):
     raise ImproperlyConfigured(
         f"CLIPROXY_USAGE_MODE must be auto, queue or snapshot, not {CLIPROXY_USAGE_MODE!r}."
     )
-# Records per /usage-queue pop; each pop is committed before it is counted. 4,000 is measured
-# (README, Benchmarks: pop size): the smallest pop whose ingest on PostgreSQL stays within 3x
-# json.loads of the same bytes (smaller pops pay the fixed commits per pop more often); a
-# kill -9 while the proxy serialises or the portal reads a pop loses at most that one pop.
-USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "4000"), 1)
+# Records per /usage-queue pop; each pop is spooled and committed before it is counted. 5,000
+# is measured (README, Benchmarks: pop size): the smallest pop whose ingest on PostgreSQL,
+# spool and fsync included, stays within 3x json.loads of the same bytes (smaller pops pay the
+# fixed commits and fsync per pop more often), and about 6.6 MB, well inside one spool piece
+# (an eighth of CLIPROXY_MAX_ANSWER_BYTES); a kill -9 while the proxy serialises or the portal
+# reads a pop loses at most that one pop.
+USAGE_QUEUE_BATCH = max(number("USAGE_QUEUE_BATCH", "5000"), 1)
 # Seconds between passes of `sync_usage --follow`: well under the proxy's queue retention
 # (redis-usage-queue-retention-seconds, 60 s by default), or records expire unread.
 USAGE_FOLLOW_INTERVAL = number("USAGE_FOLLOW_INTERVAL", "15", float)
