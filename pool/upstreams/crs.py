@@ -24,9 +24,10 @@ or a key's value.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -65,15 +66,18 @@ class Limits:
     rate_limit_cost: Decimal | None = None  # rateLimitCost, USD per window
     expires_at: datetime | None = None  # expiresAt (aware)
 
-    def as_crs(self) -> dict[str, Any]:
+    def as_crs(self, *, update: bool = False) -> dict[str, Any]:
+        # A rate window: creating refuses 0 (below 1 minute) and skips "", while updating
+        # skips "" (the old window stays) and takes 0 as "none". So "none" is "" on create
+        # and 0 on update.
+        none = 0 if update else ""
         return {
             "dailyCostLimit": float(self.daily_cost_limit or 0),
             "totalCostLimit": float(self.total_cost_limit or 0),
             "tokenLimit": self.token_limit or 0,
             "concurrencyLimit": self.concurrency_limit or 0,
-            # CRS refuses a window below 1 minute: "no window" is the field left empty.
-            "rateLimitWindow": self.rate_limit_window or "",
-            "rateLimitRequests": self.rate_limit_requests or "",
+            "rateLimitWindow": self.rate_limit_window or none,
+            "rateLimitRequests": self.rate_limit_requests or none,
             "rateLimitCost": float(self.rate_limit_cost or 0),
             "expiresAt": _iso(self.expires_at) if self.expires_at else None,
         }
@@ -92,8 +96,13 @@ class Key:
     name: str
     is_active: bool
     is_deleted: bool
-    daily_cost_limit: Decimal
+    daily_cost_limit: Decimal  # 0: no limit, as in CRS (and below)
     total_cost_limit: Decimal
+    token_limit: int
+    concurrency_limit: int
+    rate_limit_window: int  # minutes
+    rate_limit_requests: int
+    rate_limit_cost: Decimal
     expires_at: datetime | None
 
 
@@ -164,7 +173,7 @@ class CrsClient:
     def update_limits(self, key_id: str, limits: Limits) -> None:
         # expiresAt null clears the expiry (and makes the key active again, a CRS quirk); so
         # it is sent only when set, and clearing an expiry is left to an explicit call.
-        payload = limits.as_crs()
+        payload = limits.as_crs(update=True)
         if payload["expiresAt"] is None:
             del payload["expiresAt"]
         self._call("PUT", f"/admin/api-keys/{_id(key_id)}", json=payload)
@@ -336,6 +345,11 @@ class CrsClient:
             is_deleted=_flag(item.get("isDeleted")),
             daily_cost_limit=_money(item.get("dailyCostLimit"), self, "list keys"),
             total_cost_limit=_money(item.get("totalCostLimit"), self, "list keys"),
+            token_limit=_int(item.get("tokenLimit"), self, "list keys"),
+            concurrency_limit=_int(item.get("concurrencyLimit"), self, "list keys"),
+            rate_limit_window=_int(item.get("rateLimitWindow"), self, "list keys"),
+            rate_limit_requests=_int(item.get("rateLimitRequests"), self, "list keys"),
+            rate_limit_cost=_money(item.get("rateLimitCost"), self, "list keys"),
             expires_at=_when(expires, self, "list keys") if expires else None,
         )
 
@@ -364,8 +378,6 @@ _NOT_JSON = object()
 
 
 def _json(raw: bytes) -> Any:
-    import json
-
     try:
         return json.loads(raw) if raw else _NOT_JSON
     except ValueError:
@@ -384,9 +396,12 @@ def _path_shape(path: str) -> str:
 
 
 def _iso(moment: datetime) -> str:
+    """As CRS writes times (JavaScript's toISOString): UTC, milliseconds, "Z". Cut down to the
+    millisecond, so an inclusive `startDate` still takes the moment given."""
     if moment.tzinfo is None:
         raise ValueError("times sent to CRS must be aware")
-    return moment.isoformat()
+    utc = moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return utc.replace("+00:00", "Z")
 
 
 def _flag(value: Any) -> bool:

@@ -152,8 +152,13 @@ class FakeCrs:
         key_id, value = str(uuid.uuid4()), "cr_" + secrets.token_hex(32)
         key = {"id": key_id, "name": name, "hash": hashlib.sha256(value.encode()).hexdigest(),
                "isActive": True, "isDeleted": False, "dailyCostLimit": 0.0,
-               "totalCostLimit": 0.0, "expiresAt": "", "dailyCost": Decimal(0),
-               "totalCost": Decimal(0)}
+               "totalCostLimit": 0.0, "tokenLimit": 0, "concurrencyLimit": 0,
+               "rateLimitWindow": 0, "rateLimitRequests": 0, "rateLimitCost": 0.0,
+               "expiresAt": "", "dailyCost": Decimal(0), "totalCost": Decimal(0)}
+        for name in ("rateLimitWindow", "rateLimitRequests"):
+            # Creating refuses a window (or a count) below 1; "" means none.
+            if body.get(name) not in (None, "") and int(body[name]) < 1:
+                return 400, {"error": "Rate limit window must be a positive integer (minutes)"}
         self._apply_limits(key, body)
         self.keys[key_id] = key
         public = {k: v for k, v in key.items() if k not in ("hash", "dailyCost", "totalCost")}
@@ -169,9 +174,13 @@ class FakeCrs:
 
     @staticmethod
     def _apply_limits(key: dict[str, Any], body: dict[str, Any]) -> None:
-        for name in ("dailyCostLimit", "totalCostLimit"):
+        # A field that is absent, null or "" leaves the value as it was (on update too).
+        for name in ("dailyCostLimit", "totalCostLimit", "rateLimitCost"):
             if body.get(name) not in (None, ""):
                 key[name] = float(body[name])
+        for name in ("tokenLimit", "concurrencyLimit", "rateLimitWindow", "rateLimitRequests"):
+            if body.get(name) not in (None, ""):
+                key[name] = int(body[name])
         if "expiresAt" in body:
             key["expiresAt"] = body["expiresAt"] or ""
 

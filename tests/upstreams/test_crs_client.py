@@ -13,6 +13,7 @@ import requests
 from pool.upstream import (
     UpstreamNotFound,
     UpstreamRefused,
+    UpstreamTooLarge,
     UpstreamUnexpected,
     UpstreamUnreachable,
 )
@@ -153,6 +154,14 @@ def test_slow_answer_is_cut_at_the_deadline(fake: FakeCrs, kind: str) -> None:
     fake.inject("/admin/supported-clients", kind)
     with pytest.raises(UpstreamUnreachable, match="within 0.5 s"):
         client.health()
+
+
+def test_answer_over_the_cap_is_refused(fake: FakeCrs) -> None:
+    client = CrsClient(fake.url, USERNAME, PASSWORD, timeout=2, max_answer_bytes=1000)
+    for number in range(10):
+        client.create_key(name=f"key-{number}")
+    with pytest.raises(UpstreamTooLarge):
+        client.list_keys()
 
 
 def test_unreachable() -> None:

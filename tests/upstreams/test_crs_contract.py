@@ -227,6 +227,10 @@ def test_usage_records_show_the_request_with_its_split(relay: Relay) -> None:
             record.cache_create_tokens) == (100, 50, 10000, 2000)
     assert record.cost > Decimal("0.01")
     assert abs(record.timestamp - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    # `since` is inclusive, to the millisecond CRS writes.
+    assert client.usage_records(created.id, since=record.timestamp).records == [record]
+    later = client.usage_records(created.id, since=record.timestamp + timedelta(milliseconds=1))
+    assert later.records == [] and later.cursor == record.timestamp + timedelta(milliseconds=1)
 
 
 def test_daily_cost_limit_answers_402_within_three_requests(relay: Relay) -> None:
@@ -257,6 +261,32 @@ def test_limits_update_and_disable_enable(relay: Relay) -> None:
     assert relay.message(created.value).status_code == 401
     client.set_active(created.id, True)
     assert relay.message(created.value).status_code == 200
+
+
+def test_rate_window_and_expiry_are_set_and_cleared(relay: Relay) -> None:
+    client = relay.client()
+    expires = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
+    created = client.create_key(
+        name=f"contract-{uuid.uuid4().hex[:8]}",
+        limits=Limits(rate_limit_window=5, rate_limit_requests=10, concurrency_limit=2,
+                      token_limit=1000, expires_at=expires))
+    key = {k.id: k for k in client.list_keys()}[created.id]
+    assert (key.rate_limit_window, key.rate_limit_requests, key.concurrency_limit,
+            key.token_limit) == (5, 10, 2, 1000)
+    assert key.expires_at == expires
+    client.update_limits(created.id, Limits())
+    key = {k.id: k for k in client.list_keys()}[created.id]
+    assert (key.rate_limit_window, key.rate_limit_requests, key.concurrency_limit,
+            key.token_limit) == (0, 0, 0, 0)
+    assert key.expires_at == expires  # left alone: update_limits sends no expiresAt when None
+
+
+def test_stale_session_token_is_replaced_once(relay: Relay) -> None:
+    client = relay.client()
+    client.health()
+    client._token = "0" * 64  # well formed, unknown to CRS: as after its session timeout
+    client.health()
+    assert client.logins == 2
 
 
 def test_deleted_key_is_refused(relay: Relay) -> None:
