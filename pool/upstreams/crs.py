@@ -47,6 +47,7 @@ DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
 ERROR_BODY_CAP = 64 * 1024
 USAGE_PAGE_SIZE = 200  # CRS's largest page
 MAX_PAGES = 100  # CRS reads at most 5,000 records per key: 25 pages of 200; a bound, not a guess
+MAX_KEY_PAGES = 1000  # 100,000 keys at 100 a page: far past any team, still an end
 _KEY_VALUE = re.compile(r"cr_[0-9A-Za-z]+")
 
 
@@ -171,8 +172,8 @@ class CrsClient:
         return CreatedKey(id=key_id, name=str(data.get("name", name)), value=value)
 
     def update_limits(self, key_id: str, limits: Limits) -> None:
-        # expiresAt null clears the expiry (and makes the key active again, a CRS quirk); so
-        # it is sent only when set, and clearing an expiry is left to an explicit call.
+        # expiresAt null clears the expiry but also sets isActive true (CRS's PUT), which
+        # would wake a disabled key: so an expiry is sent only when set, never cleared here.
         payload = limits.as_crs(update=True)
         if payload["expiresAt"] is None:
             del payload["expiresAt"]
@@ -187,19 +188,23 @@ class CrsClient:
         self._call("DELETE", f"/admin/api-keys/{_id(key_id)}")
 
     def list_keys(self, *, page_size: int = 100) -> list[Key]:
-        """Every key CRS lists (it leaves soft-deleted ones out)."""
-        keys: list[Key] = []
-        for page in range(1, MAX_PAGES + 1):
+        """Every key CRS lists (it leaves soft-deleted ones out). CRS pages newest first, so
+        a key created meanwhile shifts the pages: one seen twice is kept once."""
+        keys: dict[str, Key] = {}
+        for page in range(1, MAX_KEY_PAGES + 1):
             data = self._data(self._call("GET", "/admin/api-keys",
                                          params={"page": page, "pageSize": page_size}),
                               "list keys")
             items, pagination = data.get("items"), data.get("pagination")
             if not isinstance(items, list) or not isinstance(pagination, dict):
                 raise self._shape("list keys")
-            keys.extend(self._key(item) for item in items)
+            for item in items:
+                key = self._key(item)
+                keys.setdefault(key.id, key)
             if page >= _int(pagination.get("totalPages"), self, "list keys"):
-                return keys
-        raise UpstreamUnexpected(f"CRS at {self.base_url} listed more than {MAX_PAGES} pages of keys.")
+                return list(keys.values())
+        raise UpstreamUnexpected(
+            f"CRS at {self.base_url} listed more than {MAX_KEY_PAGES} pages of keys.")
 
     def usage_records(self, key_id: str, *, since: datetime | None = None) -> UsagePage:
         """A key's per-request records at or after `since` (inclusive, as CRS filters), oldest
