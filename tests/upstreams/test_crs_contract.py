@@ -34,7 +34,7 @@ import requests
 from pool.upstream import UpstreamNotFound
 from pool.upstreams.crs import CrsClient, Limits
 
-from tests.fakes.crs import MODEL, PASSWORD, USAGE, USERNAME, FakeCrs
+from tests.fakes.crs import MODEL, PASSWORD, USAGE, USERNAME, FakeCrs, cost_of
 from tests.realproxy import shared_dir
 
 _SHARED = shared_dir()  # ../shared, found from a git worktree too
@@ -225,7 +225,7 @@ def test_usage_records_show_the_request_with_its_split(relay: Relay) -> None:
     assert record.model == MODEL
     assert (record.input_tokens, record.output_tokens, record.cache_read_tokens,
             record.cache_create_tokens) == (100, 50, 10000, 2000)
-    assert record.cost > Decimal("0.01")
+    assert record.cost == cost_of(USAGE) == Decimal("0.01155")  # CRS's own sonnet-4 prices
     assert abs(record.timestamp - datetime.now(timezone.utc)) < timedelta(minutes=1)
     # `since` is inclusive, to the millisecond CRS writes.
     assert client.usage_records(created.id, since=record.timestamp).records == [record]
@@ -246,8 +246,9 @@ def test_daily_cost_limit_answers_402_within_three_requests(relay: Relay) -> Non
         # CRS counts a request's cost after answering it: wait until it is recorded, so the
         # next request meets the cost (the same moment the portal's sync would see it).
         _records_when_there(client, created.id, since, sent)
-    assert statuses[-1] == 402, statuses
-    assert statuses[0] == 200
+    # The request that crosses the limit passes (CRS checks the cost so far, before it);
+    # the next one is refused.
+    assert statuses == [200, 402], statuses
 
 
 def test_limits_update_and_disable_enable(relay: Relay) -> None:
