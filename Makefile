@@ -52,10 +52,12 @@ run: setup
 	@echo ""
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 
-# The browser tests drive Debian's chromium, tests/test_i18n.py gettext's xgettext and msgfmt;
-# scripts/browser.sh and scripts/gettext.sh install them when missing.
+# The browser tests drive Debian's chromium, tests/test_i18n.py gettext's xgettext and msgfmt,
+# tests/upstreams/test_crs_contract.py node, npm and redis-server; scripts/browser.sh,
+# scripts/crs.sh and scripts/gettext.sh install them when missing.
 setup-dev: $(VENV)/.dev-deps translations
 	bash scripts/browser.sh
+	bash scripts/crs.sh
 	bash scripts/gettext.sh
 
 test: setup-dev

@@ -1,0 +1,321 @@
+"""A fake claude-relay-service 1.1.314: a real HTTP server on 127.0.0.1 that answers as CRS's
+source does (../shared/upstreams/claude-relay-service/src), quirks included, for the calls
+pool/upstreams/crs.py makes and the client route keys are used on.
+
+- `POST /web/auth/login` gives a session token; admin routes want `Authorization: Bearer`
+  and answer 401 "Invalid or expired admin session" for an unknown token
+  (`expire_sessions()` forgets every token, as CRS's session timeout does).
+- `POST /admin/api-keys`: the `cr_` + 64 hex value is in this answer only (only its SHA-256
+  is kept); `PUT` updates limits and `isActive`; `DELETE` is soft (`isDeleted`, made
+  inactive, left out of the list). PUT and DELETE of an unknown id answer 500 "API key not
+  found" (CRS's service throws, the route answers 500); the usage routes answer 404.
+- `GET /admin/api-keys` pages (`items`, `pagination.totalPages`); `GET
+  /admin/api-keys/<id>/usage-records` pages per-request records with CRS's field names,
+  `startDate` inclusive, capped at 200 records per key; `GET /admin/supported-clients`.
+- `POST /api/v1/messages` with `x-api-key` (or `Authorization: Bearer`): 401 for an unknown,
+  disabled or deleted key; 402 once the key's cost today has reached `dailyCostLimit` (so
+  the request that crosses the limit still passes, the next one is refused); otherwise an
+  Anthropic-style answer with USAGE, recorded and priced as CRS prices
+  claude-sonnet-4-20250514 with no pricing file.
+- Test controls: `inject(path_prefix, kind)` one-shot faults ("500", "malformed", "drip",
+  "hang"), `expire_sessions()`, `admin_requests` (method, path) seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+USERNAME = "crsadmin"
+PASSWORD = "crs-admin-pass-1"
+MODEL = "claude-sonnet-4-20250514"
+# What the mock Anthropic upstream of the contract tests answers with, too.
+USAGE = {"input_tokens": 100, "output_tokens": 50, "cache_read_input_tokens": 10000,
+         "cache_creation_input_tokens": 2000}
+# CRS's built-in prices for MODEL (src/utils/costCalculator.js), USD per million tokens.
+PRICE = {"input": Decimal(3), "output": Decimal(15), "cache_write": Decimal("3.75"),
+         "cache_read": Decimal("0.3")}
+MAX_RECORDS = 200  # redis.addUsageRecord's LTRIM
+
+
+def cost_of(usage: dict[str, int]) -> Decimal:
+    million = Decimal(1_000_000)
+    return (usage["input_tokens"] * PRICE["input"] + usage["output_tokens"] * PRICE["output"]
+            + usage["cache_creation_input_tokens"] * PRICE["cache_write"]
+            + usage["cache_read_input_tokens"] * PRICE["cache_read"]) / million
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class FakeCrs:
+    def __init__(self, *, username: str = USERNAME, password: str = PASSWORD) -> None:
+        self.username, self.password = username, password
+        self.sessions: set[str] = set()
+        self.keys: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, list[dict[str, Any]]] = {}  # newest first, as CRS's LPUSH
+        self.admin_requests: list[tuple[str, str]] = []
+        self.faults: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> FakeCrs:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def inject(self, path_prefix: str, kind: str) -> None:
+        self.faults.append((path_prefix, kind))
+
+    def expire_sessions(self) -> None:
+        self.sessions.clear()
+
+    # -- routes --
+
+    def route(self, method: str, path: str, query: dict[str, str], body: Any,
+              headers: Any) -> tuple[int, Any]:
+        if path == "/web/auth/login" and method == "POST":
+            return self._login(body)
+        if path.startswith("/admin/"):
+            self.admin_requests.append((method, path))
+            auth = headers.get("Authorization", "")
+            if not auth.startswith("Bearer "):
+                return 401, {"error": "Missing admin token",
+                             "message": "Please provide an admin token"}
+            if auth[7:] not in self.sessions:
+                return 401, {"error": "Invalid admin token",
+                             "message": "Invalid or expired admin session"}
+            return self._admin(method, path.split("/")[2:], query, body)
+        if path == "/api/v1/messages" and method == "POST":
+            return self._messages(body, headers)
+        return 404, {"error": "Not Found", "message": f"Route {path} not found"}
+
+    def _login(self, body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not body.get("username") or not body.get("password"):
+            return 400, {"error": "Missing credentials",
+                         "message": "Username and password are required"}
+        if body["username"] != self.username or body["password"] != self.password:
+            return 401, {"error": "Invalid credentials",
+                         "message": "Invalid username or password"}
+        token = secrets.token_hex(32)
+        self.sessions.add(token)
+        return 200, {"success": True, "token": token, "expiresIn": 86400000,
+                     "username": self.username}
+
+    def _admin(self, method: str, parts: list[str], query: dict[str, str],
+               body: Any) -> tuple[int, Any]:
+        if parts == ["supported-clients"] and method == "GET":
+            return 200, {"success": True, "data": [{"id": "claude_code", "name": "Claude Code"}]}
+        if parts == ["api-keys"] and method == "POST":
+            return self._create(body or {})
+        if parts == ["api-keys"] and method == "GET":
+            return self._list(query)
+        if len(parts) == 2 and parts[0] == "api-keys" and method in ("PUT", "DELETE"):
+            key = self.keys.get(parts[1])
+            if key is None:
+                verb = "update" if method == "PUT" else "delete"
+                return 500, {"error": f"Failed to {verb} API key", "message": "API key not found"}
+            if method == "DELETE":
+                key.update(isDeleted=True, isActive=False)
+                return 200, {"success": True, "message": "API key deleted successfully"}
+            return self._update(key, body or {})
+        if len(parts) == 3 and parts[0] == "api-keys" and parts[2] == "usage-records":
+            if parts[1] not in self.keys:
+                return 404, {"success": False, "error": "API key not found"}
+            return self._usage(parts[1], query)
+        return 404, {"error": "Not Found"}
+
+    def _create(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip():
+            return 400, {"error": "Name is required and must be a non-empty string"}
+        key_id, value = str(uuid.uuid4()), "cr_" + secrets.token_hex(32)
+        key = {"id": key_id, "name": name, "hash": hashlib.sha256(value.encode()).hexdigest(),
+               "isActive": True, "isDeleted": False, "dailyCostLimit": 0.0,
+               "totalCostLimit": 0.0, "tokenLimit": 0, "concurrencyLimit": 0,
+               "rateLimitWindow": 0, "rateLimitRequests": 0, "rateLimitCost": 0.0,
+               "expiresAt": "", "dailyCost": Decimal(0), "totalCost": Decimal(0)}
+        for name in ("rateLimitWindow", "rateLimitRequests"):
+            # Creating refuses a window (or a count) below 1; "" means none.
+            if body.get(name) not in (None, "") and int(body[name]) < 1:
+                return 400, {"error": "Rate limit window must be a positive integer (minutes)"}
+        self._apply_limits(key, body)
+        self.keys[key_id] = key
+        public = {k: v for k, v in key.items() if k not in ("hash", "dailyCost", "totalCost")}
+        return 200, {"success": True, "data": {**public, "apiKey": value}}
+
+    def _update(self, key: dict[str, Any], body: dict[str, Any]) -> tuple[int, Any]:
+        if "isActive" in body:
+            if not isinstance(body["isActive"], bool):
+                return 400, {"error": "isActive must be a boolean"}
+            key["isActive"] = body["isActive"]
+        self._apply_limits(key, body)
+        return 200, {"success": True, "message": "API key updated successfully"}
+
+    @staticmethod
+    def _apply_limits(key: dict[str, Any], body: dict[str, Any]) -> None:
+        # A field that is absent, null or "" leaves the value as it was (on update too).
+        for name in ("dailyCostLimit", "totalCostLimit", "rateLimitCost"):
+            if body.get(name) not in (None, ""):
+                key[name] = float(body[name])
+        for name in ("tokenLimit", "concurrencyLimit", "rateLimitWindow", "rateLimitRequests"):
+            if body.get(name) not in (None, ""):
+                key[name] = int(body[name])
+        if "expiresAt" in body:
+            key["expiresAt"] = body["expiresAt"] or ""
+
+    def _list(self, query: dict[str, str]) -> tuple[int, Any]:
+        page, size = int(query.get("page", 1)), int(query.get("pageSize", 20))
+        live = [self._public(k) for k in self.keys.values() if not k["isDeleted"]]
+        total_pages = max(1, -(-len(live) // size))
+        page = min(max(page, 1), total_pages)
+        return 200, {"success": True, "data": {
+            "items": live[(page - 1) * size:page * size],
+            "pagination": {"page": page, "pageSize": size, "total": len(live),
+                           "totalPages": total_pages}, "availableTags": []}}
+
+    @staticmethod
+    def _public(key: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in key.items() if k not in ("hash", "dailyCost", "totalCost")}
+
+    def _usage(self, key_id: str, query: dict[str, str]) -> tuple[int, Any]:
+        size = min(max(int(query.get("pageSize", 50)), 1), 200)
+        rows = list(self.records.get(key_id, []))
+        if query.get("startDate"):
+            start = datetime.fromisoformat(query["startDate"].replace("Z", "+00:00"))
+            rows = [r for r in rows
+                    if datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00")) >= start]
+        rows.sort(key=lambda r: r["timestamp"], reverse=query.get("sortOrder") != "asc")
+        total_pages = -(-len(rows) // size) if rows else 0
+        page = min(max(int(query.get("page", 1)), 1), total_pages) if total_pages else 1
+        return 200, {"success": True, "data": {
+            "records": rows[(page - 1) * size:page * size],
+            "pagination": {"currentPage": page, "pageSize": size, "totalRecords": len(rows),
+                           "totalPages": total_pages,
+                           "hasNextPage": total_pages > 0 and page < total_pages,
+                           "hasPreviousPage": total_pages > 0 and page > 1}}}
+
+    def _messages(self, body: Any, headers: Any) -> tuple[int, Any]:
+        value = headers.get("x-api-key") or headers.get("Authorization", "")[7:]
+        digest = hashlib.sha256(value.encode()).hexdigest()
+        key = next((k for k in self.keys.values() if k["hash"] == digest), None)
+        if key is None or key["isDeleted"]:
+            return 401, {"error": "Invalid API key", "message": "API key not found"}
+        if not key["isActive"]:
+            return 401, {"error": "Invalid API key", "message": "API key is disabled"}
+        if key["dailyCostLimit"] > 0 and key["dailyCost"] >= Decimal(str(key["dailyCostLimit"])):
+            return 402, {"error": {"type": "insufficient_quota",
+                                   "message": f"已达到每日费用限制 (${key['dailyCostLimit']})",
+                                   "code": "daily_cost_limit_exceeded"},
+                         "currentCost": float(key["dailyCost"]),
+                         "costLimit": key["dailyCostLimit"]}
+        cost = cost_of(USAGE)
+        key["dailyCost"] += cost
+        key["totalCost"] += cost
+        record = {"timestamp": _iso(datetime.now(timezone.utc)), "model": MODEL,
+                  "accountId": "fake-console-account", "accountType": "claude-console",
+                  "inputTokens": USAGE["input_tokens"], "outputTokens": USAGE["output_tokens"],
+                  "cacheCreateTokens": USAGE["cache_creation_input_tokens"],
+                  "cacheReadTokens": USAGE["cache_read_input_tokens"],
+                  "ephemeral5mTokens": 0, "ephemeral1hTokens": 0,
+                  "totalTokens": sum(USAGE.values()), "isLongContextRequest": False,
+                  "cost": float(round(cost, 6)), "realCost": float(round(cost, 6))}
+        rows = self.records.setdefault(key["id"], [])
+        rows.insert(0, record)
+        del rows[MAX_RECORDS:]
+        return 200, {"id": "msg_fake", "type": "message", "role": "assistant", "model": MODEL,
+                     "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                     "usage": USAGE}
+
+    # -- HTTP --
+
+    def _take_fault(self, path: str) -> str | None:
+        with self.lock:
+            for i, (prefix, kind) in enumerate(self.faults):
+                if path.startswith(prefix):
+                    del self.faults[i]
+                    return kind
+        return None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                parts = urlsplit(self.path)
+                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    self._send(400, {"error": "Invalid JSON"})
+                    return
+                fault = fake._take_fault(parts.path)
+                if fault == "500":
+                    self._send(500, {"error": "Internal server error"})
+                    return
+                if fault == "hang":
+                    time.sleep(30)
+                    return
+                with fake.lock:
+                    status, answer = fake.route(self.command, parts.path, query, body,
+                                                self.headers)
+                if fault == "malformed":
+                    self._raw(200, b'{"success": true, "data": [')
+                elif fault == "drip":
+                    self._drip(json.dumps(answer).encode())
+                else:
+                    self._send(status, answer)
+
+            def _send(self, status: int, answer: Any) -> None:
+                self._raw(status, json.dumps(answer).encode())
+
+            def _raw(self, status: int, data: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _drip(self, data: bytes) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for byte in data:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass  # the client gave up, as it should
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        return Handler
