@@ -9,6 +9,8 @@ from django.core.cache import cache
 from accounts.models import User
 
 from tests.fakes.proxy import FakeProxy
+from tests.fakes.resp import FakeResp
+from tests.fakes.sync_process import SyncProcess
 
 MANAGEMENT_KEY = "test-management-key"
 
@@ -112,3 +114,33 @@ def _display_currency_is_usd():
     remember(USD, seconds=float("inf"))
     yield
     remember(USD, seconds=float("inf"))
+
+
+@pytest.fixture
+def resp_servers() -> Iterator[Callable[..., FakeResp]]:
+    """Starts fake RESP servers (tests/fakes/resp.py) from scripts; all closed afterwards."""
+    servers: list[FakeResp] = []
+
+    def start(script) -> FakeResp:
+        server = FakeResp(script)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def sync_bench(tmp_path) -> Iterator[Callable[..., SyncProcess]]:
+    """Real sync_usage processes on a file database beside a fake proxy
+    (tests/fakes/sync_process.py); all closed afterwards."""
+    made: list[SyncProcess] = []
+
+    def make(**kwargs) -> SyncProcess:
+        made.append(SyncProcess(tmp_path, **kwargs))
+        return made[-1]
+
+    yield make
+    for b in made:
+        b.close()

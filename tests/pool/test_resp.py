@@ -13,23 +13,11 @@ from pool.resp import (
     RespError, UsageSubscriber, _Incomplete, encode_command, is_control_message, parse_frame,
 )
 from pool.upstream import UpstreamRefused, UpstreamUnexpected, UpstreamUnreachable
-from tests.fakes.resp import SUBSCRIBED, FakeResp, push
+from tests.fakes.resp import SUBSCRIBED, push
 
 KEY = "resp-test-management-key-do-not-leak"
 
 
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(script) -> FakeResp:
-        server = FakeResp(script)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def subscriber(port: int, timeout: float = 3) -> UsageSubscriber:
@@ -56,7 +44,7 @@ def test_control_messages_are_told_from_records():
     assert not is_control_message(b"not json refresh")
 
 
-def test_subscribes_skips_control_messages_and_reads_records_sent_in_pieces(serve):
+def test_subscribes_skips_control_messages_and_reads_records_sent_in_pieces(resp_servers):
     records = [b'{"api_key":"k1","model":"m"}', b'{"api_key":"k2","model":"m"}']
 
     def script(conn, server):
@@ -70,7 +58,7 @@ def test_subscribes_skips_control_messages_and_reads_records_sent_in_pieces(serv
             time.sleep(0.002)
         time.sleep(2)
 
-    server = serve(script)
+    server = resp_servers(script)
     with subscriber(server.port) as sub:
         sub.connect()
         got = []
@@ -84,13 +72,13 @@ def test_subscribes_skips_control_messages_and_reads_records_sent_in_pieces(serv
         assert sub.read(timeout=0.05) is None  # nothing more: None, not an error
 
 
-def test_refused_auth_is_one_clear_sentence_one_try_and_never_the_key(serve):
+def test_refused_auth_is_one_clear_sentence_one_try_and_never_the_key(resp_servers):
     def script(conn, server):
         server.read_command(conn)
         conn.sendall(b"-ERR invalid management key\r\n")
         time.sleep(0.5)
 
-    server = serve(script)
+    server = resp_servers(script)
     sub = subscriber(server.port)
     with pytest.raises(UpstreamRefused) as refused:
         sub.connect()
@@ -103,33 +91,33 @@ def test_refused_auth_is_one_clear_sentence_one_try_and_never_the_key(serve):
     assert server.connections == 1
 
 
-def test_a_port_that_speaks_http_is_not_a_stream(serve):
+def test_a_port_that_speaks_http_is_not_a_stream(resp_servers):
     def script(conn, server):
         conn.recv(4096)
         conn.sendall(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n400 Bad Request")
         conn.close()
 
-    server = serve(script)
+    server = resp_servers(script)
     with pytest.raises(UpstreamUnexpected) as exc:
         subscriber(server.port).connect()
     assert KEY not in str(exc.value)
 
 
-def test_a_server_that_hangs_up_on_auth_is_not_a_stream(serve):
+def test_a_server_that_hangs_up_on_auth_is_not_a_stream(resp_servers):
     def script(conn, server):
         conn.recv(4096)
         conn.close()
 
-    server = serve(script)
+    server = resp_servers(script)
     with pytest.raises(UpstreamUnexpected):
         subscriber(server.port).connect()
 
 
-def test_silence_in_the_handshake_is_bounded_by_the_timeout(serve):
+def test_silence_in_the_handshake_is_bounded_by_the_timeout(resp_servers):
     def script(conn, server):
         time.sleep(5)
 
-    server = serve(script)
+    server = resp_servers(script)
     started = time.monotonic()
     with pytest.raises(UpstreamUnreachable) as exc:
         subscriber(server.port, timeout=0.5).connect()
@@ -137,7 +125,7 @@ def test_silence_in_the_handshake_is_bounded_by_the_timeout(serve):
     print(f"handshake gave up after {time.monotonic() - started:.2f} s (timeout 0.5 s)")
 
 
-def test_a_dropped_subscription_raises_unreachable_so_the_caller_reconnects(serve):
+def test_a_dropped_subscription_raises_unreachable_so_the_caller_reconnects(resp_servers):
     def script(conn, server):
         server.read_command(conn)
         conn.sendall(b"+OK\r\n")
@@ -145,7 +133,7 @@ def test_a_dropped_subscription_raises_unreachable_so_the_caller_reconnects(serv
         conn.sendall(SUBSCRIBED + push(b'{"api_key":"k","model":"m"}'))
         conn.close()  # as the proxy does to a subscriber 256 messages behind
 
-    server = serve(script)
+    server = resp_servers(script)
     with subscriber(server.port) as sub:
         sub.connect()
         assert sub.read(timeout=5) == b'{"api_key":"k","model":"m"}'

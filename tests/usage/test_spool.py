@@ -21,7 +21,7 @@ import pytest
 from django.core.management import CommandError
 from django.db.models import Sum
 
-from tests.fakes.sync_process import Locker, SyncProcess, checkpoint, finish, wait_for
+from tests.fakes.sync_process import Locker, checkpoint, finish, wait_for
 from tests.usage.conftest import sync
 from usage import services, spool
 from usage.models import QuarantinedRecord, UsageBatch, UsageSnapshot
@@ -204,21 +204,10 @@ def test_a_spool_file_sealed_with_another_secret_waits_for_it(fake_proxy, people
 # --- real processes -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def bench(tmp_path):
-    made: list[SyncProcess] = []
-
-    def make(**kwargs) -> SyncProcess:
-        made.append(SyncProcess(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.close()
 
 
-def test_a_database_locked_past_the_retry_loses_nothing(bench):
-    b = bench(batch=100, retry_seconds=2, busy_timeout=0.5)
+def test_a_database_locked_past_the_retry_loses_nothing(sync_bench):
+    b = sync_bench(batch=100, retry_seconds=2, busy_timeout=0.5)
     b.serve(450)
     lockers: list[Locker] = []
 
@@ -249,8 +238,8 @@ def test_a_database_locked_past_the_retry_loses_nothing(bench):
     assert totals["runs"] == 2 and totals["failed_runs"] == 1  # the failed run was filed too
 
 
-def test_a_following_sync_survives_a_locked_database_and_counts_everything_after(bench):
-    b = bench(batch=100, retry_seconds=1, busy_timeout=0.3)
+def test_a_following_sync_survives_a_locked_database_and_counts_everything_after(sync_bench):
+    b = sync_bench(batch=100, retry_seconds=1, busy_timeout=0.3)
     b.serve(200)
     follower = b.start("sync_usage", "--follow", "--interval", "0.2")
     try:
@@ -313,8 +302,8 @@ def _fill(directory: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_under_the_database_loses_nothing(bench, tiny_disk):
-    b = bench(batch=500, database=tiny_disk / "db.sqlite3", retry_seconds=1, busy_timeout=0.3)
+def test_a_full_disk_under_the_database_loses_nothing(sync_bench, tiny_disk):
+    b = sync_bench(batch=500, database=tiny_disk / "db.sqlite3", retry_seconds=1, busy_timeout=0.3)
     b.serve(3000)
     fillers: list[Path] = []
 
@@ -406,10 +395,10 @@ class OwnPostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_postgresql_going_down_mid_run_loses_nothing(bench):
+def test_postgresql_going_down_mid_run_loses_nothing(sync_bench):
     pg = OwnPostgres()
     try:
-        b = bench(batch=100, database_url=pg.url, retry_seconds=2)
+        b = sync_bench(batch=100, database_url=pg.url, retry_seconds=2)
         b.serve(450)
         stopped: list[bool] = []
 

@@ -7,21 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakes.sync_process import SIGNALS, SyncProcess, finish, signal_on_pop
+from tests.fakes.sync_process import SIGNALS, finish, signal_on_pop
 
 
 
-@pytest.fixture
-def bench(tmp_path):
-    made: list[SyncProcess] = []
-
-    def make(**kwargs) -> SyncProcess:
-        made.append(SyncProcess(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for b in made:
-        b.close()
 
 
 def one_sentence(stderr: str) -> str:
@@ -32,8 +21,8 @@ def one_sentence(stderr: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_one_shot_queue_sync_stops_after_the_pop_in_hand(bench, name):
-    b = bench(batch=100)
+def test_a_one_shot_queue_sync_stops_after_the_pop_in_hand(sync_bench, name):
+    b = sync_bench(batch=100)
     b.serve(1000)  # ten pops' worth
     box: list = []
     b.proxy.on_management = signal_on_pop(box, SIGNALS[name], at_pop=3)
@@ -55,8 +44,8 @@ def test_a_one_shot_queue_sync_stops_after_the_pop_in_hand(bench, name):
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_following_queue_sync_stops_cleanly(bench, name):
-    b = bench(batch=100)
+def test_a_following_queue_sync_stops_cleanly(sync_bench, name):
+    b = sync_bench(batch=100)
     b.serve(1000)
     box: list = []
     b.proxy.on_management = signal_on_pop(box, SIGNALS[name], at_pop=4)
@@ -75,8 +64,8 @@ def test_a_following_queue_sync_stops_cleanly(bench, name):
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_one_shot_snapshot_sync_stops_cleanly(bench, name):
-    b = bench(generation="snapshot")
+def test_a_one_shot_snapshot_sync_stops_cleanly(sync_bench, name):
+    b = sync_bench(generation="snapshot")
     b.serve(300)
     box: list = []
     b.proxy.on_management = signal_on_pop(box, SIGNALS[name], at_pop=1)
@@ -94,8 +83,8 @@ def test_a_one_shot_snapshot_sync_stops_cleanly(bench, name):
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_a_following_snapshot_sync_stops_cleanly(bench, name):
-    b = bench(generation="snapshot")
+def test_a_following_snapshot_sync_stops_cleanly(sync_bench, name):
+    b = sync_bench(generation="snapshot")
     b.serve(300)
     box: list = []
     b.proxy.on_management = signal_on_pop(box, SIGNALS[name], at_pop=2)

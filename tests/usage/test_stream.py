@@ -47,18 +47,6 @@ def _english():
         yield
 
 
-@pytest.fixture
-def resp_servers():
-    servers = []
-
-    def start(script) -> FakeResp:
-        server = FakeResp(script)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 @pytest.fixture
