@@ -47,7 +47,6 @@ from datetime import datetime
 from typing import Any
 
 import requests
-import urllib3
 from django.conf import settings
 from django.core.cache import cache
 from django.utils.translation import gettext as _

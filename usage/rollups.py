@@ -50,7 +50,8 @@ def usage_days_rebuild(*, snapshot_model: Any = None, day_model: Any = None) -> 
         row[1] += tokens
         row[2] += cost or 0
         row[3] += unpriced or 0
-        row[4] += lost[0] or 0 if lost else 0
+        if lost:  # models older than the token split have no incomplete counts
+            row[4] += lost[0] or 0
     with transaction.atomic():
         day_model.objects.all().delete()
         day_model.objects.bulk_create(

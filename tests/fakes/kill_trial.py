@@ -33,6 +33,18 @@ from pathlib import Path
 from tests.fakes.proxy import FakeProxy
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def manage_output(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    """The output of `manage.py ARGS` run as its own process with `env`; RuntimeError with the
+    end of its stderr when it fails."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, timeout=timeout,
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"manage.py {args[0]} failed: {done.stderr[-2000:]}")
+    return done.stdout
 MANAGEMENT_KEY = "kill-trial-management-key"
 STARTUP_TIMEOUT = 60.0
 
@@ -126,13 +138,7 @@ class Trial:
         }
 
     def manage(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, timeout=timeout,
-            capture_output=True, text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"manage.py {args[0]} failed: {done.stderr[-2000:]}")
-        return done.stdout
+        return manage_output(self.env, *args, timeout=timeout)
 
     def run(self, *, records: int, kills: int, keys: int = 30) -> TrialResult:
         started = time.monotonic()

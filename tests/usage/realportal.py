@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.fakes.kill_trial import manage_output
 from tests.realproxy import MANAGEMENT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -69,13 +70,7 @@ class Portal:
     # -- commands ------------------------------------------------------------------------
 
     def manage(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.env, timeout=timeout,
-            capture_output=True, text=True,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"manage.py {args[0]} failed: {done.stderr[-2000:]}")
-        return done.stdout
+        return manage_output(self.env, *args, timeout=timeout)
 
     def migrate(self) -> None:
         self.manage("migrate", "--noinput")
