@@ -245,6 +245,7 @@ def test_a_following_sync_survives_a_locked_database_and_counts_everything_after
     try:
         wait_for(lambda: b.totals()["counted"] == 200, "the first records counted",
                  process=follower)
+        runs_before = b.totals()["runs"]
         locker = Locker(b.database)
         try:
             b.serve(300)
@@ -257,13 +258,16 @@ def test_a_following_sync_survives_a_locked_database_and_counts_everything_after
             # in the spool until the database takes it.
             wait_for(lambda: len(list((b.spool / spool.RUNS).glob("*.json"))) >= 2,
                      "two passes over the retry", process=follower)
+            kept = len(list((b.spool / spool.RUNS).glob("*.json")))
         finally:
             locker.release()
         wait_for(lambda: b.totals()["counted"] == b.served == 600,
                  "everything counted once the lock is gone", process=follower)
         wait_for(lambda: not list((b.spool / spool.RUNS).glob("*.json")),
                  "the failed passes filed as SyncRuns", process=follower)
-        assert b.totals()["failed_runs"] >= 2
+        # Every pass kept in the spool is filed. (Not all of them failed: a pass whose only
+        # database write was its own run row met the lock there and was kept as it ended, ok.)
+        assert b.totals()["runs"] >= runs_before + kept and b.totals()["failed_runs"] >= 1
         assert follower.poll() is None  # still running
     finally:
         follower.terminate()
