@@ -224,6 +224,20 @@ CLIPROXY_TIMEOUT = number("CLIPROXY_TIMEOUT", "10", float)
 CLIPROXY_MAX_ANSWER_BYTES = max(number("CLIPROXY_MAX_ANSWER_BYTES", str(64 * 1024 * 1024)), 1024)
 # Base URL people paste into their tools; defaults to CLIPROXY_URL.
 CLIPROXY_PUBLIC_URL = setting("CLIPROXY_PUBLIC_URL", CLIPROXY_URL).rstrip("/")
+# --- Other upstreams, declared in the environment (staff can add more in the admin) ----------
+# claude-relay-service: its address, and the admin account the portal signs in with. With
+# these and no CLIPROXY_URL, the portal works with claude-relay-service alone.
+CRS_URL = setting("CRS_URL", "").rstrip("/")
+CRS_ADMIN_USERNAME = env.str("CRS_ADMIN_USERNAME", default="")
+CRS_ADMIN_PASSWORD = env.str("CRS_ADMIN_PASSWORD", default="")
+CRS_PUBLIC_URL = setting("CRS_PUBLIC_URL", "").rstrip("/")
+# Claude Code Hub: its address and ADMIN_TOKEN (its /api/v1 management API).
+CCH_URL = setting("CCH_URL", "").rstrip("/")
+CCH_ADMIN_TOKEN = env.str("CCH_ADMIN_TOKEN", default="")
+CCH_PUBLIC_URL = setting("CCH_PUBLIC_URL", "").rstrip("/")
+# Seconds each call to a claude-relay-service or Claude Code Hub may take, connect to last byte.
+UPSTREAM_TIMEOUT = number("UPSTREAM_TIMEOUT", "10", float)
+
 # A page that changes keys (revoke; the admin's revoke, suspend and resume) asks the proxy to
 # follow at once but waits for it at most this many seconds in all, and never for another
 # portal process's write: past that the change stays pending at the proxy (it is already

@@ -56,7 +56,9 @@ def timeout_seconds() -> float:
 
 def key_models(*, key: str) -> ModelList:
     """The model ids the proxy offers to `key`. Raises a KeyTestError subclass."""
-    base = settings.CLIPROXY_URL
+    from pool.upstreams.registry import cliproxyapi_endpoint  # noqa: PLC0415 (models)
+
+    base = cliproxyapi_endpoint().management_url
     if not base:
         raise KeyTestNotConfigured(
             _("The portal has no proxy address configured, so it cannot test keys; ask staff.")

@@ -19,6 +19,102 @@ def key_digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+class Upstream(models.Model):
+    """A relay the portal hands out keys for: the CLIProxyAPI, claude-relay-service or Claude
+    Code Hub a team runs. Staff add them in the admin; the environment can declare one of
+    each kind (CLIPROXY_*, CRS_*, CCH_*), kept here as a row whose address and credentials
+    are read from the environment each time (`from_environment`), never stored.
+
+    A portal has at most one CLIProxyAPI: its keys are the pool's, and keys with no upstream
+    are its keys (every key made before upstreams existed). Each claude-relay-service and
+    Claude Code Hub key names its upstream."""
+
+    class Kind(models.TextChoices):
+        CLIPROXYAPI = "cliproxyapi", "CLIProxyAPI"
+        CRS = "crs", "claude-relay-service"
+        CCH = "cch", "Claude Code Hub"
+
+    name = models.CharField(_("name"), max_length=60, unique=True)
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices)
+    management_url = models.URLField(
+        _("management URL"), help_text=_("Where the portal reaches its admin API, e.g. "
+                                         "http://127.0.0.1:3000.")
+    )
+    public_url = models.URLField(
+        _("public URL"), blank=True,
+        help_text=_("The address people's tools use; empty: the management URL."),
+    )
+    username = models.CharField(
+        _("admin username"), max_length=150, blank=True,
+        help_text=_("claude-relay-service only: the admin account the portal signs in with."),
+    )
+    # The management key (CLIProxyAPI), the admin password (claude-relay-service) or the
+    # admin token (Claude Code Hub), sealed in the database like pool keys.
+    secret = SealedValueField(_("secret"), null=True, blank=True)
+    open_to_everyone = models.BooleanField(
+        _("open to everyone"), default=True,
+        help_text=_("People can add keys here. Off: only the people listed below can."),
+    )
+    open_to = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, verbose_name=_("open to"), blank=True,
+        related_name="upstreams_opened",
+    )
+    enabled = models.BooleanField(
+        _("enabled"), default=True,
+        help_text=_("Off: no new keys here and no usage read; existing keys stay as they are."),
+    )
+    from_environment = models.BooleanField(_("from the environment"), default=False,
+                                           editable=False)
+    # What the usage reader remembers between syncs (cursors per key), written in the same
+    # transaction as the usage it read: see usage.services.relay_usage_sync.
+    usage_cursor = models.JSONField(default=dict, blank=True, editable=False)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        verbose_name = _("upstream")
+        verbose_name_plural = _("upstreams")
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind"], condition=Q(kind="cliproxyapi"),
+                name="upstream_one_cliproxyapi",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_cliproxyapi(self) -> bool:
+        return self.kind == self.Kind.CLIPROXYAPI
+
+
+class UpstreamAccount(models.Model):
+    """A person's own account at an upstream that has people (a Claude Code Hub user),
+    created with their first key there."""
+
+    upstream = models.ForeignKey(Upstream, on_delete=models.CASCADE, related_name="accounts")
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                               related_name="upstream_accounts")
+    remote_id = models.CharField(_("id at the upstream"), max_length=64)
+    # The limits last pushed to the upstream for this person (see pool.upstreams.relays).
+    pushed = models.JSONField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = _("upstream account")
+        verbose_name_plural = _("upstream accounts")
+        constraints = [
+            models.UniqueConstraint(fields=["upstream", "person"],
+                                    name="upstreamaccount_one_per_person"),
+        ]
+
+
+# The CLIProxyAPI's keys (the pool's): no upstream (made before upstreams existed, or the
+# environment's proxy without a row yet) or the CLIProxyAPI row.
+ON_CLIPROXYAPI = Q(upstream__isnull=True) | Q(upstream__kind="cliproxyapi")
+
+
 class ApiKey(Limits):
     class Status(models.TextChoices):
         POOL = "pool", _("in the pool")
@@ -62,6 +158,19 @@ class ApiKey(Limits):
         related_name="api_keys",
     )
     label = models.CharField(_("label"), max_length=100, blank=True)
+    # Empty: the CLIProxyAPI's (the pool's) key. Keys of other upstreams are made there when
+    # they are issued (pool.upstreams), never pooled.
+    upstream = models.ForeignKey(
+        Upstream, verbose_name=_("upstream"), on_delete=models.PROTECT, null=True, blank=True,
+        related_name="keys",
+    )
+    # The key's id at its upstream (a claude-relay-service key's UUID, a Claude Code Hub key's
+    # number); empty for CLIProxyAPI keys, which the proxy knows by value.
+    remote_id = models.CharField(_("id at the upstream"), max_length=64, blank=True,
+                                 editable=False)
+    # What was last pushed to the upstream for this key (on/off and limits): reconcile pushes
+    # again only what differs (pool.upstreams.relays).
+    pushed = models.JSONField(null=True, blank=True, editable=False)
     status = models.CharField(
         _("status"), max_length=16, choices=Status.choices, default=Status.POOL
     )

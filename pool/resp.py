@@ -164,17 +164,20 @@ class UsageSubscriber:
     @classmethod
     def from_settings(cls, *, channel: str = "usage") -> UsageSubscriber:
         """The RESP endpoint is CLIPROXY_URL's host and port (the proxy serves both there)."""
-        if not settings.CLIPROXY_URL:
+        from pool.upstreams.registry import cliproxyapi_endpoint  # noqa: PLC0415 (models)
+
+        where = cliproxyapi_endpoint()  # CLIPROXY_*, or the CLIProxyAPI staff added
+        if not where.management_url:
             raise UpstreamNotConfigured(
                 _("No proxy is configured: set CLIPROXY_URL (and CLIPROXY_MANAGEMENT_KEY).")
             )
-        parts = urlsplit(settings.CLIPROXY_URL)
+        parts = urlsplit(where.management_url)
         tls = parts.scheme == "https"
         if not parts.hostname:
             raise UpstreamNotConfigured(_("CLIPROXY_URL has no host name."))
         return cls(
             host=parts.hostname, port=parts.port or (443 if tls else 80),
-            management_key=settings.CLIPROXY_MANAGEMENT_KEY, timeout=settings.CLIPROXY_TIMEOUT,
+            management_key=where.secret, timeout=settings.CLIPROXY_TIMEOUT,
             tls=tls, channel=channel,
         )
 

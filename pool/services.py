@@ -29,8 +29,10 @@ from keyportal.audit import Action, audit_record
 from keyportal.locks import LeaseHeld, lease
 from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
-from pool.models import ApiKey, key_digest
+from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream, key_digest
 from pool.upstream import ProxyClient, UpstreamError
+from pool.upstreams.registry import cliproxyapi_endpoint, open_to, relays
+from pool.upstreams.relays import relay_key_issue, relays_reconcile
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,7 @@ def keys_reconcile(
         current = client.list_keys()
         portal = {
             row[0]: _PortalKey(*row)
-            for row in ApiKey.objects.values_list(
+            for row in ApiKey.objects.filter(ON_CLIPROXYAPI).values_list(
                 "key_hash", "id", "status", "proxy_state", "value", "escrow"
             )
         }
@@ -562,7 +564,8 @@ class IssuedKey:
 
 
 def key_assign(
-    *, user: User, label: str, by: User | None = None, ip: str | None = None
+    *, user: User, label: str, by: User | None = None, ip: str | None = None,
+    upstream: Upstream | None = None,
 ) -> IssuedKey:
     """Hands `user` an unissued pool key. Raises PoolEmpty when none is ready.
 
@@ -577,6 +580,14 @@ def key_assign(
     refusal = key_issue_refusal(user=user)
     if refusal is not None:
         raise refusal
+    if upstream is None:
+        upstream = upstream_default(user)
+    if upstream is not None and not upstream.is_cliproxyapi:
+        # A relay that makes its own keys: made there now, working at once (UpstreamError
+        # when it does not answer; nothing is filed then).
+        made = relay_key_issue(upstream=upstream, user=user, label=label, by=by, ip=ip,
+                               expires=_default_expiry(timezone.now()))
+        return IssuedKey(key=made.key, value=made.value)
     try:
         return _key_assign(user=user, label=label, by=by, ip=ip)
     except _PoolUnreadable:
@@ -585,6 +596,28 @@ def key_assign(
         # their own (reconcile then takes them off the proxy and refills the pool).
         _pool_unreadable_retire(timezone.now())
     return _key_assign(user=user, label=label, by=by, ip=ip)
+
+
+class UpstreamClosed(Exception):
+    """The person may not add a key at that upstream (closed to them, or disabled)."""
+
+
+def upstream_default(user: User) -> Upstream | None:
+    """Where a key goes when the person does not pick: the first upstream open to them; None
+    for the CLIProxyAPI pool (also when no upstream is declared at all, as before upstreams
+    existed)."""
+    found = open_to(user)
+    if not found:
+        return None
+    return found[0]
+
+
+def upstream_pick(*, user: User, upstream_id: Any) -> Upstream | None:
+    """The upstream a person picked by id, if it is open to them. Raises UpstreamClosed."""
+    for each in open_to(user):
+        if str(each.pk) == str(upstream_id):
+            return each
+    raise UpstreamClosed(_("That upstream is not open to you."))
 
 
 class _PoolUnreadable(Exception):
@@ -706,12 +739,26 @@ def keys_reconcile_quietly(
     implausible list) the change stays pending and the next sync or `reconcile_keys` run
     does it. Called after a change has been committed. `budget`: seconds the proxy may take
     in all; `lease_wait`: seconds to wait for another process writing the list."""
+    relays_reconcile_quietly()
+    if not cliproxyapi_endpoint().management_url and relays():
+        return None  # a portal on other relays only: no CLIProxyAPI to follow
     try:
         with ProxyClient.from_settings(budget=budget) as client:
             return keys_reconcile(client=client, lease_wait=lease_wait)
     except UpstreamError as exc:
         log.warning("Reconcile postponed: %s", exc)
         return None
+
+
+def relays_reconcile_quietly() -> None:
+    """The relays that make their own keys follow the portal now if they answer; what they
+    do not take waits for the next sync or `reconcile_keys` (it is committed in the portal)."""
+    try:
+        for report in relays_reconcile():
+            for line in report.errors:
+                log.warning("Reconcile at %s postponed: %s", report.upstream, line)
+    except UpstreamError as exc:
+        log.warning("Reconcile postponed: %s", exc)
 
 
 def keys_reconcile_in_request() -> ReconcileReport | None:

@@ -289,9 +289,12 @@ class ProxyClient:
     def from_settings(cls, *, budget: float | None = None) -> ProxyClient:
         """`budget`: seconds this client may wait for the proxy in all (a page passes
         PORTAL_REQUEST_PROXY_BUDGET); None: CLIPROXY_TIMEOUT per call, however many calls."""
+        from pool.upstreams.registry import cliproxyapi_endpoint  # noqa: PLC0415 (models)
+
+        where = cliproxyapi_endpoint()  # CLIPROXY_*, or the CLIProxyAPI staff added
         return cls(
-            base_url=settings.CLIPROXY_URL,
-            management_key=settings.CLIPROXY_MANAGEMENT_KEY,
+            base_url=where.management_url,
+            management_key=where.secret,
             timeout=settings.CLIPROXY_TIMEOUT,
             budget=budget,
             max_answer_bytes=settings.CLIPROXY_MAX_ANSWER_BYTES,

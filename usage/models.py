@@ -154,6 +154,7 @@ class QuarantinedRecord(models.Model):
     class Source(models.TextChoices):
         QUEUE = "queue", _("usage queue")
         SNAPSHOT = "snapshot", _("usage snapshot")
+        RELAY = "relay", _("an upstream's usage log")
 
     created_at = models.DateTimeField(_("set aside"), auto_now_add=True, db_index=True)
     source = models.CharField(_("source"), max_length=16, choices=Source.choices)

@@ -52,8 +52,10 @@ from pool.escrow import EscrowUnreadable, body_open, body_seal
 from pool.models import ApiKey
 from pool.services import keys_lock
 from pool.upstream import ProxyClient, UpstreamError, UpstreamUnexpected, UpstreamUnreachable
+from pool.upstreams.registry import cliproxyapi_endpoint, relays
 from usage import records as R
 from usage import spool
+from usage.relays import relay_usage_sync
 from usage.models import (
     QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay,
     UsageSnapshot,
@@ -1041,6 +1043,7 @@ def usage_sync_pass(
     sizing = sizing or PopSizing()
     result = IngestResult()
     enabled = True
+    relay_failures: list[str] = []
     try:
         # What earlier runs popped but did not count comes first, and needs no proxy.
         try:
@@ -1052,7 +1055,8 @@ def usage_sync_pass(
             result.add(_spool_import_all(state))
         except _DbDown as exc:
             state.db_down = exc.kind
-        if not state.stop.is_set():
+        proxy = bool(cliproxyapi_endpoint().management_url) or not relays()
+        if proxy and not state.stop.is_set():
             try:
                 with ProxyClient.from_settings() as client:
                     # First call: a wrong management key stops here, after one request.
@@ -1067,6 +1071,10 @@ def usage_sync_pass(
                 # The client's refusal latch lives in the shared cache, which is the database
                 # by default: with the database away no call is sent (nothing more popped).
                 state.db_down = _db_kind(exc)
+        # Then each relay that makes its own keys: one that does not answer is said and the
+        # others go on (their usage waits at the relay, behind the cursor).
+        if not state.db_down and not state.stop.is_set():
+            relay_failures.extend(_sync_relays(state, result))
     except LeaseLost:
         message = _("Another usage sync took over the lease while this one ran; it stopped "
                     "and left the rest to that one.")
@@ -1086,7 +1094,7 @@ def usage_sync_pass(
                                snapshot=mode == "snapshot")
         _record(started, clock, mode, False, str(failure), result, db_ok=False)
         raise failure
-    ok, messages = True, []
+    ok, messages = not relay_failures, list(relay_failures)
     if not enabled:
         ok = False
         messages.append(str(STATISTICS_OFF))
@@ -1113,6 +1121,26 @@ def usage_sync_pass(
                         notes=state.notes, stopped=state.stop.is_set())
     _record(started, clock, mode, ok, message, result, db_ok=True)
     return report
+
+
+def _sync_relays(state: _Pass, result: IngestResult) -> list[str]:
+    """Counts each relay's usage since its cursor; returns a sentence per relay that failed."""
+    failures = []
+    for upstream in relays():
+        if state.stop.is_set():
+            break
+        try:
+            got, notes = _with_db(lambda u=upstream: relay_usage_sync(
+                u,
+                ingest=lambda rows: _ingest_rows(rows, books=state.load_books()),
+                quarantine=lambda aside: _quarantine(aside, source=QuarantinedRecord.Source.RELAY),
+            ), stop=state.stop)
+        except UpstreamError as exc:
+            failures.append(_("%(name)s: %(why)s") % {"name": upstream.name, "why": exc})
+            continue
+        result.add(got)
+        state.notes.extend(notes)
+    return failures
 
 
 def _record(

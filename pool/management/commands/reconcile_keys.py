@@ -2,10 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils.translation import gettext as _
 
 from pool.management.commands._proxy import proxy_client
 from pool.services import keys_reconcile
+from pool.upstreams.registry import cliproxyapi_endpoint, relays
+from pool.upstreams.relays import relays_reconcile
 
 
 class Command(BaseCommand):
@@ -27,8 +30,19 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, dry_run: bool, force: bool, **options: Any) -> None:
-        # A refused list ends the command with its sentence and a non-zero exit.
-        with proxy_client() as client:
-            report = keys_reconcile(client=client, dry_run=dry_run, force=force)
-        for line in report.lines():
-            self.stdout.write(line)
+        # Each relay that makes its own keys first: one that does not answer is reported and
+        # the others go on; the run then exits non-zero.
+        failed = False
+        for relay in relays_reconcile(dry_run=dry_run):
+            for line in relay.lines():
+                self.stdout.write(line)
+            failed = failed or bool(relay.errors)
+        if cliproxyapi_endpoint().management_url or not relays():
+            # A refused list ends the command with its sentence and a non-zero exit.
+            with proxy_client() as client:
+                report = keys_reconcile(client=client, dry_run=dry_run, force=force)
+            for line in report.lines():
+                self.stdout.write(line)
+        if failed:
+            raise CommandError(_("Some changes could not be made at an upstream; they are "
+                                 "made at the next run."))
