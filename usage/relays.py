@@ -81,11 +81,13 @@ def keys_to_read(upstream: Upstream) -> list[ApiKey]:
     )
 
 
-def relay_usage_sync(upstream: Upstream, *, ingest: object, quarantine: object
-                     ) -> tuple[object, list[str]]:
+def relay_usage_sync(upstream: Upstream, *, ingest: object, quarantine: object,
+                     fence: object = None) -> tuple[object, list[str]]:
     """Reads `upstream`'s usage since its cursor and counts it, cursor and counts in one
     transaction. `ingest(rows) -> IngestResult` and `quarantine(aside)` are usage.services'
-    (passed in: that module calls this one). Returns the result and the read's notes.
+    (passed in: that module calls this one); `fence()`, inside the transaction, raises when
+    this process no longer holds the sync lease (then nothing is committed: the holder reads
+    the same records). Returns the result and the read's notes.
     Raises UpstreamError when the relay does not answer (nothing counted, cursor kept)."""
     keys = keys_to_read(upstream)
     driver = driver_for(upstream)
@@ -95,6 +97,8 @@ def relay_usage_sync(upstream: Upstream, *, ingest: object, quarantine: object
         driver.close()
     rows, aside = relay_rows(read.records, {k.remote_id: k.key_hash for k in keys})
     with transaction.atomic():
+        if fence is not None:
+            fence()  # type: ignore[operator]
         result = ingest(rows)  # type: ignore[operator]
         if aside:
             quarantine(aside)  # type: ignore[operator]

@@ -1074,7 +1074,7 @@ def usage_sync_pass(
         # Then each relay that makes its own keys: one that does not answer is said and the
         # others go on (their usage waits at the relay, behind the cursor).
         if not state.db_down and not state.stop.is_set():
-            relay_failures.extend(_sync_relays(state, result))
+            relay_failures.extend(_sync_relays(state, result, held))
     except LeaseLost:
         message = _("Another usage sync took over the lease while this one ran; it stopped "
                     "and left the rest to that one.")
@@ -1123,7 +1123,28 @@ def usage_sync_pass(
     return report
 
 
-def _sync_relays(state: _Pass, result: IngestResult) -> list[str]:
+def usage_relays_pass(*, held: Held | None = None, stop: threading.Event | None = None
+                      ) -> SyncReport | None:
+    """The relays' part of a pass alone (none: None), recorded as a run of its own with
+    limits enforced after it: what `sync_usage --follow` runs every interval while it follows
+    the CLIProxyAPI's live stream."""
+    if not relays():
+        return None
+    started, clock = timezone.now(), time.monotonic()
+    state = _Pass(now=started, stop=stop or threading.Event())
+    result = IngestResult()
+    failures = _sync_relays(state, result, held)
+    limits = limits_enforce(now=timezone.now()) if result.stored else None
+    message = " ".join(failures)
+    _record(started, clock, RELAY_MODE, not failures, message, result)
+    return SyncReport(RELAY_MODE, not failures, message, result, time.monotonic() - clock,
+                      limits, notes=state.notes, stopped=state.stop.is_set())
+
+
+RELAY_MODE = "relays"
+
+
+def _sync_relays(state: _Pass, result: IngestResult, held: Held | None) -> list[str]:
     """Counts each relay's usage since its cursor; returns a sentence per relay that failed."""
     failures = []
     for upstream in relays():
@@ -1134,6 +1155,7 @@ def _sync_relays(state: _Pass, result: IngestResult) -> list[str]:
                 u,
                 ingest=lambda rows: _ingest_rows(rows, books=state.load_books()),
                 quarantine=lambda aside: _quarantine(aside, source=QuarantinedRecord.Source.RELAY),
+                fence=held.fence if held is not None else None,
             ), stop=state.stop)
         except UpstreamError as exc:
             failures.append(_("%(name)s: %(why)s") % {"name": upstream.name, "why": exc})

@@ -110,8 +110,13 @@ class UsageStream:
         report: Callable[[SyncReport], None] | None = None,
         warn: Callable[[str], None] | None = None,
         subscriber: Callable[[], UsageSubscriber] = UsageSubscriber.from_settings,
+        tick: Callable[[], None] | None = None,
     ) -> None:
         self.held, self.stop = held, stop
+        # Called about every USAGE_FOLLOW_INTERVAL while the stream runs: the relays that
+        # make their own keys are read then (they have no stream).
+        self._tick = tick
+        self._tick_at = 0.0
         self._report = report or (lambda r: None)
         self._warn = warn or (lambda s: None)
         self._subscriber = subscriber
@@ -219,6 +224,9 @@ class UsageStream:
                 self._commit()
                 self._last_commit = time.monotonic()
             self._write_period()
+            if self._tick is not None and now >= self._tick_at:
+                self._tick_at = now + settings.USAGE_FOLLOW_INTERVAL
+                self._tick()
 
     def _take(self, reader: _Reader, *, wait: float, final: bool = False) -> None:
         """Moves what the reader received into the buffer: waits up to `wait` for the first
@@ -366,7 +374,9 @@ def usage_stream_follow(
     *, held: Held, stop: threading.Event,
     report: Callable[[SyncReport], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> None:
     """Follows the proxy's usage stream until `stop` is set or the lease is lost. Raises
-    StreamUnavailable when the proxy has no stream for this portal (then poll)."""
-    UsageStream(held=held, stop=stop, report=report, warn=warn).run()
+    StreamUnavailable when the proxy has no stream for this portal (then poll). `tick`: see
+    UsageStream."""
+    UsageStream(held=held, stop=stop, report=report, warn=warn, tick=tick).run()

@@ -264,8 +264,8 @@ def test_the_migration_splits_stored_rows_and_recomputes_their_cost(tmp_path):
         db.execute(
             "INSERT INTO pool_apikey (value, key_hash, prefix, last4, label, status, proxy_state,"
             " created_at, suspended_for, limit_tokens_day, limit_tokens_month, limit_cost_day,"
-            " limit_cost_month) VALUES (NULL, ?, 'sk-kp-', 'aaaa', '', 'revoked', 'removed',"
-            " '2026-01-01', '', NULL, NULL, NULL, NULL)", ("0" * 64,))
+            " limit_cost_month, remote_id) VALUES (NULL, ?, 'sk-kp-', 'aaaa', '', 'revoked',"
+            " 'removed', '2026-01-01', '', NULL, NULL, NULL, NULL, '')", ("0" * 64,))
         (key_id,) = db.execute("SELECT id FROM pool_apikey").fetchone()
         for n, (model, inp, out, rsn, cached, created, total) in enumerate(rows):
             db.execute(

@@ -282,7 +282,7 @@ def test_a_following_sync_survives_a_locked_database_and_counts_everything_after
 def tiny_disk(tmp_path):
     mount = tmp_path / "tiny"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                           capture_output=True)
     if done.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")

@@ -190,8 +190,9 @@ def test_a_refused_auth_falls_back_to_polling_and_is_not_tried_again(
 
 
 def _follow_with(subscriber):
-    def follow(*, held, stop, report=None, warn=None):
-        UsageStream(held=held, stop=stop, report=report, warn=warn, subscriber=subscriber).run()
+    def follow(*, held, stop, report=None, warn=None, tick=None):
+        UsageStream(held=held, stop=stop, report=report, warn=warn, subscriber=subscriber,
+                    tick=tick).run()
     return follow
 
 

@@ -25,9 +25,10 @@ from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
 from pool.upstream import UpstreamError
+from pool.upstreams.registry import cliproxyapi_endpoint
 from usage.services import (
     EXIT_DB_UNAVAILABLE, DatabaseUnavailable, PopSizing, SyncBusy, SyncFailed, SyncReport,
-    database_unavailable, sync_lease, usage_sync, usage_sync_pass,
+    database_unavailable, sync_lease, usage_relays_pass, usage_sync, usage_sync_pass,
 )
 from usage.stream import StreamUnavailable, usage_stream_follow, usage_stream_offered
 
@@ -142,6 +143,17 @@ class Command(BaseCommand):
                 stop.wait(interval)
         self.stdout.write(_("Stopped."))
 
+    def _relays(self, held: Held, stop: threading.Event) -> None:
+        """The relays' usage while the stream runs (they have no stream): a failure is
+        reported and the stream goes on."""
+        try:
+            report = usage_relays_pass(held=held, stop=stop)
+        except (SyncFailed, DatabaseError) as exc:
+            self.stderr.write(str(exc))
+            return
+        if report is not None:
+            self._report(report)
+
     def _passes(self, held: Held, mode: str | None, interval: float,
                 stop: threading.Event, sizing: PopSizing) -> None:
         """The live stream where the proxy has one (usage.stream), otherwise passes every
@@ -153,12 +165,15 @@ class Command(BaseCommand):
         spool."""
         stream_after = 0.0  # monotonic time before which the stream is not tried
         while not stop.is_set() and not held.lost.is_set():
+            if time.monotonic() >= stream_after and not cliproxyapi_endpoint().management_url:
+                stream_after = math.inf  # no CLIProxyAPI: the relays are polled
             if time.monotonic() >= stream_after:
                 try:
                     if usage_stream_offered(mode=mode):
                         self.stdout.write(_("Following the proxy's live usage stream."))
                         usage_stream_follow(held=held, stop=stop, report=self._report,
-                                            warn=self.stderr.write)
+                                            warn=self.stderr.write,
+                                            tick=lambda: self._relays(held, stop))
                         continue  # stopped, or the lease was lost: the loop's test decides
                     stream_after = math.inf  # this proxy has no stream (6.x): poll
                 except StreamUnavailable as exc:
