@@ -312,3 +312,37 @@ def test_unknown_key_is_not_found(relay: Relay) -> None:
 
 def test_health(relay: Relay) -> None:
     relay.client().health()
+
+
+def test_an_expiry_sent_wakes_a_disabled_key_unless_its_state_goes_with_it(relay: Relay
+                                                                           ) -> None:
+    """CRS's PUT turns any expiresAt into isActive, then applies an isActive sent in the same
+    body: what CrsClient.update_limits(active=...) and the driver rely on."""
+    client = relay.client()
+    ahead = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}",
+                                limits=Limits(expires_at=ahead))
+    client.set_active(created.id, False)
+    client.update_limits(created.id, Limits(expires_at=ahead), active=False)
+    assert relay.message(created.value).status_code == 401
+    client.update_limits(created.id, Limits(expires_at=ahead))  # no state: the quirk
+    assert relay.message(created.value).status_code == 200
+    client.update_limits(created.id, Limits(), active=True)  # expiry cleared, still on
+    key = {k.id: k for k in client.list_keys()}[created.id]
+    assert key.expires_at is None and key.is_active
+    past = datetime.now(timezone.utc) - timedelta(minutes=1)
+    client.update_limits(created.id, Limits(expires_at=past), active=True)
+    assert relay.message(created.value).status_code == 401  # expired, whatever isActive says
+
+
+def test_name_over_100_code_units_is_refused_and_100_taken(relay: Relay) -> None:
+    from pool.upstream import UpstreamUnexpected  # noqa: PLC0415
+
+    client = relay.client()
+    assert client.create_key(name="😀" * 50).name == "😀" * 50  # 100 UTF-16 code units
+    with pytest.raises(UpstreamUnexpected):
+        client.create_key(name="😀" * 50 + "x")
+
+
+def test_version(relay: Relay) -> None:
+    assert relay.client().version() == "1.1.314"
