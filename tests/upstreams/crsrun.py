@@ -59,14 +59,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _MockAnthropic(BaseHTTPRequestHandler):
+class MockAnthropic(BaseHTTPRequestHandler):
+    """Answers every message with USAGE; `served` counts the messages answered."""
+
     protocol_version = "HTTP/1.1"
+    served = 0
+    _lock = threading.Lock()
 
     def log_message(self, *args: Any) -> None:
         pass
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with MockAnthropic._lock:
+            MockAnthropic.served += 1
         data = json.dumps({
             "id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
             "model": MODEL, "content": [{"type": "text", "text": "ok"}],
@@ -127,7 +133,7 @@ def start_real_crs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     shutil.copytree(SOURCE, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("node_modules"))
     npm_seconds = _node_modules(work)
     processes: list[subprocess.Popen[bytes]] = []
-    mock = ThreadingHTTPServer(("127.0.0.1", 0), _MockAnthropic)
+    mock = ThreadingHTTPServer(("127.0.0.1", 0), MockAnthropic)
     mock.daemon_threads = True
     threading.Thread(target=mock.serve_forever, daemon=True).start()
     try:
