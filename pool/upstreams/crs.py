@@ -149,9 +149,16 @@ class CrsClient:
 
     def login(self) -> None:
         """Gets a session token. UpstreamRefused on wrong credentials."""
-        body = self._send("POST", "/web/auth/login",
-                          json={"username": self.username, "password": self._password},
-                          authed=False)
+        try:
+            body = self._send("POST", "/web/auth/login",
+                              json={"username": self.username, "password": self._password},
+                              authed=False)
+        except UpstreamNotFound:
+            # Not "no such key": no login route at all, so not a CRS admin API at this URL.
+            # Callers that take a missing key as already gone must not take this for one.
+            raise UpstreamUnexpected(
+                f"CRS at {self.base_url} has no admin login (HTTP 404): is this the address "
+                "of a claude-relay-service?") from None
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamUnexpected(f"CRS at {self.base_url} answered its login without a token.")

@@ -369,3 +369,22 @@ def test_a_key_crs_no_longer_knows_is_said_and_the_others_are_read(crs, fake, an
     out = _sync()
     assert gone.key.masked in out and "no longer" in out
     assert _totals(kept.key)[0] == 1
+
+
+@pytest.mark.django_db
+def test_a_url_that_is_not_crs_is_an_error_not_a_key_already_gone(crs, fake, ann, settings
+                                                                 ) -> None:
+    """Every path 404s there: a revoke must not pass for "already removed at CRS", nor a
+    read for "the key is gone"."""
+    issued = key_assign(user=ann, label="")
+    settings.CRS_URL = fake.url + "/elsewhere"
+    key_revoke(key=issued.key, by=ann)
+    (report,) = relays_reconcile()
+    assert report.errors and "no admin login" in report.errors[0]
+    key = ApiKey.objects.get(pk=issued.key.pk)
+    assert key.proxy_state != ApiKey.ProxyState.REMOVED
+    with pytest.raises(UpstreamUnexpected):
+        CrsDriver(crs).usage_read(keys=[key], cursor={})
+    settings.CRS_URL = fake.url
+    relays_reconcile()
+    assert fake.keys[key.remote_id]["isDeleted"] is True
