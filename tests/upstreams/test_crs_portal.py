@@ -13,6 +13,13 @@ nothing twice.
 
 from __future__ import annotations
 
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from io import StringIO
@@ -29,6 +36,7 @@ from usage.pricing import PriceBook, cost_of
 from tests.accounts.mailbox import emailed_path
 from tests.fakes.crs import MODEL, PASSWORD, USAGE, USERNAME
 from tests.upstreams.crsrun import MockAnthropic, Relay, records_when_there
+from tests.usage.realportal import ROOT, Portal
 
 Status = ApiKey.Status
 FIELDS = ("requests", "failures", "input_tokens", "output_tokens", "reasoning_tokens",
@@ -188,3 +196,80 @@ def test_a_team_on_claude_relay_service_alone(real_crs: Relay, settings, client,
     last = SyncRun.objects.order_by("-id").first()
     assert last.ok and last.records_read == 0 and last.records_stored == 0
     assert abs(datetime.now(timezone.utc) - last.started_at) < timedelta(minutes=5)
+
+
+ISSUE = """
+import json
+from accounts.models import User
+from pool.services import key_assign
+out = []
+for i in range(3):
+    person, _ = User.objects.get_or_create(email=f"person{i}@example.com")
+    issued = key_assign(user=person, label="k")
+    out.append([issued.key.pk, issued.key.remote_id, issued.value])
+print(json.dumps(out))
+"""
+
+
+def test_sync_processes_killed_at_random_count_each_crs_request_once(real_crs: Relay,
+                                                                      tmp_path) -> None:
+    """Real `manage.py sync_usage` processes on a SQLite file, each killed with SIGKILL at a
+    random moment (before, during or after its read and its commit) while requests flow
+    through the real CRS; then one that finishes. Every request CRS answered is counted
+    once: the cursor commits with the counts or not at all."""
+    portal = Portal(tmp_path, proxy_url="", CRS_URL=real_crs.url,
+                    CRS_ADMIN_USERNAME=USERNAME, CRS_ADMIN_PASSWORD=PASSWORD,
+                    CLIPROXY_MANAGEMENT_KEY="", USAGE_STREAM="false")
+    portal.migrate()
+    keys = [tuple(row) for row in json.loads(portal.shell(ISSUE).splitlines()[-1])]
+    answered: dict[str, int] = {remote: 0 for _pk, remote, _value in keys}
+    stop = threading.Event()
+
+    def traffic() -> None:
+        # About 5 requests a second per key: far from 200 between two syncs.
+        while not stop.is_set():
+            for _pk, remote, value in keys:
+                if real_crs.message(value).status_code == 200:
+                    answered[remote] += 1
+            stop.wait(0.15)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    chance = random.Random(16)
+    kills = 0
+    try:
+        for _ in range(12):
+            process = subprocess.Popen([sys.executable, "manage.py", "sync_usage"], cwd=ROOT,
+                                       env=portal.env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            try:
+                process.wait(timeout=chance.uniform(0.3, 1.2))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=30)
+                kills += 1
+    finally:
+        stop.set()
+        sender.join(timeout=60)
+    client = real_crs.client()
+    for _pk, remote, _value in keys:
+        records_when_there(client, remote, None, answered[remote])
+    deadline = time.monotonic() + 120
+    while True:  # a killed holder's lease may still be there for a moment
+        try:
+            out = portal.manage("sync_usage")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    print(f"\n{kills} of 12 sync processes killed; requests answered per key: "
+          f"{sorted(answered.values())}")
+    assert "may have been lost" not in out
+    assert kills >= 1  # the seed kills some: the trial did what it says
+    for pk, remote, _value in keys:
+        assert answered[remote] > 0
+        assert portal.counted(pk) == answered[remote], (pk, answered, kills)
+    # And once more, a fresh process: nothing twice.
+    portal.manage("sync_usage")
+    assert [portal.counted(pk) for pk, _r, _v in keys] == [answered[r] for _p, r, _v in keys]
