@@ -388,3 +388,20 @@ def test_a_url_that_is_not_crs_is_an_error_not_a_key_already_gone(crs, fake, ann
     settings.CRS_URL = fake.url
     relays_reconcile()
     assert fake.keys[key.remote_id]["isDeleted"] is True
+
+
+@pytest.mark.django_db(transaction=True)  # CRS follows when the admin's edit commits
+def test_a_limit_lowered_in_the_admin_reaches_crs_without_a_reconcile(crs, fake, admin_client
+                                                                      ) -> None:
+    from accounts.models import User  # noqa: PLC0415
+
+    carol = User.objects.create_user("carol@example.com", name="Carol")
+    issued = key_assign(user=carol, label="")
+    form = {"email": carol.email, "name": carol.name, "is_active": "on",
+            "limit_tokens_day": "", "limit_tokens_month": "", "limit_cost_day": "0.50",
+            "limit_cost_month": "", "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00"}
+    saved = admin_client.post(f"/admin/accounts/user/{carol.pk}/change/", form)
+    assert saved.status_code == 302
+    assert fake.keys[issued.key.remote_id]["dailyCostLimit"] == 0.5
+    (report,) = relays_reconcile()
+    assert not report.changed  # nothing left to push

@@ -153,8 +153,8 @@ def test_a_team_on_claude_relay_service_alone(real_crs: Relay, settings, client,
     assert saved.status_code == 302, saved.content.decode()[:2000]
     person.refresh_from_db()
     assert person.limit_cost_day == Decimal("0.01")
-    out = _command("reconcile_keys")
-    assert "2 keys' and 0 people's limits pushed" in out, out
+    # (The admin's save pushes it at once once committed; reconcile_keys does it otherwise.)
+    _command("reconcile_keys")
     at_crs = {k.id: k for k in admin.list_keys()}
     assert at_crs[key.remote_id].daily_cost_limit == Decimal("0.01")
     assert at_crs[second.remote_id].daily_cost_limit == Decimal("0.01")
