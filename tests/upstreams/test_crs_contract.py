@@ -8,6 +8,7 @@ How the real one is started: tests/upstreams/crsrun.py.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -167,3 +168,21 @@ def test_name_over_100_code_units_is_refused_and_100_taken(relay: Relay) -> None
 
 def test_version(relay: Relay) -> None:
     assert relay.client().version() == "1.1.314"
+
+
+def test_only_the_newest_200_records_are_kept(relay: Relay) -> None:
+    """redis.addUsageRecord's LTRIM: what the driver's "may have been lost" note rests on."""
+    client = relay.client()
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
+    for _ in range(204):
+        assert relay.message(created.value).status_code == 200
+    last_sent = datetime.now(timezone.utc) - timedelta(milliseconds=5)
+    assert relay.message(created.value).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:  # the 205th record is written after its answer: wait for it, bounded
+        records = client.usage_records(created.id).records
+        if max(r.timestamp for r in records) >= last_sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert max(r.timestamp for r in records) >= last_sent
+    assert len(records) == 200
