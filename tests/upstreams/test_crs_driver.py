@@ -405,3 +405,38 @@ def test_a_limit_lowered_in_the_admin_reaches_crs_without_a_reconcile(crs, fake,
     assert fake.keys[issued.key.remote_id]["dailyCostLimit"] == 0.5
     (report,) = relays_reconcile()
     assert not report.changed  # nothing left to push
+
+
+# --- CRS away when a key is asked for -----------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_registration_while_crs_is_away_says_so_and_the_link_works_later(crs, fake, client,
+                                                                         settings) -> None:
+    from accounts.models import User  # noqa: PLC0415
+    from tests.accounts.mailbox import emailed_path  # noqa: PLC0415
+
+    client.post("/register", {"email": "dan@example.com", "name": "Dan", "label": "laptop"})
+    link = emailed_path()
+    settings.CRS_URL = "http://127.0.0.1:9"  # nothing listens there
+    page = client.post(link)
+    assert page.status_code == 503
+    text = page.content.decode()
+    assert "could not make a key just now" in text and "127.0.0.1:9" not in text
+    assert not User.objects.filter(email="dan@example.com").exists()
+    settings.CRS_URL = fake.url
+    page = client.post(link)
+    assert page.status_code == 200 and 'id="key-value">cr_' in page.content.decode()
+
+
+@pytest.mark.django_db
+def test_adding_a_key_while_crs_is_away_keeps_the_form_with_the_reason(crs, client, ann,
+                                                                        settings) -> None:
+    settings.CRS_URL = "http://127.0.0.1:9"
+    client.force_login(ann)
+    page = client.post("/my-keys/add", {"label": "ci"})
+    assert page.status_code == 503
+    assert "could not make a key just now" in page.content.decode()
+    answer = client.post("/api/register-key", {"label": "ci"}, content_type="application/json")
+    assert answer.status_code == 503 and "could not make a key" in answer.json()["error"]
+    assert not ApiKey.objects.filter(owner=ann).exists()
