@@ -43,7 +43,7 @@ Usage (`usage_read`). CRS keeps a list of per-request records per key in Redis, 
 trimmed to the newest 200 at every request (redis.addUsageRecord's LTRIM) and kept 90 days
 after the last request; the admin route filters them with an inclusive `startDate`. Records
 have no id (CRS's requestId is not in the route's answer), so each is known by a fingerprint
-of all its fields (time to the millisecond, model, account, tokens, cost). The cursor holds,
+of its stored fields (time to the millisecond, model, account, tokens). The cursor holds,
 per key, where the next read starts (`since`: OVERLAP before the newest record seen, so a
 record written a little late by another CRS process is still found) and how many records of
 each fingerprint at or after `since` were already counted (a multiset: two identical
@@ -117,12 +117,14 @@ def _fit(text: str, units: int) -> str:
 
 
 def fingerprint(record: crs.UsageRecord) -> str:
-    """The same for the same record read twice, and for nothing else CRS could have written
-    but an identical request in the same millisecond (counted as many times as it appears)."""
+    """The same for the same record every time it is read. Two requests alike in every field
+    share it, and the cursor counts them as a multiset, so exactness needs only stability:
+    hence only fields CRS stores as they are. Not the cost: the route recomputes it at
+    today's prices for a record stored without one."""
     fields = [
         record.timestamp.isoformat(timespec="milliseconds"), record.model, record.account_id,
         record.input_tokens, record.output_tokens, record.cache_create_tokens,
-        record.cache_read_tokens, record.total_tokens, str(record.cost),
+        record.cache_read_tokens, record.total_tokens,
     ]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
 
