@@ -116,9 +116,12 @@ def test_deleted_key_is_refused(relay: Relay) -> None:
     client = relay.client()
     created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
     assert relay.message(created.value).status_code == 200
+    records_when_there(client, created.id, None, 1)
     client.delete_key(created.id)
     assert relay.message(created.value).status_code == 401
     assert created.id not in {key.id for key in client.list_keys()}
+    # A soft delete: its records still answer (the portal reads a revoked key's last ones).
+    assert len(client.usage_records(created.id).records) == 1
 
 
 def test_unknown_key_is_not_found(relay: Relay) -> None:
