@@ -65,7 +65,7 @@ import json
 from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.conf import settings
 from django.utils.translation import gettext as _, gettext_lazy
@@ -136,6 +136,17 @@ class CrsDriver(Driver):
     enforces = gettext_lazy(
         "Daily cost (the smaller of the day's and the month's cost limit) and expiry, refused "
         "by claude-relay-service itself; the rest by the portal's suspension after each sync.")
+
+    # Where people's tools point, under the public URL (CRS's src/app.js routes), for the
+    # pages' settings to copy: Claude Code's ANTHROPIC_BASE_URL (the client adds
+    # /v1/messages), OpenAI-style chat completions (CRS's unified route picks Claude, Gemini
+    # or OpenAI accounts by the model's name), Codex CLI (/openai/responses) and Gemini CLI.
+    client_paths: ClassVar[dict[str, str]] = {
+        "anthropic": "/api",
+        "openai": "/api/v1",
+        "codex": "/openai",
+        "gemini": "/gemini",
+    }
 
     def __init__(self, upstream: Upstream) -> None:
         super().__init__(upstream)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+import requests
 
 from pool.upstream import UpstreamNotFound
 from pool.upstreams.crs import Limits
@@ -189,3 +190,25 @@ def test_only_the_newest_200_records_are_kept(relay: Relay) -> None:
         time.sleep(0.1)
     assert max(r.timestamp for r in records) >= last_sent
     assert len(records) == 200
+
+
+def test_the_client_paths_the_pages_give_answer_at_the_real_crs(real_crs: Relay) -> None:
+    """CrsDriver.client_paths: Claude Code's base (/api + /v1/messages) and OpenAI-style chat
+    completions (/api/v1 + /chat/completions), both through the claude-console account."""
+    from pool.upstreams.crs_driver import CrsDriver  # noqa: PLC0415
+
+    client = real_crs.client()
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
+    headers = {"x-api-key": created.value, "Authorization": f"Bearer {created.value}",
+               "anthropic-version": "2023-06-01"}
+    paths = CrsDriver.client_paths
+    claude = requests.post(f"{real_crs.url}{paths['anthropic']}/v1/messages", headers=headers,
+                           json={"model": MODEL, "max_tokens": 8,
+                                 "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert claude.status_code == 200, claude.text
+    chat = requests.post(f"{real_crs.url}{paths['openai']}/chat/completions", headers=headers,
+                         json={"model": MODEL, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == "ok"
+    assert len(records_when_there(client, created.id, None, 2)) == 2
