@@ -165,6 +165,18 @@ class CrsClient:
         self._token = token
         self.logins += 1
 
+    def logout(self) -> None:
+        """Ends the admin session at CRS, if one was opened (best effort, never raises). CRS
+        keeps each login's session in Redis for `adminSessionTimeout` (24 h by default):
+        a portal that signs in at every sync would otherwise leave one per sync behind."""
+        if self._token is None:
+            return
+        try:
+            self._send("POST", "/web/auth/logout")
+        except Exception:  # noqa: BLE001 (the session then ends at its timeout)
+            pass
+        self._token = None
+
     def create_key(self, *, name: str, limits: Limits = Limits(),
                    description: str = "") -> CreatedKey:
         payload: dict[str, Any] = {"name": name, "description": description, **limits.as_crs()}

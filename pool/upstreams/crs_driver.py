@@ -167,6 +167,7 @@ class CrsDriver(Driver):
 
     def close(self) -> None:
         if self._client is not None:
+            self._client.logout()
             self._client.session.close()
 
     # --- keys -----------------------------------------------------------------------------

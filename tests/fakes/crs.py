@@ -105,6 +105,9 @@ class FakeCrs:
               headers: Any) -> tuple[int, Any]:
         if path == "/web/auth/login" and method == "POST":
             return self._login(body)
+        if path == "/web/auth/logout" and method == "POST":
+            self.sessions.discard(headers.get("Authorization", "")[7:])
+            return 200, {"success": True, "message": "Logout successful"}
         if path.startswith("/admin/"):
             self.admin_requests.append((method, path))
             auth = headers.get("Authorization", "")

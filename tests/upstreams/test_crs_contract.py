@@ -212,3 +212,14 @@ def test_the_client_paths_the_pages_give_answer_at_the_real_crs(real_crs: Relay)
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"] == "ok"
     assert len(records_when_there(client, created.id, None, 2)) == 2
+
+
+def test_logout_ends_the_session(relay: Relay) -> None:
+    client = relay.client()
+    client.health()
+    token = client._token
+    client.logout()
+    assert client._token is None
+    client._token = token  # the old session: CRS no longer knows it, so a new login follows
+    client.health()
+    assert client.logins == 2

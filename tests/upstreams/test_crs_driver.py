@@ -440,3 +440,13 @@ def test_adding_a_key_while_crs_is_away_keeps_the_form_with_the_reason(crs, clie
     answer = client.post("/api/register-key", {"label": "ci"}, content_type="application/json")
     assert answer.status_code == 503 and "could not make a key" in answer.json()["error"]
     assert not ApiKey.objects.filter(owner=ann).exists()
+
+
+@pytest.mark.django_db
+def test_a_sync_and_a_reconcile_leave_no_admin_session_behind(crs, fake, ann) -> None:
+    issued = key_assign(user=ann, label="")
+    _message(fake, issued.value)
+    key_suspend(key=issued.key, reason=ApiKey.SuspendedFor.STAFF)
+    relays_reconcile()
+    _sync()
+    assert fake.sessions == set()
