@@ -17,8 +17,13 @@ pool/upstreams/crs.py makes and the client route keys are used on.
   the request that crosses the limit still passes, the next one is refused); otherwise an
   Anthropic-style answer with USAGE, recorded and priced as CRS prices
   claude-sonnet-4-20250514 with no pricing file.
+- `PUT` with `expiresAt` sets `isActive` from it (null: on; a date: whether still ahead),
+  then an `isActive` in the same body wins; an expired key is refused (401); a name over
+  100 UTF-16 code units is refused (400); `POST /web/auth/logout` ends the session;
+  `GET /health` gives the version.
 - Test controls: `inject(path_prefix, kind)` one-shot faults ("500", "malformed", "drip",
-  "hang"), `expire_sessions()`, `admin_requests` (method, path) seen.
+  "hang"), `expire_sessions()`, `record(key_id, usage, at=...)` to place a request's record
+  at a given moment, `admin_requests` (method, path) seen.
 """
 
 from __future__ import annotations
