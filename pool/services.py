@@ -514,6 +514,13 @@ class PoolEmpty(Exception):
     """No unissued key is at the proxy right now."""
 
 
+class RelayUnavailable(Exception):
+    """A relay that makes its own keys (claude-relay-service, Claude Code Hub) did not make
+    one now: down, refusing the portal's credentials, or answering garbage. Nothing was filed
+    (a registration link stays unused); the message is the sentence to show the person, and
+    holds no address or secret of the relay (the log has the details)."""
+
+
 class KeyRefused(Exception):
     """The person may not get a working key now: their account is deactivated, or they (or
     one of their keys) reached a limit. The message is the sentence to show them; `reason`
@@ -567,7 +574,9 @@ def key_assign(
     *, user: User, label: str, by: User | None = None, ip: str | None = None,
     upstream: Upstream | None = None,
 ) -> IssuedKey:
-    """Hands `user` an unissued pool key. Raises PoolEmpty when none is ready.
+    """Hands `user` an unissued pool key. Raises PoolEmpty when none is ready. At a relay
+    that makes its own keys (`upstream`, or the person's default), the key is made there
+    instead; RelayUnavailable when it does not answer.
 
     On PostgreSQL, SKIP LOCKED lets concurrent callers pick different rows without waiting
     on each other; on every database the conditional UPDATE (still unowned, still in the
@@ -585,8 +594,15 @@ def key_assign(
     if upstream is not None and not upstream.is_cliproxyapi:
         # A relay that makes its own keys: made there now, working at once (UpstreamError
         # when it does not answer; nothing is filed then).
-        made = relay_key_issue(upstream=upstream, user=user, label=label, by=by, ip=ip,
-                               expires=_default_expiry(timezone.now()))
+        try:
+            made = relay_key_issue(upstream=upstream, user=user, label=label, by=by, ip=ip,
+                                   expires=_default_expiry(timezone.now()))
+        except UpstreamError as exc:
+            log.warning("No key made at %s for person %s: %s", upstream.name, user.pk, exc)
+            raise RelayUnavailable(_(
+                "%(name)s could not make a key just now; nothing was changed. Please try "
+                "again in a few minutes."
+            ) % {"name": upstream.name}) from exc
         return IssuedKey(key=made.key, value=made.value)
     try:
         return _key_assign(user=user, label=label, by=by, ip=ip)

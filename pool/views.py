@@ -34,6 +34,7 @@ from pool.services import (
     IssuedKey,
     KeyRefused,
     PoolEmpty,
+    RelayUnavailable,
     key_assign,
     key_rename,
     key_revoke,
@@ -92,6 +93,9 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
         return link_gone(request)
     except PoolEmpty:
         return pool_empty(request, "pool/pool_empty.html")
+    except RelayUnavailable as exc:
+        # The transaction rolled back: the link stays unused and works again later.
+        return render(request, "pool/key_refused.html", {"message": str(exc)}, status=503)
     except KeyRefused as exc:
         # Someone already known, over a limit: the link stays unused (the transaction rolled
         # back) and works again once the limit resets.
@@ -178,6 +182,8 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     except PoolEmpty:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None
+    except RelayUnavailable as exc:
+        raise ApiError(str(exc), 503) from None
     response = JsonResponse(
         {**_key_json(issued.key), "key": issued.value, "email": person.email, **_proxy_urls()},
         status=201,

@@ -19,7 +19,7 @@ from accounts.models import Limits, User
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
-from pool.services import keys_reconcile_in_request
+from pool.services import keys_reconcile_in_request, relays_reconcile_quietly
 from usage.currency import Currency, remember
 from usage.limits import limits_release
 from usage.models import (
@@ -340,6 +340,11 @@ class LimitsReleased:
                 "%(n)d suspended keys are now held by another limit, until that one resets.",
                 done.moved) % {"n": done.moved}, messages.INFO)
         if not done.released:
+            # A relay that enforces limits itself (claude-relay-service) takes a lowered one
+            # now, not at the next reconcile: it then refuses the request after the crossing
+            # one, before any sync. Pushes only what differs from what it holds (nothing for
+            # CLIProxyAPI, which has no limits of its own).
+            transaction.on_commit(relays_reconcile_quietly)
             return
         self.message_user(request, ngettext(  # type: ignore[attr-defined]
             "%(n)d key suspended by a limit is active again: it returns to the proxy now.",

@@ -29,8 +29,8 @@ from pool.forms import KeyLabelForm
 from pool.models import ApiKey
 from pool.selectors import PoolStatus, pool_status
 from pool.services import (
-    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, key_assign, key_rename,
-    key_revoke, keys_reconcile, keys_reconcile_in_request,
+    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, RelayUnavailable, key_assign,
+    key_rename, key_revoke, keys_reconcile, keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.views import key_limit_reached, key_shown, pool_empty
@@ -108,6 +108,9 @@ def key_add(request: HttpRequest) -> HttpResponse:
         # Over a limit: no key changes hands, and the form says which limit and until when.
         form.add_error("label", str(exc))
         return _add_form_refused(request, form, status=403)
+    except RelayUnavailable as exc:
+        form.add_error("label", str(exc))
+        return _add_form_refused(request, form, status=503)
     except PoolEmpty:
         response = pool_empty(
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"

@@ -149,14 +149,33 @@ class CrsClient:
 
     def login(self) -> None:
         """Gets a session token. UpstreamRefused on wrong credentials."""
-        body = self._send("POST", "/web/auth/login",
-                          json={"username": self.username, "password": self._password},
-                          authed=False)
+        try:
+            body = self._send("POST", "/web/auth/login",
+                              json={"username": self.username, "password": self._password},
+                              authed=False)
+        except UpstreamNotFound:
+            # Not "no such key": no login route at all, so not a CRS admin API at this URL.
+            # Callers that take a missing key as already gone must not take this for one.
+            raise UpstreamUnexpected(
+                f"CRS at {self.base_url} has no admin login (HTTP 404): is this the address "
+                "of a claude-relay-service?") from None
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamUnexpected(f"CRS at {self.base_url} answered its login without a token.")
         self._token = token
         self.logins += 1
+
+    def logout(self) -> None:
+        """Ends the admin session at CRS, if one was opened (best effort, never raises). CRS
+        keeps each login's session in Redis for `adminSessionTimeout` (24 h by default):
+        a portal that signs in at every sync would otherwise leave one per sync behind."""
+        if self._token is None:
+            return
+        try:
+            self._send("POST", "/web/auth/logout")
+        except Exception:  # noqa: BLE001 (the session then ends at its timeout)
+            pass
+        self._token = None
 
     def create_key(self, *, name: str, limits: Limits = Limits(),
                    description: str = "") -> CreatedKey:
@@ -171,12 +190,22 @@ class CrsClient:
                 f"CRS at {self.base_url} answered the creation of a key without its id or value.")
         return CreatedKey(id=key_id, name=str(data.get("name", name)), value=value)
 
-    def update_limits(self, key_id: str, limits: Limits) -> None:
-        # expiresAt null clears the expiry but also sets isActive true (CRS's PUT), which
-        # would wake a disabled key: so an expiry is sent only when set, never cleared here.
+    def update_limits(self, key_id: str, limits: Limits, *, active: bool | None = None) -> None:
+        """Sets a key's limits. CRS's PUT turns any expiresAt it is sent into `isActive`
+        (null: true; a date: whether it is still ahead), which would wake a disabled key; but
+        it applies an `isActive` in the same body after that. So:
+
+        - `active` given: isActive is sent with the limits, and the expiry always (null clears
+          it), in one PUT: the key ends as `active` says, whatever the expiry did;
+        - `active` None: an expiry is sent only when set (never cleared), and a set one still
+          re-activates a disabled key whose expiry is ahead: callers that know the key's
+          state pass it."""
         payload = limits.as_crs(update=True)
-        if payload["expiresAt"] is None:
-            del payload["expiresAt"]
+        if active is None:
+            if payload["expiresAt"] is None:
+                del payload["expiresAt"]
+        else:
+            payload["isActive"] = active
         self._call("PUT", f"/admin/api-keys/{_id(key_id)}", json=payload)
 
     def set_active(self, key_id: str, active: bool) -> None:
@@ -229,6 +258,12 @@ class CrsClient:
                 f"CRS at {self.base_url} paged usage records past {MAX_PAGES} pages.")
         cursor = max((r.timestamp for r in records), default=since)
         return UsagePage(records=records, cursor=cursor)
+
+    def version(self) -> str:
+        """CRS's version from its public `/health` (no admin session); "" when it gives none."""
+        body = self._send("GET", "/health", authed=False)
+        version = body.get("version") if isinstance(body, dict) else None
+        return version[:40] if isinstance(version, str) else ""
 
     def health(self) -> None:
         """A cheap authenticated GET (a static list in CRS): raises when CRS is not usable."""

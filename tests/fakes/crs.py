@@ -17,8 +17,13 @@ pool/upstreams/crs.py makes and the client route keys are used on.
   the request that crosses the limit still passes, the next one is refused); otherwise an
   Anthropic-style answer with USAGE, recorded and priced as CRS prices
   claude-sonnet-4-20250514 with no pricing file.
+- `PUT` with `expiresAt` sets `isActive` from it (null: on; a date: whether still ahead),
+  then an `isActive` in the same body wins; an expired key is refused (401); a name over
+  100 UTF-16 code units is refused (400); `POST /web/auth/logout` ends the session;
+  `GET /health` gives the version.
 - Test controls: `inject(path_prefix, kind)` one-shot faults ("500", "malformed", "drip",
-  "hang"), `expire_sessions()`, `admin_requests` (method, path) seen.
+  "hang"), `expire_sessions()`, `record(key_id, usage, at=...)` to place a request's record
+  at a given moment, `admin_requests` (method, path) seen.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ def cost_of(usage: dict[str, int]) -> Decimal:
     return (usage["input_tokens"] * PRICE["input"] + usage["output_tokens"] * PRICE["output"]
             + usage["cache_creation_input_tokens"] * PRICE["cache_write"]
             + usage["cache_read_input_tokens"] * PRICE["cache_read"]) / million
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _js_length(text: str) -> int:
+    """JavaScript's String.length: UTF-16 code units (a character past U+FFFF counts 2)."""
+    return len(text.encode("utf-16-le")) // 2
 
 
 def _iso(moment: datetime) -> str:
@@ -96,6 +110,9 @@ class FakeCrs:
               headers: Any) -> tuple[int, Any]:
         if path == "/web/auth/login" and method == "POST":
             return self._login(body)
+        if path == "/web/auth/logout" and method == "POST":
+            self.sessions.discard(headers.get("Authorization", "")[7:])
+            return 200, {"success": True, "message": "Logout successful"}
         if path.startswith("/admin/"):
             self.admin_requests.append((method, path))
             auth = headers.get("Authorization", "")
@@ -106,6 +123,9 @@ class FakeCrs:
                 return 401, {"error": "Invalid admin token",
                              "message": "Invalid or expired admin session"}
             return self._admin(method, path.split("/")[2:], query, body)
+        if path == "/health" and method == "GET":
+            return 200, {"status": "healthy", "service": "claude-relay-service",
+                         "version": "1.1.314"}
         if path == "/api/v1/messages" and method == "POST":
             return self._messages(body, headers)
         return 404, {"error": "Not Found", "message": f"Route {path} not found"}
@@ -149,6 +169,8 @@ class FakeCrs:
         name = body.get("name")
         if not isinstance(name, str) or not name.strip():
             return 400, {"error": "Name is required and must be a non-empty string"}
+        if _js_length(name) > 100:
+            return 400, {"error": "Name must be less than 100 characters"}
         key_id, value = str(uuid.uuid4()), "cr_" + secrets.token_hex(32)
         key = {"id": key_id, "name": name, "hash": hashlib.sha256(value.encode()).hexdigest(),
                "isActive": True, "isDeleted": False, "dailyCostLimit": 0.0,
@@ -165,11 +187,17 @@ class FakeCrs:
         return 200, {"success": True, "data": {**public, "apiKey": value}}
 
     def _update(self, key: dict[str, Any], body: dict[str, Any]) -> tuple[int, Any]:
-        if "isActive" in body:
-            if not isinstance(body["isActive"], bool):
-                return 400, {"error": "isActive must be a boolean"}
-            key["isActive"] = body["isActive"]
+        if "isActive" in body and not isinstance(body["isActive"], bool):
+            return 400, {"error": "isActive must be a boolean"}
         self._apply_limits(key, body)
+        if "expiresAt" in body:
+            # CRS's PUT: null clears the expiry and activates the key; a date activates it
+            # when still ahead, disables it otherwise...
+            at = body["expiresAt"]
+            key["isActive"] = True if at is None else _parse(at) > datetime.now(timezone.utc)
+        if "isActive" in body:
+            # ...and an isActive in the same body is applied after that, so it wins.
+            key["isActive"] = body["isActive"]
         return 200, {"success": True, "message": "API key updated successfully"}
 
     @staticmethod
@@ -223,29 +251,42 @@ class FakeCrs:
             return 401, {"error": "Invalid API key", "message": "API key not found"}
         if not key["isActive"]:
             return 401, {"error": "Invalid API key", "message": "API key is disabled"}
+        if key["expiresAt"] and datetime.now(timezone.utc) > _parse(key["expiresAt"]):
+            return 401, {"error": "Invalid API key", "message": "API key has expired"}
         if key["dailyCostLimit"] > 0 and key["dailyCost"] >= Decimal(str(key["dailyCostLimit"])):
             return 402, {"error": {"type": "insufficient_quota",
                                    "message": f"已达到每日费用限制 (${key['dailyCostLimit']})",
                                    "code": "daily_cost_limit_exceeded"},
                          "currentCost": float(key["dailyCost"]),
                          "costLimit": key["dailyCostLimit"]}
-        cost = cost_of(USAGE)
-        key["dailyCost"] += cost
-        key["totalCost"] += cost
-        record = {"timestamp": _iso(datetime.now(timezone.utc)), "model": MODEL,
-                  "accountId": "fake-console-account", "accountType": "claude-console",
-                  "inputTokens": USAGE["input_tokens"], "outputTokens": USAGE["output_tokens"],
-                  "cacheCreateTokens": USAGE["cache_creation_input_tokens"],
-                  "cacheReadTokens": USAGE["cache_read_input_tokens"],
-                  "ephemeral5mTokens": 0, "ephemeral1hTokens": 0,
-                  "totalTokens": sum(USAGE.values()), "isLongContextRequest": False,
-                  "cost": float(round(cost, 6)), "realCost": float(round(cost, 6))}
-        rows = self.records.setdefault(key["id"], [])
-        rows.insert(0, record)
-        del rows[MAX_RECORDS:]
+        self.record(key["id"], USAGE)
         return 200, {"id": "msg_fake", "type": "message", "role": "assistant", "model": MODEL,
                      "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
                      "usage": USAGE}
+
+    def record(self, key_id: str, usage: dict[str, int], *, at: datetime | None = None,
+               model: str = MODEL) -> dict[str, Any]:
+        """Records one request as CRS does after answering it (apiKeyService's
+        recordUsageWithDetails then redis.addUsageRecord): the key's costs grow, the record is
+        LPUSHed (newest first) and the list trimmed to 200. `at` lets a test place a record
+        at a given moment (several at the same millisecond, say). Returns the record as the
+        usage-records route answers it."""
+        cost = cost_of(usage)
+        key = self.keys[key_id]
+        key["dailyCost"] += cost
+        key["totalCost"] += cost
+        record = {"timestamp": _iso(at or datetime.now(timezone.utc)), "model": model,
+                  "accountId": "fake-console-account", "accountType": "claude-console",
+                  "inputTokens": usage["input_tokens"], "outputTokens": usage["output_tokens"],
+                  "cacheCreateTokens": usage["cache_creation_input_tokens"],
+                  "cacheReadTokens": usage["cache_read_input_tokens"],
+                  "ephemeral5mTokens": 0, "ephemeral1hTokens": 0,
+                  "totalTokens": sum(usage.values()), "isLongContextRequest": False,
+                  "cost": float(round(cost, 6)), "realCost": float(round(cost, 6))}
+        rows = self.records.setdefault(key_id, [])
+        rows.insert(0, record)
+        del rows[MAX_RECORDS:]
+        return record
 
     # -- HTTP --
 

@@ -3,206 +3,29 @@ claude-relay-service 1.1.314 from ../shared/upstreams (skipped when it, node, np
 redis-server is missing; scripts/crs.sh installs the tools). The same checks run on both, so
 the fake the unit tests use is proven against the real thing.
 
-The real one: a copy of its source in a temp dir, its node_modules from `npm ci` cached under
-/tmp/keyportal-crs-node-<lockfile hash> (symlinked into each copy), Redis on a free port, a
-mock Anthropic server on 127.0.0.1 added as a claude-console account, `node src/app.js` on
-another free port, all started once per session and stopped by pid.
+How the real one is started: tests/upstreams/crsrun.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import socket
-import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 
 from pool.upstream import UpstreamNotFound
-from pool.upstreams.crs import CrsClient, Limits
+from pool.upstreams.crs import Limits
 
-from tests.fakes.crs import MODEL, PASSWORD, USAGE, USERNAME, FakeCrs, cost_of
-from tests.realproxy import shared_dir
-
-_SHARED = shared_dir()  # ../shared, found from a git worktree too
-SOURCE = (_SHARED or Path("/nonexistent")) / "upstreams" / "claude-relay-service"
-START_SECONDS = 90
-
-
-@dataclass
-class Relay:
-    kind: str
-    url: str
-    client: Callable[[], CrsClient]
-
-    def message(self, value: str) -> requests.Response:
-        return requests.post(
-            f"{self.url}/api/v1/messages",
-            headers={"x-api-key": value, "anthropic-version": "2023-06-01"},
-            json={"model": MODEL, "max_tokens": 16,
-                  "messages": [{"role": "user", "content": "hi"}]},
-            timeout=30,
-        )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class _MockAnthropic(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        data = json.dumps({
-            "id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
-            "model": MODEL, "content": [{"type": "text", "text": "ok"}],
-            "stop_reason": "end_turn", "stop_sequence": None, "usage": USAGE,
-        }).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def _node_modules(work: Path) -> float:
-    """Links a cached node_modules into `work`, running `npm ci` first when there is none
-    for this lockfile; returns the seconds npm took (0 when cached)."""
-    digest = hashlib.sha256((SOURCE / "package-lock.json").read_bytes()).hexdigest()[:16]
-    # The cache holds a folder named node_modules: node resolves a package's own requires
-    # from its real path, walking up to the nearest node_modules.
-    cache = Path(f"/tmp/keyportal-crs-node-{digest}")
-    took = 0.0
-    if not (cache / "node_modules").is_dir():
-        started = time.monotonic()
-        subprocess.run(["npm", "ci", "--omit=dev", "--no-audit", "--no-fund", "--ignore-scripts"],
-                       cwd=work, check=True, capture_output=True, timeout=600)
-        took = time.monotonic() - started
-        staged = Path(f"{cache}.{os.getpid()}")
-        staged.mkdir()
-        shutil.move(str(work / "node_modules"), staged / "node_modules")
-        try:
-            staged.rename(cache)  # atomic: a parallel run either wins or finds it there
-        except OSError:
-            shutil.rmtree(staged, ignore_errors=True)
-    (work / "node_modules").symlink_to(cache / "node_modules")
-    return took
-
-
-def _wait_for(url: str, deadline: float, process: subprocess.Popen[bytes], log: Path) -> None:
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"CRS exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"CRS did not answer within {START_SECONDS} s: {log.read_text()[-2000:]}")
-
-
-@pytest.fixture(scope="session")
-def real_crs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
-    if not (SOURCE / "src" / "app.js").is_file():
-        pytest.skip(f"no claude-relay-service source at {SOURCE}")
-    missing = [tool for tool in ("node", "npm", "redis-server") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (bash scripts/crs.sh)")
-    started = time.monotonic()
-    work = tmp_path_factory.mktemp("crs")
-    shutil.copytree(SOURCE, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns("node_modules"))
-    npm_seconds = _node_modules(work)
-    processes: list[subprocess.Popen[bytes]] = []
-    mock = ThreadingHTTPServer(("127.0.0.1", 0), _MockAnthropic)
-    mock.daemon_threads = True
-    threading.Thread(target=mock.serve_forever, daemon=True).start()
-    try:
-        redis_port, port = _free_port(), _free_port()
-        processes.append(subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1",
-               "JWT_SECRET": "contract-test-jwt-secret-at-least-32-chars",
-               "ENCRYPTION_KEY": "0123456789abcdef0123456789abcdef",
-               "ADMIN_USERNAME": USERNAME, "ADMIN_PASSWORD": PASSWORD,
-               "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(redis_port), "NODE_ENV": "production"}
-        (work / ".env").write_text("".join(f"{k}={env[k]}\n" for k in (
-            "PORT", "HOST", "JWT_SECRET", "ENCRYPTION_KEY", "ADMIN_USERNAME", "ADMIN_PASSWORD",
-            "REDIS_HOST", "REDIS_PORT")))
-        shutil.copy(work / "config" / "config.example.js", work / "config" / "config.js")
-        subprocess.run(["node", "scripts/setup.js"], cwd=work, env=env, check=True,
-                       capture_output=True, timeout=60)
-        log = work / "crs.log"
-        with log.open("wb") as out:
-            crs = subprocess.Popen(["node", "src/app.js"], cwd=work, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-        processes.append(crs)
-        url = f"http://127.0.0.1:{port}"
-        _wait_for(f"{url}/health", time.monotonic() + START_SECONDS, crs, log)
-        login = requests.post(f"{url}/web/auth/login",
-                              json={"username": USERNAME, "password": PASSWORD}, timeout=10)
-        added = requests.post(
-            f"{url}/admin/claude-console-accounts",
-            headers={"Authorization": f"Bearer {login.json()['token']}"},
-            json={"name": "mock", "apiUrl": f"http://127.0.0.1:{mock.server_address[1]}",
-                  "apiKey": "upstream-dummy", "accountType": "shared", "priority": 50},
-            timeout=10)
-        assert added.status_code == 200, added.text
-        print(f"\nreal CRS ready in {time.monotonic() - started:.1f} s "
-              f"(npm ci {npm_seconds:.1f} s, {'cold' if npm_seconds else 'cached'})")
-        yield Relay("real", url, lambda: CrsClient(url, USERNAME, PASSWORD, timeout=10))
-    finally:
-        for process in reversed(processes):
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        mock.shutdown()
-        mock.server_close()
-
-
-@pytest.fixture(scope="session")
-def fake_crs() -> Iterator[Relay]:
-    fake = FakeCrs().start()
-    yield Relay("fake", fake.url, lambda: CrsClient(fake.url, USERNAME, PASSWORD, timeout=5))
-    fake.stop()
+from tests.fakes.crs import MODEL, USAGE, cost_of
+from tests.upstreams.crsrun import Relay, records_when_there
 
 
 @pytest.fixture(params=["fake", "real"])
 def relay(request: pytest.FixtureRequest) -> Relay:
     return request.getfixturevalue(f"{request.param}_crs")
-
-
-def _records_when_there(client: CrsClient, key_id: str, since: datetime, count: int) -> list:
-    # CRS records usage after the answer has gone out: give it a moment, bounded.
-    deadline = time.monotonic() + 10
-    while True:
-        records = client.usage_records(key_id, since=since).records
-        if len(records) >= count or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
 
 
 def test_created_key_works_at_once(relay: Relay) -> None:
@@ -219,7 +42,7 @@ def test_usage_records_show_the_request_with_its_split(relay: Relay) -> None:
     created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
     since = datetime.now(timezone.utc) - timedelta(seconds=1)
     assert relay.message(created.value).status_code == 200
-    records = _records_when_there(client, created.id, since, 1)
+    records = records_when_there(client, created.id, since, 1)
     assert len(records) == 1
     record = records[0]
     assert record.model == MODEL
@@ -245,7 +68,7 @@ def test_daily_cost_limit_answers_402_within_three_requests(relay: Relay) -> Non
             break
         # CRS counts a request's cost after answering it: wait until it is recorded, so the
         # next request meets the cost (the same moment the portal's sync would see it).
-        _records_when_there(client, created.id, since, sent)
+        records_when_there(client, created.id, since, sent)
     # The request that crosses the limit passes (CRS checks the cost so far, before it);
     # the next one is refused.
     assert statuses == [200, 402], statuses
@@ -294,9 +117,12 @@ def test_deleted_key_is_refused(relay: Relay) -> None:
     client = relay.client()
     created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
     assert relay.message(created.value).status_code == 200
+    records_when_there(client, created.id, None, 1)
     client.delete_key(created.id)
     assert relay.message(created.value).status_code == 401
     assert created.id not in {key.id for key in client.list_keys()}
+    # A soft delete: its records still answer (the portal reads a revoked key's last ones).
+    assert len(client.usage_records(created.id).records) == 1
 
 
 def test_unknown_key_is_not_found(relay: Relay) -> None:
@@ -312,3 +138,88 @@ def test_unknown_key_is_not_found(relay: Relay) -> None:
 
 def test_health(relay: Relay) -> None:
     relay.client().health()
+
+
+def test_an_expiry_sent_wakes_a_disabled_key_unless_its_state_goes_with_it(relay: Relay
+                                                                           ) -> None:
+    """CRS's PUT turns any expiresAt into isActive, then applies an isActive sent in the same
+    body: what CrsClient.update_limits(active=...) and the driver rely on."""
+    client = relay.client()
+    ahead = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}",
+                                limits=Limits(expires_at=ahead))
+    client.set_active(created.id, False)
+    client.update_limits(created.id, Limits(expires_at=ahead), active=False)
+    assert relay.message(created.value).status_code == 401
+    client.update_limits(created.id, Limits(expires_at=ahead))  # no state: the quirk
+    assert relay.message(created.value).status_code == 200
+    client.update_limits(created.id, Limits(), active=True)  # expiry cleared, still on
+    key = {k.id: k for k in client.list_keys()}[created.id]
+    assert key.expires_at is None and key.is_active
+    past = datetime.now(timezone.utc) - timedelta(minutes=1)
+    client.update_limits(created.id, Limits(expires_at=past), active=True)
+    assert relay.message(created.value).status_code == 401  # expired, whatever isActive says
+
+
+def test_name_over_100_code_units_is_refused_and_100_taken(relay: Relay) -> None:
+    from pool.upstream import UpstreamUnexpected  # noqa: PLC0415
+
+    client = relay.client()
+    assert client.create_key(name="😀" * 50).name == "😀" * 50  # 100 UTF-16 code units
+    with pytest.raises(UpstreamUnexpected):
+        client.create_key(name="😀" * 50 + "x")
+
+
+def test_version(relay: Relay) -> None:
+    assert relay.client().version() == "1.1.314"
+
+
+def test_only_the_newest_200_records_are_kept(relay: Relay) -> None:
+    """redis.addUsageRecord's LTRIM: what the driver's "may have been lost" note rests on."""
+    client = relay.client()
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
+    for _ in range(204):
+        assert relay.message(created.value).status_code == 200
+    last_sent = datetime.now(timezone.utc) - timedelta(milliseconds=5)
+    assert relay.message(created.value).status_code == 200
+    deadline = time.monotonic() + 30
+    while True:  # the 205th record is written after its answer: wait for it, bounded
+        records = client.usage_records(created.id).records
+        if max(r.timestamp for r in records) >= last_sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert max(r.timestamp for r in records) >= last_sent
+    assert len(records) == 200
+
+
+def test_the_client_paths_the_pages_give_answer_at_the_real_crs(real_crs: Relay) -> None:
+    """CrsDriver.client_paths: Claude Code's base (/api + /v1/messages) and OpenAI-style chat
+    completions (/api/v1 + /chat/completions), both through the claude-console account."""
+    from pool.upstreams.crs_driver import CrsDriver  # noqa: PLC0415
+
+    client = real_crs.client()
+    created = client.create_key(name=f"contract-{uuid.uuid4().hex[:8]}")
+    headers = {"x-api-key": created.value, "Authorization": f"Bearer {created.value}",
+               "anthropic-version": "2023-06-01"}
+    paths = CrsDriver.client_paths
+    claude = requests.post(f"{real_crs.url}{paths['anthropic']}/v1/messages", headers=headers,
+                           json={"model": MODEL, "max_tokens": 8,
+                                 "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert claude.status_code == 200, claude.text
+    chat = requests.post(f"{real_crs.url}{paths['openai']}/chat/completions", headers=headers,
+                         json={"model": MODEL, "max_tokens": 8,
+                               "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == "ok"
+    assert len(records_when_there(client, created.id, None, 2)) == 2
+
+
+def test_logout_ends_the_session(relay: Relay) -> None:
+    client = relay.client()
+    client.health()
+    token = client._token
+    client.logout()
+    assert client._token is None
+    client._token = token  # the old session: CRS no longer knows it, so a new login follows
+    client.health()
+    assert client.logins == 2
