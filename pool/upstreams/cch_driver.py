@@ -108,12 +108,12 @@ class CchDriver(Driver):
         if self._client is not None:
             self._client.close()
 
-    def zone(self) -> str:
-        """CCH's time zone, asked at most every ZONE_KEEP seconds per CCH."""
+    def zone(self, *, fresh: bool = False) -> str:
+        """CCH's time zone, asked at most every ZONE_KEEP seconds per CCH (`fresh`: now)."""
         url = self.client.base_url
         with _zones_lock:
             known = _zones.get(url)
-        if known is not None and time.monotonic() - known[1] < ZONE_KEEP:
+        if not fresh and known is not None and time.monotonic() - known[1] < ZONE_KEEP:
             return known[0]
         zone = self.client.time_zone()
         with _zones_lock:
@@ -251,7 +251,7 @@ class CchDriver(Driver):
 
     def health(self) -> Health:
         try:
-            zone = self.zone()
+            zone = self.zone(fresh=True)  # asked every time: it is the check of the token
         except UpstreamError as exc:
             return Health(False, str(exc))
         if zone == settings.TIME_ZONE:
