@@ -266,9 +266,16 @@ class CchClient:
 
     # -- health --
 
+    def admin_check(self) -> None:
+        """Raises unless the token has admin rights: `GET /users?limit=1` is admin-only, while
+        the read routes (the time zone, the log) also take any user's key."""
+        body = self._call("GET", f"{API}/users", "list users", params={"limit": 1})
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise self._shape("list users")
+
     def time_zone(self) -> str:
-        """CCH's time zone (its windows' days and months); raises when CCH is not usable with
-        this token. Also the health check: cheap, authenticated."""
+        """CCH's time zone (its windows' days and months); raises when CCH does not answer
+        this token."""
         body = self._call("GET", f"{API}/system/timezone", "tell its time zone")
         zone = body.get("timeZone") if isinstance(body, dict) else None
         if not isinstance(zone, str) or not zone:

@@ -3,11 +3,12 @@ calls pool/upstreams/cch.py makes, and the client route keys are used on, as CCH
 (src/app/api/v1/resources/*/handlers.ts and the actions behind them), quirks included:
 
 - `Authorization: Bearer <ADMIN_TOKEN>` on every management call; problems are RFC 9457
-  (`application/problem+json`, `errorCode`), 401 `auth.invalid` for a wrong token.
+  (`application/problem+json`, `errorCode`), 401 `auth.invalid` for a wrong token; a user's
+  key passes the "read" routes (time zone, log) and gets 403 `auth.forbidden` elsewhere.
 - `POST /api/v1/users` makes a "default" key too unless `?withDefaultKey=false`
   (`default_keys=False` makes the fake ignore that flag, as an older CCH would).
 - Keys: `sk-` + 32 hex, the value only in the create answer (lists show `maskedKey`); names
-  unique among a user's enabled keys (DUPLICATE_NAME); a key's limit above its user's is
+  unique among a user's enabled, unexpired keys (DUPLICATE_NAME); a key's limit above its user's is
   refused (KEY_LIMIT_*_EXCEEDS_USER_LIMIT); `PATCH` needs `name`, `expiresAt: null` is refused
   ("" clears); an admin may switch off the last enabled key with PATCH but not with
   `:enable` (CANNOT_DISABLE_LAST_KEY, errorCode OPERATION_FAILED); `DELETE` refuses the last
@@ -150,7 +151,20 @@ class FakeCch:
             if not auth.startswith("Bearer ") or not auth[7:]:
                 return _problem(401, "auth.missing", "Authentication is required.")
             if auth[7:] != self.admin_token:
-                return _problem(401, "auth.invalid", "Invalid credentials.")
+                digest = hashlib.sha256(auth[7:].encode()).hexdigest()
+                key = next((k for k in self.keys.values()
+                            if k["hash"] == digest and not k["deleted"]), None)
+                if key is None:
+                    return _problem(401, "auth.invalid", "Invalid credentials.")
+                # A user's key passes the "read" routes only (as their own user).
+                rest = path[len("/api/v1/"):]
+                if method != "GET" or rest not in ("system/timezone", "usage-logs"):
+                    return _problem(403, "auth.forbidden", "Admin access is required.")
+                if rest == "usage-logs":
+                    mine = {k["id"] for k in self.user_keys(key["userId"])}
+                    if "keyId" in query and int(query["keyId"]) not in mine:
+                        return 200, {"items": [], "pageInfo": {"nextCursor": None,
+                                                               "hasMore": False, "limit": 20}}
             return self._admin(method, path[len("/api/v1/"):], query, body)
         return _problem(404, "resource.not_found")
 
@@ -159,6 +173,11 @@ class FakeCch:
         parts = rest.split("/")
         if rest == "system/timezone" and method == "GET":
             return 200, {"timeZone": self.time_zone}
+        if rest == "users" and method == "GET":
+            live = [self._public_user(u) for u in self.users.values() if not u["deleted"]]
+            limit = int(query.get("limit", 50))
+            return 200, {"items": live[:limit], "pageInfo": {
+                "nextCursor": None, "hasMore": len(live) > limit, "limit": limit}}
         if rest == "users" and method == "POST":
             return self._user_create(body, query.get("withDefaultKey") != "false")
         if len(parts) == 2 and parts[0] == "users" and parts[1].isdigit():
@@ -282,7 +301,10 @@ class FakeCch:
                 body["expiresAt"], str):
             return self._bad("expiresAt")
         name = body["name"].strip()
-        if any(k["name"] == name and k["isEnabled"] for k in self.user_keys(user["id"])):
+        now = datetime.now(timezone.utc)
+        if any(k["name"] == name and k["isEnabled"]
+               and (k["expiresAt"] is None or k["expiresAt"] > now)
+               for k in self.user_keys(user["id"])):
             return _problem(400, "DUPLICATE_NAME")
         code = self._over_user(user, {n: _cents(body.get(n)) for n in LIMIT_FIELDS})
         if code:

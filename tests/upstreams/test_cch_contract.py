@@ -86,14 +86,17 @@ def hub(request: pytest.FixtureRequest) -> Iterator[Hub]:
         fake.stop()
 
 
-def test_it_tells_its_time_zone(hub: Hub) -> None:
-    ZoneInfo(hub.client().time_zone())  # a zone this machine knows
+def test_it_tells_its_time_zone_and_takes_the_token_as_an_admin(hub: Hub) -> None:
+    client = hub.client()
+    ZoneInfo(client.time_zone())  # a zone this machine knows
+    client.admin_check()
 
 
 def test_a_wrong_token_is_refused(hub: Hub) -> None:
-    with pytest.raises(UpstreamRefused) as caught:
-        CchClient(hub.url, "not-the-admin-token-0000", timeout=15).time_zone()
-    assert "not-the-admin-token-0000" not in str(caught.value)
+    for call in ("time_zone", "admin_check"):
+        with pytest.raises(UpstreamRefused) as caught:
+            getattr(CchClient(hub.url, "not-the-admin-token-0000", timeout=15), call)()
+        assert "not-the-admin-token-0000" not in str(caught.value)
 
 
 def test_a_user_is_made_with_or_without_the_default_key(hub: Hub) -> None:

@@ -150,3 +150,12 @@ def test_a_request_unfinished_for_hours_is_given_up_and_said(cch, person) -> Non
     # The cursor moved past it: the next read neither counts nor mentions it again.
     again = CchDriver(upstream).usage_read(keys=[key], cursor=read.cursor)
     assert again.records == [] and again.notes == []
+
+
+def test_health_with_a_users_key_instead_of_the_admin_token_is_not_ok(cch, person,
+                                                                       settings) -> None:
+    _key, value = issue(person)
+    settings.CCH_ADMIN_TOKEN = value  # passes CCH's read routes, not its admin ones
+    (upstream,) = upstreams()
+    health = CchDriver(upstream).health()
+    assert not health.ok and "HTTP 403" in health.detail and value not in health.detail
