@@ -24,7 +24,8 @@ matters about it:
   always be deleted. DELETE is a soft delete (204); the key then gets 401 at `/v1/messages`.
 - USD limits are stored with 2 decimals (numeric(10,2)); 0 or null is "no limit". So a limit is
   sent rounded DOWN to the cent (CCH never lets through more than the portal's limit), and a
-  positive limit below one cent is sent as $0.01 (0 would lift it).
+  positive limit below one cent is sent as $0.01 (0 would lift it). CCH takes at most $10,000
+  a day and $200,000 a month: a larger portal limit is not sent (the portal enforces it).
 - Users have `dailyQuota`, keys `limitDailyUsd`; both have `limitMonthlyUsd`. The day starts at
   `dailyResetTime` (HH:mm, `dailyResetMode: "fixed"`) in CCH's time zone
   (`GET /system/timezone`: its setting, else TZ, else UTC); the month at 00:00 on the 1st there.
@@ -79,10 +80,16 @@ class DuplicateName(UpstreamError):
     """CCH refused a key name the user's enabled keys already have."""
 
 
-def cents(amount: Decimal | None) -> float | None:
+# The largest limits CCH's schemas take (USD): a larger portal limit is left to the portal.
+MAX_DAILY = Decimal(10_000)
+MAX_MONTHLY = Decimal(200_000)
+
+
+def cents(amount: Decimal | None, *, most: Decimal | None = None) -> float | None:
     """A USD limit as CCH stores it: None for none; rounded down to the cent; never 0 when
-    there is a limit (0 is "no limit" at CCH)."""
-    if amount is None:
+    there is a limit (0 is "no limit" at CCH); None above `most` (CCH refuses more: such a
+    limit is the portal's suspension alone)."""
+    if amount is None or (most is not None and amount > most):
         return None
     rounded = amount.quantize(CENT, rounding=ROUND_DOWN)
     if rounded <= 0:
@@ -104,8 +111,8 @@ class Limits:
 
     def as_cch(self, *, user: bool) -> dict[str, Any]:
         return {
-            "dailyQuota" if user else "limitDailyUsd": cents(self.daily_usd),
-            "limitMonthlyUsd": cents(self.monthly_usd),
+            "dailyQuota" if user else "limitDailyUsd": cents(self.daily_usd, most=MAX_DAILY),
+            "limitMonthlyUsd": cents(self.monthly_usd, most=MAX_MONTHLY),
             "dailyResetMode": "fixed",
             "dailyResetTime": self.daily_reset_time,
         }

@@ -59,6 +59,9 @@ def test_cents_round_down_and_never_to_no_limit() -> None:
     assert cents(Decimal("1.239")) == 1.23
     assert cents(Decimal("0.004")) == 0.01  # 0 would be "no limit" at CCH
     assert cents(Decimal(5)) == 5.0
+    assert cents(Decimal(10_001), most=Decimal(10_000)) is None  # CCH would refuse it
+    assert Limits(daily_usd=Decimal(20_000), monthly_usd=Decimal(20_000)).as_cch(user=True)[
+        "dailyQuota"] is None
 
 
 def test_the_log_is_read_across_pages_oldest_first(client: CchClient, fake: FakeCch) -> None:
