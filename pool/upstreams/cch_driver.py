@@ -42,6 +42,7 @@ reads it is lost.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -61,6 +62,8 @@ from pool.upstreams.cch import CchClient, DuplicateName, LastKey, Limits, LogRow
 if TYPE_CHECKING:
     from accounts.models import User
     from pool.models import ApiKey
+
+log = logging.getLogger(__name__)
 
 SETTLE = timedelta(seconds=60)
 STALE_AFTER = timedelta(hours=2)
@@ -156,7 +159,17 @@ class CchDriver(Driver):
         if made.default_key_id is not None:
             # A CCH that made a "default" key anyway: off at once (it is the user's only key,
             # so only PATCH may do it), deleted once the person's first key exists.
-            self.client.update_key(made.default_key_id, name="default", enabled=False)
+            try:
+                self.client.update_key(made.default_key_id, name="default", enabled=False)
+            except UpstreamError:
+                # Not filed, so made again next time: this user must not stay with a working
+                # key nobody was given.
+                try:
+                    self.client.delete_user(made.id)
+                except UpstreamError as exc:
+                    log.error("A Claude Code Hub user made for a person keeps its default key "
+                              "(user %s): %s", made.id, exc)
+                raise
         return str(made.id)
 
     def person_limits_push(self, *, account: str, limits: RelayLimits) -> None:
@@ -180,7 +193,13 @@ class CchDriver(Driver):
                 if attempt:
                     raise
         self._names[made.id] = made.name
-        self._default_keys_remove(user_id, keep=made.id)
+        try:
+            self._default_keys_remove(user_id, keep=made.id)
+        except UpstreamError as exc:
+            # The key is made and works: it is handed out. A default key is switched off
+            # already (person_create); it is deleted with the person's next key.
+            log.warning("The default key of Claude Code Hub user %s is not deleted yet: %s",
+                        user_id, exc)
         return NewKey(remote_id=str(made.id), value=made.value)
 
     def _default_keys_remove(self, user_id: int, *, keep: int) -> None:

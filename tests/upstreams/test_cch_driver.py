@@ -16,6 +16,7 @@ from django.core.management import call_command
 from accounts.models import User
 from pool.models import ApiKey, Upstream, UpstreamAccount
 from pool.services import key_assign, key_resume, key_suspend
+from pool.upstream import UpstreamUnexpected
 from pool.upstreams.cch_driver import CchDriver, reset_time
 from pool.upstreams.registry import upstreams
 
@@ -159,3 +160,20 @@ def test_health_with_a_users_key_instead_of_the_admin_token_is_not_ok(cch, perso
     (upstream,) = upstreams()
     health = CchDriver(upstream).health()
     assert not health.ok and "HTTP 403" in health.detail and value not in health.detail
+
+
+def test_a_default_key_that_cannot_be_switched_off_takes_its_user_with_it(cch, person) -> None:
+    cch.honours_without_default = False  # an older CCH: a default key with every user
+    original = cch.route
+
+    def refuse_patch(method, path, query, body, headers):  # type: ignore[no-untyped-def]
+        if method == "PATCH":
+            return 500, {"errorCode": "internal_error"}
+        return original(method, path, query, body, headers)
+
+    cch.route = refuse_patch  # type: ignore[method-assign]
+    with pytest.raises(UpstreamUnexpected):
+        issue(person)
+    (user,) = cch.users.values()
+    assert user["deleted"] and all(k["deleted"] for k in cch.keys.values())
+    assert not UpstreamAccount.objects.exists() and not ApiKey.objects.exists()
