@@ -48,7 +48,7 @@ import base64
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -419,10 +419,15 @@ class CchClient:
         return moment.astimezone(timezone.utc)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 def epoch_ms(moment: datetime) -> int:
+    """Whole milliseconds since the epoch, floored (counted in integers, not through a float):
+    the cursor relies on CCH's inclusive startTime meaning exactly this millisecond."""
     if moment.tzinfo is None:
         raise ValueError("times sent to CCH must be aware")
-    return int(moment.timestamp() * 1000)
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _iso(moment: datetime) -> str:

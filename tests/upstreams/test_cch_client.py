@@ -20,7 +20,7 @@ from pool.upstream import (
     UpstreamUnexpected,
     UpstreamUnreachable,
 )
-from pool.upstreams.cch import CchClient, Limits, cents
+from pool.upstreams.cch import CchClient, Limits, cents, epoch_ms
 
 from tests.fakes.cch import ADMIN_TOKEN, FakeCch
 
@@ -180,3 +180,9 @@ def test_limits_go_out_as_cch_names_them(client: CchClient, fake: FakeCch) -> No
     key = client.create_key(user.id, name="k", limits=Limits(monthly_usd=Decimal(9)))
     listed = {k.id: k for k in client.list_keys(user.id)}
     assert listed[key.id].monthly_usd == Decimal(9) and listed[key.id].daily_usd is None
+
+
+def test_epoch_ms_floors_to_the_millisecond() -> None:
+    moment = datetime(2026, 12, 2, 9, 0, 0, 123000, tzinfo=timezone.utc)
+    assert epoch_ms(moment) == 1_796_202_000_123
+    assert epoch_ms(moment + timedelta(microseconds=999)) % 1000 == 123
