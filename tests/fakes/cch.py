@@ -14,14 +14,19 @@ calls pool/upstreams/cch.py makes, and the client route keys are used on, as CCH
   `:enable` (CANNOT_DISABLE_LAST_KEY, errorCode OPERATION_FAILED); `DELETE` refuses the last
   enabled key (CANNOT_DELETE_LAST_KEY) and is soft.
 - USD limits kept with 2 decimals (rounded as PostgreSQL's numeric(10,2) rounds); 0 is none.
-- `POST /v1/messages` with `x-api-key` (or Bearer): 401 for an unknown, disabled, deleted or
-  expired key; 402 (`rate_limit_error`, limit_type `daily_quota` / `monthly_quota`) when the
-  key's or its user's cost in the window has reached the limit (the request that crosses it
-  passes, the next one is refused; refused requests are not logged); else a log row is written
-  at the start (statusCode null), the request forwarded to `upstream` (an Anthropic-style
-  server, e.g. tests/realproxy.MockUpstream) or answered with `usage`, and the row completed
-  with the tokens in CCH's buckets and the cost by the test's price table. Windows: the day
-  from the key's (user's) `dailyResetTime` in `time_zone`, the month from the 1st there.
+- `POST /v1/messages` with `x-api-key` (or Bearer): 401 (`invalid_api_key`, `key_disabled`,
+  `key_expired`, `user_disabled`) as CCH's auth guard answers; 402 (`rate_limit_error`,
+  `rate_limit_exceeded`, limit_type `daily_quota` / `monthly_quota`) when the key's or its
+  user's cost in the window has reached the limit (the request that crosses it passes, the
+  next one is refused; refused requests are not logged); else a log row is written at the
+  start (statusCode null, costUsd "0.000000000000000"), the request forwarded to `upstream`
+  (an Anthropic-style server, e.g. tests/realproxy.MockUpstream) or answered with `usage`, its
+  cost counted for the limits at once, and the row completed `flush_delay` seconds after the
+  answer (CCH's batched write, 250 ms) with the tokens in CCH's buckets and the cost by the
+  test's price table (`settled()` waits for that). Windows: the day from the key's (user's)
+  `dailyResetTime` in `time_zone`, the month from the 1st there.
+- `PATCH /users/<unknown>` answers 200 as CCH does; a deleted user's keys stay listed but get
+  401; unknown keys are 404 `key.not_found` on PATCH and `KEY_NOT_FOUND` elsewhere.
 - `GET /api/v1/usage-logs`: keyId, startTime (ms, >=), endTime (ms, <), keyset pages newest
   first, `limit` <= 100, `pageInfo.nextCursor` base64url JSON, followed with
   `cursorCreatedAt` + `cursorId`.
@@ -94,7 +99,8 @@ class FakeCch:
     def __init__(self, *, admin_token: str = ADMIN_TOKEN, time_zone: str = "Asia/Shanghai",
                  upstream: str | None = None, default_keys: bool = True,
                  usage: dict[str, int] | None = None,
-                 prices: dict[str, dict[str, Decimal]] | None = None) -> None:
+                 prices: dict[str, dict[str, Decimal]] | None = None,
+                 flush_delay: float = 0.25) -> None:
         self.admin_token = admin_token
         self.time_zone = time_zone
         self.upstream = upstream
@@ -105,6 +111,10 @@ class FakeCch:
         self.users: dict[int, dict[str, Any]] = {}
         self.keys: dict[int, dict[str, Any]] = {}
         self.logs: list[dict[str, Any]] = []
+        # (key id, user id, start, cost) of each answered request: what the limits count.
+        self.ledger: list[tuple[int, int, datetime, Decimal]] = []
+        self.flush_delay = flush_delay
+        self._unflushed = 0
         self.admin_requests: list[tuple[str, str]] = []
         self.faults: list[tuple[str, str]] = []
         self.hold: threading.Event | None = None
@@ -182,14 +192,16 @@ class FakeCch:
             return self._user_create(body, query.get("withDefaultKey") != "false")
         if len(parts) == 2 and parts[0] == "users" and parts[1].isdigit():
             user = self.users.get(int(parts[1]))
+            if method == "PATCH" and (user is None or user["deleted"]):
+                # editUser updates no row and says it did: no 404 for an unknown user.
+                return 200, {"id": int(parts[1]), "updated": True}
             if user is None or user["deleted"]:
-                return _problem(404, "user.not_found")
+                return _problem(404, "NOT_FOUND")
             if method == "PATCH":
                 return self._user_update(user, body)
             if method == "DELETE":
+                # Soft; its keys stay listed (not deleted) but no longer work.
                 user["deleted"] = True
-                for key in self.user_keys(user["id"]):
-                    key["deleted"] = True
                 return 204, None
         if len(parts) == 3 and parts[0] == "users" and parts[2] == "keys":
             user = self.users.get(int(parts[1])) if parts[1].isdigit() else None
@@ -205,7 +217,8 @@ class FakeCch:
             key_part, _, action = parts[1].partition(":")
             key = self.keys.get(int(key_part)) if key_part.isdigit() else None
             if key is None or key["deleted"]:
-                return _problem(404, "KEY_NOT_FOUND")
+                return _problem(404, "key.not_found" if method == "PATCH" or action == "reveal"
+                                else "KEY_NOT_FOUND")
             if method == "PATCH" and not action:
                 return self._key_update(key, body)
             if method == "DELETE" and not action:
@@ -237,7 +250,8 @@ class FakeCch:
                 "dailyQuota": _cents(body.get("dailyQuota")),
                 "limitMonthlyUsd": _cents(body.get("limitMonthlyUsd")),
                 "dailyResetTime": body.get("dailyResetTime", "00:00"),
-                "dailyResetMode": body.get("dailyResetMode", "fixed"), "deleted": False}
+                "dailyResetMode": body.get("dailyResetMode", "fixed"), "deleted": False,
+                "isEnabled": True}
         self.users[user_id] = user
         answer: dict[str, Any] = {"user": self._public_user(user)}
         if default_key or not self.honours_without_default:
@@ -416,31 +430,35 @@ class FakeCch:
         start = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
         return start if start <= local else start - timedelta(days=1)
 
-    def _spent(self, *, key_ids: list[int], since: datetime) -> Decimal:
-        return sum((Decimal(r["costUsd"]) for r in self.logs
-                    if r["keyId"] in key_ids and r["at"] >= since and r["costUsd"] is not None),
-                   Decimal(0))
+    def _spent(self, *, key_id: int | None = None, user_id: int | None = None,
+               since: datetime) -> Decimal:
+        return sum((cost for k, u, at, cost in self.ledger
+                    if (key_id is None or k == key_id) and (user_id is None or u == user_id)
+                    and at >= since), Decimal(0))
 
     def _refusal(self, key: dict[str, Any]) -> tuple[int, Any] | None:
         now = datetime.now(timezone.utc)
         user = self.users[key["userId"]]
-        own = [key["id"]]
-        everyone = [k["id"] for k in self.keys.values() if k["userId"] == user["id"]]
+        own, everyone = {"key_id": key["id"]}, {"user_id": user["id"]}
         checks = (
             (key["limitDailyUsd"], own, "daily", key["dailyResetTime"], "daily_quota"),
             (user["dailyQuota"], everyone, "daily", user["dailyResetTime"], "daily_quota"),
             (key["limitMonthlyUsd"], own, "monthly", "00:00", "monthly_quota"),
             (user["limitMonthlyUsd"], everyone, "monthly", "00:00", "monthly_quota"),
         )
-        for limit, ids, period, reset, kind in checks:
+        for limit, whose, period, reset, kind in checks:
             if not limit or limit <= 0:
                 continue
-            spent = self._spent(key_ids=ids, since=self._window_start(now, period, reset))
+            start = self._window_start(now, period, reset)
+            spent = self._spent(**whose, since=start)
             if spent >= limit:
-                return 402, {"error": {"type": "rate_limit_error",
-                                       "message": f"Cost limit reached ({spent:.4f}/{limit:.4f})",
-                                       "limit_type": kind, "current_usage": float(spent),
-                                       "limit_value": float(limit)}}
+                reset_at = (start + timedelta(days=1) if period == "daily"
+                            else (start + timedelta(days=32)).replace(day=1))
+                return 402, {"error": {
+                    "type": "rate_limit_error", "code": "rate_limit_exceeded",
+                    "message": f"额度超限：当前 ${spent:.4f} USD（限制：${limit:.4f} USD）",
+                    "limit_type": kind, "current": float(spent), "limit": float(limit),
+                    "reset_time": _iso(reset_at)}}
         return None
 
     def messages(self, body: Any, headers: Any) -> tuple[int, Any]:
@@ -449,18 +467,15 @@ class FakeCch:
         with self.lock:
             key = next((k for k in self.keys.values() if k["hash"] == digest), None)
             now = datetime.now(timezone.utc)
-            if (key is None or key["deleted"] or not key["isEnabled"]
-                    or (key["expiresAt"] is not None and key["expiresAt"] <= now)):
-                return 401, {"error": {"type": "authentication_error",
-                                       "message": "invalid_api_key"}}
-            refused = self._refusal(key)
+            refused = self._unauthorized(key, now) or self._refusal(key)
             if refused is not None:
                 return refused
             model = (body or {}).get("model") or MODEL
+            # Written as the request starts: no status, no tokens, a zero cost (not null).
             row = {"id": self._next("log"), "keyId": key["id"], "at": now, "model": model,
                    "statusCode": None, "inputTokens": None, "outputTokens": None,
                    "cacheCreationInputTokens": None, "cacheReadInputTokens": None,
-                   "costUsd": None, "durationMs": None}
+                   "costUsd": "0.000000000000000", "durationMs": None}
             self.logs.append(row)
         hold = self.hold
         if hold is not None:
@@ -478,15 +493,52 @@ class FakeCch:
                                    "usage": self.usage}
         usage = (answer.get("usage") or {}) if status == 200 else {}
         prices = self.prices.get(model)
+        cost = cost_of(usage, prices) if prices else Decimal(0)
+        done = dict(statusCode=status, durationMs=int(
+            (datetime.now(timezone.utc) - now).total_seconds() * 1000),
+            inputTokens=usage.get("input_tokens"), outputTokens=usage.get("output_tokens"),
+            cacheCreationInputTokens=usage.get("cache_creation_input_tokens"),
+            cacheReadInputTokens=usage.get("cache_read_input_tokens"),
+            costUsd=f"{cost:.15f}")
         with self.lock:
-            row.update(statusCode=status, durationMs=int(
-                (datetime.now(timezone.utc) - now).total_seconds() * 1000),
-                inputTokens=usage.get("input_tokens"),
-                outputTokens=usage.get("output_tokens"),
-                cacheCreationInputTokens=usage.get("cache_creation_input_tokens"),
-                cacheReadInputTokens=usage.get("cache_read_input_tokens"),
-                costUsd=str(cost_of(usage, prices)) if prices else "0")
+            # The limits count the cost at once (CCH's lease in Redis)...
+            self.ledger.append((key["id"], key["userId"], now, cost))
+            # ...the log row is completed by a batched write a little after the answer.
+            self._unflushed += 1
+        timer = threading.Timer(self.flush_delay, self._complete, args=(row, done))
+        timer.daemon = True
+        timer.start()
         return status, answer
+
+    def _complete(self, row: dict[str, Any], done: dict[str, Any]) -> None:
+        with self.lock:
+            row.update(done)
+            self._unflushed -= 1
+
+    def settled(self, timeout: float = 10.0) -> bool:
+        """Waits until every answered request's log row is completed (CCH's batched write);
+        True when that happened within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self._unflushed == 0:
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def _unauthorized(self, key: dict[str, Any] | None, now: datetime) -> tuple[int, Any] | None:
+        def refused(kind: str, message: str) -> tuple[int, Any]:
+            return 401, {"error": {"message": message, "type": kind, "code": kind}}
+
+        if key is None or key["deleted"] or self.users[key["userId"]]["deleted"]:
+            return refused("invalid_api_key", "API 密钥无效。提供的密钥不存在或已被删除。")
+        if not key["isEnabled"]:
+            return refused("key_disabled", "API 密钥已被禁用。")
+        if key["expiresAt"] is not None and key["expiresAt"] <= now:
+            return refused("key_expired", "API 密钥已过期。")
+        if not self.users[key["userId"]]["isEnabled"]:
+            return refused("user_disabled", "用户账户已被禁用。请联系管理员。")
+        return None
 
     # -- HTTP --
 

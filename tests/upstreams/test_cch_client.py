@@ -92,6 +92,7 @@ def test_an_unfinished_request_comes_out_unfinished(client: CchClient, fake: Fak
     finally:
         fake.hold.set()
         worker.join(10)
+    assert fake.settled()  # completed by CCH's batched write, after the answer
     (row,) = client.usage_logs(key.id)
     assert row.finished and row.input_tokens == 100 and row.cache_read_tokens == 10000
 

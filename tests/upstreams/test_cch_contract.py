@@ -16,6 +16,7 @@ real CCH (users named kp-contract-…@example.com, their keys) is deleted at the
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,19 @@ class Hub:
                   "messages": [{"role": "user", "content": "hi"}]},
             timeout=60,
         )
+
+
+def finished(client: CchClient, key_id: int, *, count: int, since: datetime | None = None,
+             timeout: float = 20.0) -> list:
+    """The key's log once `count` rows are there and all finished (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = client.usage_logs(key_id, since=since)
+        if len(rows) >= count and all(r.finished for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the log still shows {rows} after {timeout} s")
+        time.sleep(0.1)
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -176,8 +190,9 @@ def test_a_key_works_at_once_and_its_request_is_logged_with_its_tokens(hub: Hub)
     answer = hub.message(made.value)
     assert answer.status_code == 200, answer.text[:300]
     usage = answer.json()["usage"]
-    (row,) = client.usage_logs(made.id, since=before)
-    assert row.finished and row.status_code == 200 and row.created_at >= before
+    # CCH completes the row by a batched write after the answer (250 ms): wait for it.
+    (row,) = finished(client, made.id, since=before, count=1)
+    assert row.status_code == 200 and row.created_at >= before
     # Anthropic's buckets, kept disjoint: input is the uncached part.
     assert row.input_tokens == usage["input_tokens"]
     assert row.output_tokens == usage["output_tokens"]
@@ -194,8 +209,10 @@ def test_a_daily_cost_limit_refuses_the_request_after_the_crossing_one(hub: Hub)
     assert statuses[0] == 200 and 402 in statuses, statuses
     refused = hub.message(made.value)
     assert refused.status_code == 402
+    error = refused.json()["error"]
+    assert (error["type"], error["limit_type"]) == ("rate_limit_error", "daily_quota")
     # Refused requests are not in the log.
-    assert len(client.usage_logs(made.id)) == statuses.count(200)
+    assert len(finished(client, made.id, count=statuses.count(200))) == statuses.count(200)
 
 
 def test_a_deleted_or_switched_off_key_is_refused(hub: Hub) -> None:

@@ -139,6 +139,7 @@ def test_health_with_a_wrong_token_is_one_sentence_without_it(cch, settings) -> 
 def test_a_request_unfinished_for_hours_is_given_up_and_said(cch, person) -> None:
     key, value = issue(person)
     assert works(cch, value) == 200
+    assert cch.settled()
     old = datetime.now(timezone.utc) - timedelta(hours=3)
     cch.logs.insert(0, {"id": 999, "keyId": int(key.remote_id), "at": old, "model": MODEL,
                         "statusCode": None, "inputTokens": None, "outputTokens": None,
@@ -175,5 +176,7 @@ def test_a_default_key_that_cannot_be_switched_off_takes_its_user_with_it(cch, p
     with pytest.raises(UpstreamUnexpected):
         issue(person)
     (user,) = cch.users.values()
-    assert user["deleted"] and all(k["deleted"] for k in cch.keys.values())
+    (default,) = cch.keys.values()
+    assert user["deleted"] and default["isEnabled"]  # its keys stay, refused with the user
+    assert works(cch, default["value"]) == 401
     assert not UpstreamAccount.objects.exists() and not ApiKey.objects.exists()

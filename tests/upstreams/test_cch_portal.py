@@ -124,6 +124,7 @@ def test_sync_attributes_requests_and_tokens_exactly_and_counts_nothing_twice(
     key = ApiKey.objects.get(key_hash=key_digest(value))
     for _ in range(3):
         assert message(cch, value).status_code == 200
+    assert cch.settled()  # CCH completes its log rows by a batched write after the answers
 
     run("sync_usage")
 
@@ -140,6 +141,7 @@ def test_sync_attributes_requests_and_tokens_exactly_and_counts_nothing_twice(
 
     run("sync_usage")  # nothing new: nothing counted again
     message(cch, value)
+    assert cch.settled()
     run("sync_usage")
     totals = UsageSnapshot.objects.filter(api_key=key).aggregate(n=Sum("requests"),
                                                                   cost=Sum("cost"))
@@ -150,6 +152,7 @@ def test_an_unfinished_request_is_counted_once_it_finishes(client, cch, priced):
     value = register(client)
     key = ApiKey.objects.get(key_hash=key_digest(value))
     message(cch, value)
+    assert cch.settled()
     cch.hold = threading.Event()
     slow = threading.Thread(target=message, args=(cch, value))
     slow.start()
@@ -161,6 +164,7 @@ def test_an_unfinished_request_is_counted_once_it_finishes(client, cch, priced):
         cch.hold.set()
         slow.join(30)
     cch.hold = None
+    assert cch.settled()
     run("sync_usage")
     run("sync_usage")
     row = UsageSnapshot.objects.get(api_key=key)
@@ -181,6 +185,7 @@ def test_a_daily_cost_limit_makes_cch_refuse_without_a_sync(client, cch):
     refused = message(cch, value)
     assert refused.status_code == 402
     assert refused.json()["error"]["limit_type"] == "daily_quota"
+    assert cch.settled()
     assert len([r for r in cch.logs if r["statusCode"] == 200]) == statuses.count(200)
 
 
