@@ -88,7 +88,9 @@ MAX_MONTHLY = Decimal(200_000)
 def cents(amount: Decimal | None, *, most: Decimal | None = None) -> float | None:
     """A USD limit as CCH stores it: None for none; rounded down to the cent; never 0 when
     there is a limit (0 is "no limit" at CCH); None above `most` (CCH refuses more: such a
-    limit is the portal's suspension alone)."""
+    limit is the portal's suspension alone). The portal's own limits are whole cents, so only
+    a limit of $0 changes here: it becomes $0.01 at CCH (one request may pass), and the
+    portal's limit check suspends the key at its next sync."""
     if amount is None or (most is not None and amount > most):
         return None
     rounded = amount.quantize(CENT, rounding=ROUND_DOWN)

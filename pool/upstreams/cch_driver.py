@@ -4,7 +4,9 @@ People. A portal person is a CCH user, made with their first key there (named by
 cut to CCH's 64 characters). CCH would make a key named "default" with every user: the user is
 created with `?withDefaultKey=false`, and should a CCH make one anyway (an older one ignores
 the flag) it is switched off at once and deleted with the person's first portal key. So no
-key of a portal person at CCH is one the portal did not hand out.
+key of a portal person at CCH is one the portal did not hand out. (CCH user names are not
+unique: a creation whose answer was lost leaves a user with no key, and the next try makes
+another.)
 
 Keys are made in the person's account and work at once. Their CCH name is the label plus a
 short random suffix (CCH refuses two enabled keys of one user with the same name). CCH will not
