@@ -99,6 +99,13 @@ def cents(amount: Decimal | None, *, most: Decimal | None = None) -> float | Non
     return float(rounded)
 
 
+class Keep:
+    """Leave the field as CCH has it (KEEP)."""
+
+
+KEEP = Keep()
+
+
 # --- what goes in and comes out ---------------------------------------------------------------
 
 
@@ -231,15 +238,15 @@ class CchClient:
         return CreatedKey(id=key_id, name=str(body.get("name") or name), value=value)
 
     def update_key(self, key_id: int, *, name: str, limits: Limits | None = None,
-                   expires_at: datetime | None | bool = False,
+                   expires_at: datetime | None | Keep = KEEP,
                    enabled: bool | None = None) -> None:
-        """PATCHes what is given (`expires_at` False: left as it is; None: cleared). `name` is
+        """PATCHes what is given (`expires_at` KEEP: left as it is; None: cleared). `name` is
         the key's current name (CCH writes it back)."""
         payload: dict[str, Any] = {"name": name[:NAME_MAX]}
         if limits is not None:
             payload.update(limits.as_cch(user=False))
-        if expires_at is not False:
-            payload["expiresAt"] = "" if expires_at is None else _iso(expires_at)  # type: ignore[arg-type]
+        if not isinstance(expires_at, Keep):
+            payload["expiresAt"] = "" if expires_at is None else _iso(expires_at)
         if enabled is not None:
             payload["isEnabled"] = enabled
         self._call("PATCH", f"{API}/keys/{_id(key_id)}", "update a key", json=payload)
