@@ -226,3 +226,23 @@ def test_a_deleted_or_switched_off_key_is_refused(hub: Hub) -> None:
     client.delete_key(second.id)  # "c" is still enabled: not the last one
     assert hub.message(second.value).status_code == 401
     assert hub.message(kept.value).status_code == 200
+
+
+def test_a_null_expiry_is_refused_where_an_empty_one_clears(hub: Hub) -> None:
+    # The v1 schema lets null through; the action's own schema wants a string (hence "").
+    client = hub.client()
+    made = client.create_key(hub.person(client), name="k")
+    with pytest.raises(UpstreamUnexpected) as caught:
+        client._call("PATCH", f"/api/v1/keys/{made.id}", "update a key",
+                     json={"name": "k", "expiresAt": None})
+    assert "key.action_failed" in str(caught.value)
+
+
+def test_a_users_limit_may_go_below_its_keys(hub: Hub) -> None:
+    # What lets the reconcile push a person's lower limit before their keys' folded ones.
+    client = hub.client()
+    user = hub.person(client)
+    made = client.create_key(user, name="k", limits=Limits(daily_usd=Decimal(5)))
+    client.update_user_limits(user, Limits(daily_usd=Decimal(1)))
+    client.update_key(made.id, name="k", limits=Limits(daily_usd=Decimal(1)))
+    assert client.list_keys(user)[0].daily_usd == Decimal(1)
