@@ -15,7 +15,7 @@ from io import StringIO
 
 import pytest
 import requests
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db.models import Sum
 
 from accounts.models import User
@@ -203,3 +203,22 @@ def test_a_revoked_key_is_refused_by_cch(client, cch):
     assert cch.keys[int(key.remote_id)]["deleted"]  # the person's last key: off, then deleted
     assert message(cch, value).status_code == 401
     assert "0 keys removed" in run("reconcile_keys")  # nothing left to do
+
+
+def test_a_cch_that_fails_a_sync_loses_nothing(client, cch, priced):
+    value = register(client)
+    key = ApiKey.objects.get(key_hash=key_digest(value))
+    for _ in range(2):
+        assert message(cch, value).status_code == 200
+    assert cch.settled()
+    cch.inject("/api/v1/usage-logs", "500")
+
+    with pytest.raises(CommandError) as failed:
+        run("sync_usage")
+
+    assert "Claude Code Hub" in str(failed.value) and "HTTP 500" in str(failed.value)
+    assert ADMIN_TOKEN not in str(failed.value)
+    assert not UsageSnapshot.objects.filter(api_key=key).exists()
+    run("sync_usage")  # the cursor was kept: the same requests, once
+    row = UsageSnapshot.objects.get(api_key=key)
+    assert (row.requests, row.cost) == (2, 2 * PER_REQUEST)
