@@ -113,6 +113,9 @@ class Driver(ABC):
     instant_keys: ClassVar[bool] = True
     # True: the relay has people of its own (Claude Code Hub users).
     has_people: ClassVar[bool] = False
+    # True: a key's limits at the relay include its owner's even though the relay has people
+    # (the smaller of each pair): Claude Code Hub refuses a key limit above its user's.
+    folds_person_limits: ClassVar[bool] = False
     # What the portal's limits become at this relay, for the README table and the pages.
     enforces: ClassVar[str] = ""
 

@@ -17,34 +17,30 @@ session check), not from its web UI. What matters about it:
   (`addUsageRecord`'s LTRIM) and kept 90 days: a key that makes more than 200 requests
   between two reads loses the oldest ones. `startDate` is inclusive.
 
-Every call is bounded from connect to last byte and in size (pool/bounded.py); errors reuse
+Every call is bounded from connect to last byte and in size (pool/bounded.py, through the
+relay clients' shared exchange in pool/upstreams/http.py); errors reuse
 pool.upstream's classes, with one sentence that never holds the password, the session token
 or a key's value.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import requests
-
 from pool import bounded
 from pool.upstream import (
     UpstreamNotFound,
     UpstreamRefused,
-    UpstreamTooLarge,
     UpstreamUnexpected,
-    UpstreamUnreachable,
 )
+from pool.upstreams import http
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_ANSWER_BYTES = 16 * 1024 * 1024
-ERROR_BODY_CAP = 64 * 1024
 USAGE_PAGE_SIZE = 200  # CRS's largest page
 MAX_PAGES = 100  # CRS reads at most 5,000 records per key: 25 pages of 200; a bound, not a guess
 MAX_KEY_PAGES = 1000  # 100,000 keys at 100 a page: far past any team, still an end
@@ -293,41 +289,12 @@ class CrsClient:
         if authed:
             headers["Authorization"] = f"Bearer {self._token}"
         where = f"{method} {_path_shape(path)}"
-        try:
-            answer = bounded.send(self.session, method, url, timeout=self.timeout,
-                                  headers=headers, **kwargs)
-        except (bounded.DeadlinePassed, requests.Timeout):
-            raise self._late(where) from None
-        except requests.ConnectionError:
-            raise UpstreamUnreachable(
-                f"CRS at {self.base_url} cannot be reached (connection failed).") from None
-        except requests.RequestException as exc:
-            raise UpstreamUnreachable(
-                f"CRS at {self.base_url} cannot be reached ({type(exc).__name__}).") from None
-        with answer:
-            response = answer.response
-            try:
-                if response.status_code == 200:
-                    raw = answer.read(cap=self.max_answer_bytes)
-                else:
-                    try:
-                        raw = answer.read(cap=ERROR_BODY_CAP)
-                    except bounded.AnswerTooLarge:
-                        raw = b""  # an error's text is only for its sentence
-            except bounded.DeadlinePassed:
-                raise self._late(where) from None
-            except bounded.AnswerBroken:
-                raise UpstreamUnreachable(
-                    f"CRS at {self.base_url} broke the connection before the end of its "
-                    f"answer to {where}.") from None
-            except bounded.AnswerTooLarge as exc:
-                raise UpstreamTooLarge(
-                    f"CRS at {self.base_url} answered {where} with more than {exc.cap} bytes, "
-                    "so the portal refused the answer.") from None
-        status = response.status_code
-        body = _json(raw)
+        reply = http.exchange(self.session, method, url, who=f"CRS at {self.base_url}",
+                              where=where, timeout=self.timeout,
+                              max_answer_bytes=self.max_answer_bytes, headers=headers, **kwargs)
+        status, body = reply.status, reply.body
         if status == 200:
-            if body is _NOT_JSON:
+            if body is http.NOT_JSON or body is None:
                 raise UpstreamUnexpected(f"CRS at {self.base_url} answered {where} with "
                                          "something that is not JSON.")
             return body
@@ -359,11 +326,6 @@ class CrsClient:
             if secret:
                 text = text.replace(secret, "[hidden]")
         return _KEY_VALUE.sub("cr_[hidden]", text)
-
-    def _late(self, where: str) -> UpstreamUnreachable:
-        return UpstreamUnreachable(
-            f"CRS at {self.base_url} did not finish answering {where} within "
-            f"{self.timeout:g} s.")
 
     def _data(self, body: Any, what: str) -> Any:
         if not isinstance(body, dict) or body.get("success") is not True or "data" not in body:
@@ -412,16 +374,6 @@ class CrsClient:
 
 class _SessionExpired(Exception):
     """A 401 on an admin call: the session token is no longer known to CRS."""
-
-
-_NOT_JSON = object()
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else _NOT_JSON
-    except ValueError:
-        return _NOT_JSON
 
 
 def _id(key_id: str) -> str:

@@ -12,7 +12,9 @@ Limits. A relay is asked to refuse by itself what it can express (see each drive
 portal's suspension after each sync stays for the rest. A key's own limit and its owner's are
 both applied to the key: where the relay has no people (claude-relay-service), the key's limit
 at the relay is the smaller of the two, so one key alone never goes past the person's limit,
-and what a person's several keys use together is enforced by suspension.
+and what a person's several keys use together is enforced by suspension. Claude Code Hub has
+people (their limits are pushed to the person's account there) and refuses a key limit above
+its person's, so there too a key's limit is the smaller of the two (`folds_person_limits`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def key_limits(key: ApiKey, *, owner: User | None = None, with_person: bool = Tr
     )
 
 
+def _folds(driver: Any) -> bool:
+    """Whether a key's limits at the driver's relay include its owner's."""
+    return not driver.has_people or driver.folds_person_limits
+
+
 def person_limits(person: User) -> RelayLimits:
     return RelayLimits(
         cost_day=person.limit_cost_day, cost_month=person.limit_cost_month,
@@ -96,7 +103,7 @@ def relay_key_issue(*, upstream: Upstream, user: User, label: str, expires: date
     driver = driver_for(upstream)
     try:
         draft = ApiKey(owner=user, label=label, expires_at=expires, upstream=upstream)
-        limits = key_limits(draft, owner=user, with_person=not driver.has_people)
+        limits = key_limits(draft, owner=user, with_person=_folds(driver))
         account = None
         if driver.has_people:
             account = _person_account(driver, upstream, user)
@@ -203,7 +210,7 @@ def _reconcile_one(upstream: Upstream, *, keys: list[int] | None, dry_run: bool)
         for key in rows:
             if not key.remote_id:
                 continue
-            wanted = _wanted(key, key_limits(key, with_person=not driver.has_people))
+            wanted = _wanted(key, key_limits(key, with_person=_folds(driver)))
             if key.pushed == wanted:
                 continue
             try:
