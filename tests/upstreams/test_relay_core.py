@@ -16,7 +16,7 @@ from django.db import DatabaseError
 
 from accounts.models import User
 from pool.models import ApiKey, Upstream
-from pool.services import key_assign, key_revoke, key_suspend
+from pool.services import RelayUnavailable, key_assign, key_revoke, key_suspend
 from pool.upstream import UpstreamUnreachable
 from pool.upstreams import registry
 from pool.upstreams.base import Driver, Health, NewKey, RelayLimits, RelayUsage, UsageRead
@@ -119,7 +119,7 @@ def test_with_only_crs_declared_a_key_is_made_at_the_relay_and_works_at_once(rel
 
 def test_a_relay_that_does_not_answer_files_no_key(relay, person):
     relay.down = True
-    with pytest.raises(UpstreamUnreachable):
+    with pytest.raises(RelayUnavailable):
         key_assign(user=person, label="laptop")
     assert not ApiKey.objects.exists()
 
