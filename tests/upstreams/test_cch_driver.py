@@ -15,8 +15,7 @@ from django.core.management import call_command
 
 from accounts.models import User
 from pool.models import ApiKey, Upstream, UpstreamAccount
-from pool.services import key_assign, key_resume, key_suspend
-from pool.upstream import UpstreamUnexpected
+from pool.services import RelayUnavailable, key_assign, key_resume, key_suspend
 from pool.upstreams.cch_driver import CchDriver, reset_time
 from pool.upstreams.registry import upstreams
 
@@ -173,7 +172,7 @@ def test_a_default_key_that_cannot_be_switched_off_takes_its_user_with_it(cch, p
         return original(method, path, query, body, headers)
 
     cch.route = refuse_patch  # type: ignore[method-assign]
-    with pytest.raises(UpstreamUnexpected):
+    with pytest.raises(RelayUnavailable):
         issue(person)
     (user,) = cch.users.values()
     (default,) = cch.keys.values()
