@@ -131,6 +131,14 @@ def cliproxyapi_endpoint() -> Endpoint:
     return endpoint(row) if row else Endpoint("", "", "", "")
 
 
+def cliproxyapi_in_use() -> bool:
+    """Whether the portal has a CLIProxyAPI (and so a pool, the proxy pages, the pool alerts):
+    one is configured, or no upstream is declared at all (as before upstreams existed, the
+    portal is a CLIProxyAPI portal waiting for its address). False on a portal with only
+    claude-relay-service or Claude Code Hub."""
+    return bool(cliproxyapi_endpoint().management_url) or not relays()
+
+
 def open_to(person: User) -> list[Upstream]:
     """The upstreams `person` may add a key at, oldest first. CLIProxyAPI counts only when it
     is configured (its keys come from the pool)."""
