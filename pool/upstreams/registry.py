@@ -142,13 +142,16 @@ def cliproxyapi_in_use() -> bool:
 def open_to(person: User) -> list[Upstream]:
     """The upstreams `person` may add a key at, oldest first. CLIProxyAPI counts only when it
     is configured (its keys come from the pool)."""
+    # Empty when no upstream is declared anywhere: the portal's pool (CLIProxyAPI) is the
+    # one then, as before upstreams existed (keys without an upstream are its keys). One
+    # query (pages list the choices on every visit).
     rows = upstreams().filter(Q(open_to_everyone=True) | Q(open_to=person)).distinct()
-    found = list(rows)
-    if not found and not any(u.is_cliproxyapi for u in upstreams(enabled_only=False)):
-        # No upstream is declared anywhere: the portal's pool (CLIProxyAPI) is the one, as
-        # before upstreams existed (keys without an upstream are its keys).
-        return []
-    return found
+    return list(rows)
+
+
+def open_to_everyone() -> list[Upstream]:
+    """The upstreams anyone may add a key at (a person who does not exist yet included)."""
+    return list(upstreams().filter(open_to_everyone=True))
 
 
 def upstream_of(key: ApiKey) -> Upstream | None:
