@@ -307,6 +307,15 @@ class UpstreamForm(forms.ModelForm):
                     "again; leave it blank to keep the one stored."),
     )
 
+    # An address typed without a scheme is taken as http:// (relays on a LAN rarely have
+    # TLS); anything but http(s) is refused below.
+    management_url = forms.URLField(
+        label=Upstream._meta.get_field("management_url").verbose_name, assume_scheme="http",
+        help_text=Upstream._meta.get_field("management_url").help_text, required=False)
+    public_url = forms.URLField(
+        label=Upstream._meta.get_field("public_url").verbose_name, assume_scheme="http",
+        help_text=Upstream._meta.get_field("public_url").help_text, required=False)
+
     class Meta:
         model = Upstream
         fields = ("name", "kind", "management_url", "public_url", "username", "open_to_everyone",
@@ -319,7 +328,11 @@ class UpstreamForm(forms.ModelForm):
         return value
 
     def clean_management_url(self) -> str:
-        return self._url("management_url")
+        value = self._url("management_url")
+        if not value and not self.instance.from_environment:
+            raise forms.ValidationError(_("Give the address the portal reaches its admin API "
+                                          "at."), code="required")
+        return value or self.instance.management_url
 
     def clean_public_url(self) -> str:
         return self._url("public_url")
