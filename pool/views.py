@@ -30,7 +30,7 @@ from pool.forms import KeyAddForm, KeyLabelForm, KeyRevokeForm
 from pool.keytest import KeyTestError, key_models
 from pool.models import ApiKey, Upstream, key_digest
 from pool.selectors import pool_status
-from pool.upstreams.registry import cliproxyapi_endpoint, public_url
+from pool.upstreams.registry import cliproxyapi_endpoint, open_to, public_url
 from pool.services import (
     IssuedKey,
     KeyRefused,
@@ -236,6 +236,16 @@ def _form_error(form: forms.Form) -> ApiError:
     return ApiError(first)
 
 
+def _api_upstream(person: User, name: str) -> Upstream | None:
+    """The upstream a register-key body names (None: not named, the default applies)."""
+    if not name:
+        return None
+    for each in open_to(person):
+        if each.name == name:
+            return each
+    raise ApiError(_("No upstream of that name is open to this person."))
+
+
 @api_view(methods=("POST",))
 def api_register_key(request: HttpRequest) -> JsonResponse:
     body = json_body(request)
@@ -248,15 +258,21 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
                          "before issuing a key."), 409)
     if api_token_of(request) is None and key_limit_reached(person):
         raise ApiError(_("Too many keys added in a short time; try again later."), 429)
+    upstream = _api_upstream(person, body_str(body, "upstream"))
     try:
         issued = key_assign(
-            user=person, label=form.cleaned_data["label"], by=request.user, ip=client_ip(request)
+            user=person, label=form.cleaned_data["label"], by=request.user,
+            ip=client_ip(request), upstream=upstream,
         )
     except KeyRefused as exc:
         raise key_refused_error(exc) from None
     except PoolEmpty:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None
+    except UpstreamError as exc:
+        # A relay that makes its own keys did not make it: nothing was filed.
+        raise ApiError(_("The key could not be made at %(name)s: %(why)s") % {
+            "name": upstream or _("the upstream"), "why": exc}, 503) from None
     response = JsonResponse(
         {**_key_json(issued.key), "key": issued.value, "email": person.email,
          **_api_urls(issued.key)},

@@ -329,3 +329,34 @@ def test_a_portal_with_nothing_declared_keeps_its_proxy_pages(client, boss, sett
     index = client.get("/admin/").content.decode()
     assert 'data-alert="pool-low"' in index and "/staff/proxy/settings" in index
     assert "No proxy is configured" in client.get("/staff/proxy").content.decode()
+
+
+def test_register_key_names_an_upstream_open_to_the_person(client, ann, fake_proxy, ready_keys):
+    crs_row("http://127.0.0.1:9", name="closed CRS", open_to_everyone=False)
+    client.force_login(ann)
+    refused = client.post("/api/register-key", content_type="application/json",
+                          data={"label": "ci", "upstream": "closed CRS"})
+    assert refused.status_code == 400 and "No upstream of that name" in refused.json()["error"]
+    made = client.post("/api/register-key", content_type="application/json",
+                       data={"label": "ci", "upstream": "CLIProxyAPI"})
+    assert made.status_code == 201 and made.json()["upstream"] == "CLIProxyAPI"
+    assert made.json()["openai_base_url"].endswith("/v1")
+
+
+def test_the_export_names_each_keys_upstream(client, boss, ann, live_key):
+    from datetime import datetime, timezone as tz
+
+    from usage.models import UsageSnapshot
+
+    key, _ = live_key
+    relay = relay_key(ann, crs_row("http://127.0.0.1:9"))
+    for each in (key, relay):
+        UsageSnapshot.objects.create(api_key=each, model="m", hour=datetime(2026, 3, 1, 2,
+                                     tzinfo=tz.utc), requests=1, input_tokens=1, total_tokens=1)
+    body = b"".join(client.get("/staff/export", {"from": "2026-03-01", "to": "2026-03-01"})
+                    .streaming_content).decode()
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(body.lstrip("\ufeff"))))
+    assert sorted(r["upstream"] for r in rows) == ["CLIProxyAPI", "team CRS"]
