@@ -136,7 +136,10 @@ def cliproxyapi_in_use() -> bool:
     one is configured, or no upstream is declared at all (as before upstreams existed, the
     portal is a CLIProxyAPI portal waiting for its address). False on a portal with only
     claude-relay-service or Claude Code Hub."""
-    return bool(cliproxyapi_endpoint().management_url) or not relays()
+    if settings.CLIPROXY_URL:
+        return True  # no query: pages call this on every visit
+    rows = list(upstreams())  # one query: a CLIProxyAPI staff added, or no relay at all
+    return any(u.is_cliproxyapi for u in rows) or not rows
 
 
 def open_to(person: User) -> list[Upstream]:
@@ -165,7 +168,9 @@ def public_url(key: ApiKey) -> str:
     """The base URL people's tools use for `key`."""
     upstream = key.upstream if key.upstream_id is not None else None
     if upstream is None:
-        return cliproxyapi_endpoint().public_url
+        # CLIPROXY_PUBLIC_URL may be set alone (the proxy's address for people, while the
+        # portal reaches it elsewhere or not yet): no query then.
+        return settings.CLIPROXY_PUBLIC_URL or cliproxyapi_endpoint().public_url
     return endpoint(upstream).public_url
 
 
