@@ -31,7 +31,9 @@ from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream, key_digest
 from pool.upstream import ProxyClient, UpstreamError
-from pool.upstreams.registry import cliproxyapi_endpoint, open_to, open_to_everyone, relays
+from pool.upstreams.registry import (
+    cliproxyapi_endpoint, cliproxyapi_in_use, open_to, open_to_everyone, relays,
+)
 from pool.upstreams.relays import relay_key_issue, relays_reconcile
 
 log = logging.getLogger(__name__)
@@ -582,6 +584,11 @@ def key_assign(
         raise refusal
     if upstream is None:
         upstream = upstream_default(user)
+        if upstream is None and not cliproxyapi_in_use():
+            # A portal on relays only, none open to this person: there is no pool to fall
+            # back on (and an "empty pool" alert to staff would be wrong).
+            raise UpstreamClosed(_("No upstream is open to you, so the portal cannot make you "
+                                   "a key; ask staff to open one to you."))
     if upstream is not None and not upstream.is_cliproxyapi:
         # A relay that makes its own keys: made there now, working at once (UpstreamError
         # when it does not answer; nothing is filed then).

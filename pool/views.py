@@ -269,6 +269,8 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     except PoolEmpty:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None
+    except UpstreamClosed as exc:
+        raise ApiError(str(exc), 403) from None
     except UpstreamError as exc:
         # A relay that makes its own keys did not make it: nothing was filed.
         raise ApiError(_("The key could not be made at %(name)s: %(why)s") % {

@@ -29,7 +29,8 @@ from pool.forms import KeyAddForm, KeyLabelForm
 from pool.models import ApiKey
 from pool.selectors import PoolStatus, HealthCheck, pool_status
 from pool.services import (
-    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, key_assign, key_rename,
+    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, UpstreamClosed, key_assign,
+    key_rename,
     key_revoke, keys_reconcile, keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
@@ -108,6 +109,9 @@ def key_add(request: HttpRequest) -> HttpResponse:
             user=request.user, label=form.cleaned_data["label"], ip=client_ip(request),
             upstream=form.picked(),
         )
+    except UpstreamClosed as exc:
+        form.add_error(None, str(exc))
+        return _add_form_refused(request, form, status=403)
     except UpstreamError as exc:
         # A relay that makes its own keys did not make it: nothing was filed; say why.
         form.add_error(None, _("The key could not be made at %(name)s: %(why)s") % {

@@ -360,3 +360,21 @@ def test_the_export_names_each_keys_upstream(client, boss, ann, live_key):
 
     rows = list(csv.DictReader(io.StringIO(body.lstrip("\ufeff"))))
     assert sorted(r["upstream"] for r in rows) == ["CLIProxyAPI", "team CRS"]
+
+
+def test_on_a_relay_only_portal_a_person_with_no_upstream_open_is_told_so(client, ann,
+                                                                        relay_only):
+    from django.core import mail
+
+    from pool.upstreams.registry import upstreams
+
+    upstreams().update(open_to_everyone=False)  # the environment's CRS, closed to Ann
+    client.force_login(ann)
+    page = client.get("/my-keys").content.decode()
+    assert 'name="upstream"' not in page
+    refused = client.post("/my-keys/add", {"label": "x"})
+    assert refused.status_code == 403 and "No upstream is open to you" in refused.content.decode()
+    api = client.post("/api/register-key", content_type="application/json", data={"label": "x"})
+    assert api.status_code == 403 and "No upstream is open to you" in api.json()["error"]
+    assert not ApiKey.objects.exists() and not mail.outbox  # no "pool empty" alert to staff
+    assert relay_only.admin_requests == []  # nothing asked of the relay
