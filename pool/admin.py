@@ -385,7 +385,8 @@ class UpstreamAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Upstream]:
         return super().get_queryset(request).annotate(
-            n_keys=Count("keys", filter=~Q(keys__status=ApiKey.Status.REVOKED)),
+            # distinct: the two joins multiply each other's rows.
+            n_keys=Count("keys", filter=~Q(keys__status=ApiKey.Status.REVOKED), distinct=True),
             n_open=Count("open_to", distinct=True),
         )
 

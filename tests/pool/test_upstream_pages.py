@@ -378,3 +378,20 @@ def test_on_a_relay_only_portal_a_person_with_no_upstream_open_is_told_so(client
     assert api.status_code == 403 and "No upstream is open to you" in api.json()["error"]
     assert not ApiKey.objects.exists() and not mail.outbox  # no "pool empty" alert to staff
     assert relay_only.admin_requests == []  # nothing asked of the relay
+
+
+def test_the_upstream_list_counts_keys_held_and_people_opened_to(client, boss, ann, bob,
+                                                              django_assert_num_queries):
+    upstream = crs_row("http://127.0.0.1:9", open_to_everyone=False)
+    upstream.open_to.add(ann, bob)
+    relay_key(ann, upstream)
+    relay_key(bob, upstream, value="cr_" + "ef" * 32, remote_id="kid-2")
+    gone = relay_key(ann, upstream, value="cr_" + "01" * 32, remote_id="kid-3")
+    ApiKey.objects.filter(pk=gone.pk).update(status=Status.REVOKED)
+    # session, user, the count, the rows with their two counts, the filters' choices; the
+    # environment declares nothing (no query for it)
+    with django_assert_num_queries(5):
+        page = client.get("/admin/pool/upstream/").content.decode()
+    row = page.split('class="field-kind"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="field-open_to_whom">2 people</td>' in row
+    assert '<td class="field-key_count">2</td>' in row
