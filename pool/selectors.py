@@ -69,6 +69,18 @@ def _health_of(upstream: Upstream) -> Health:
         connections.close_all()
 
 
+def health_within(upstream: Upstream, *, budget: float) -> Health:
+    """One upstream's health, waited for at most `budget` seconds (a page's budget: a save in
+    the admin must not hang on a relay that drips its answer)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
+    future = pool.submit(_health_of, upstream)
+    pool.shutdown(wait=False)
+    wait([future], timeout=budget)
+    if future.done():
+        return future.result()
+    return Health(False, _("It did not answer within %(s)g seconds.") % {"s": budget})
+
+
 class HealthCheck:
     """Each enabled upstream's health, asked all at once in worker threads as soon as it is
     made, so a page can do its other work meanwhile; `results()` waits for what is left of
