@@ -82,7 +82,9 @@ def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
 @login_required
 @require_GET
 def my_keys(request: HttpRequest) -> HttpResponse:
-    context = _table_context(request.user, form=_label_form(user=request.user))
+    # The add form (and its picker's query) only on the full page: htmx asks for the table.
+    context = _table_context(request.user,
+                             form=None if request.htmx else _label_form(user=request.user))
     if not request.htmx:  # banner, quota and chart sit outside the table htmx swaps
         context |= _insight(request, person=request.user, keys=context["keys"])
         context["limit"] = quota_limit_reached(context["quota"])
