@@ -33,7 +33,10 @@ from pool.services import (
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.upstreams.base import Health
-from pool.upstreams.registry import driver_for, endpoint, environment_sync
+from pool.upstreams.registry import (
+    cliproxyapi_in_use, driver_for, endpoint, environment_sync,
+)
+from pool.upstreams.relays import relays_reconcile
 
 
 class GenerateForm(forms.Form):
@@ -97,7 +100,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return own + super().get_urls()
 
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
-        extra_context = {**(extra_context or {}), "pool_status": pool_status()}
+        # A portal on relays only has no pool: no pool line, no "Generate pool keys".
+        extra_context = {**(extra_context or {}), "pool_status": pool_status(),
+                         "has_pool": cliproxyapi_in_use()}
         return super().changelist_view(request, extra_context)
 
     def _require_change(self, request: HttpRequest) -> None:
@@ -135,6 +140,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def reconcile_view(self, request: HttpRequest) -> HttpResponse:
         self._require_change(request)
         if request.method != "POST":
+            return self._back()
+        # Each relay that makes its own keys, then the CLIProxyAPI's list (when there is one),
+        # as reconcile_keys does.
+        try:
+            for relay in relays_reconcile():
+                level = messages.SUCCESS if relay.changed else messages.INFO
+                for line in relay.lines():
+                    self.message_user(request, line, messages.WARNING if relay.errors else level)
+        except UpstreamError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        if not cliproxyapi_in_use():
             return self._back()
         try:
             with ProxyClient.from_settings() as client:

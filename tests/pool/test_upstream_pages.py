@@ -395,3 +395,15 @@ def test_the_upstream_list_counts_keys_held_and_people_opened_to(client, boss, a
     row = page.split('class="field-kind"', 1)[1].split("</tr>", 1)[0]
     assert '<td class="field-open_to_whom">2 people</td>' in row
     assert '<td class="field-key_count">2</td>' in row
+
+
+def test_the_key_list_of_a_relay_only_portal_reconciles_the_relays_and_offers_no_pool(
+    client, boss, relay_only
+):
+    page = client.get("/admin/pool/apikey/").content.decode()
+    assert "Generate pool keys" not in page and "Pool:" not in page and "Reconcile now" in page
+    pytest.importorskip("pool.upstreams.crs_driver", reason="the CRS driver (branch crsw)")
+    response = client.post("/admin/pool/apikey/reconcile/", follow=True)
+    said = response.content.decode().lower()  # the admin capitalises its messages
+    # The relay's report line, never the CLIProxyAPI's "not configured".
+    assert "claude-relay-service: 0 keys removed" in said and "cliproxy_url" not in said
