@@ -51,9 +51,9 @@ from pool.upstream import UpstreamError
 # relay's routes): claude-relay-service serves Claude Code under /api (/api/v1/messages),
 # Codex under /openai (/openai/responses), OpenAI-style chat under /openai/v1 (its unified
 # router picks the account by model), Gemini's own API under /gemini (/gemini/v1beta/...), and
-# its model list at /api/v1/models; Claude Code Hub serves everything under /v1 (messages,
-# chat/completions, responses, models) and has no Gemini-style route; CLIProxyAPI serves
-# all at its root. "chat_host": what Cherry Studio / ChatBox want (they add
+# its model list at /api/v1/models; Claude Code Hub serves /v1 (messages, chat/completions,
+# responses, models) and Gemini's API at /v1beta (src/app/v1beta, the key as x-goog-api-key),
+# both below its root; CLIProxyAPI serves all at its root. "chat_host": what Cherry Studio / ChatBox want (they add
 # /v1/chat/completions themselves).
 _PATHS: dict[str, dict[str, str | None]] = {
     Upstream.Kind.CLIPROXYAPI: {"claude": "", "codex": "/v1", "openai": "/v1", "chat_host": "",
@@ -61,7 +61,7 @@ _PATHS: dict[str, dict[str, str | None]] = {
     Upstream.Kind.CRS: {"claude": "/api", "codex": "/openai", "openai": "/openai/v1",
                         "chat_host": "/openai", "gemini": "/gemini", "models": "/api/v1/models"},
     Upstream.Kind.CCH: {"claude": "", "codex": "/v1", "openai": "/v1", "chat_host": "",
-                        "gemini": None, "models": "/v1/models"},
+                        "gemini": "", "models": "/v1/models"},
 }
 
 

@@ -253,19 +253,32 @@ def test_a_crs_key_gets_its_relays_addresses_and_paths(ann):
     assert detail_urls == []  # the addresses list belongs to the key page, not this one
 
 
-def test_a_cch_key_gets_its_paths_and_no_gemini_snippet(client, ann):
+def test_a_cch_key_gets_its_paths(client, ann):
     cch = Upstream.objects.create(name="hub", kind=Kind.CCH, management_url="http://127.0.0.1:9",
                                   public_url="https://hub.example.com", secret="t")
     key = relay_key(ann, cch, value="sk-" + "cd" * 24)
     page = snippets_for(key, "sk-" + "cd" * 24)
     assert "export ANTHROPIC_BASE_URL=https://hub.example.com\n" in page
     assert 'base_url = "https://hub.example.com/v1"' in page
-    assert "GOOGLE_GEMINI_BASE_URL" not in page and "curl https://hub.example.com/v1/models" in page
+    assert "GOOGLE_GEMINI_BASE_URL=https://hub.example.com\n" in page  # it serves /v1beta
+    assert "curl https://hub.example.com/v1/models" in page
     client.force_login(ann)
     detail = client.get(f"/my-keys/{key.pk}").content.decode()
     assert "<dd><code>https://hub.example.com</code></dd>" in detail
     assert "<dd><code>https://hub.example.com/v1</code></dd>" in detail
-    assert "Gemini CLI" not in detail
+    assert "Gemini CLI" in detail
+
+
+def test_an_upstream_without_a_tool_leaves_its_snippet_out(ann, monkeypatch):
+    from pool import views
+
+    paths = {**views._PATHS, Upstream.Kind.CCH: {**views._PATHS[Upstream.Kind.CCH],
+                                                 "gemini": None}}
+    monkeypatch.setattr(views, "_PATHS", paths)
+    cch = Upstream.objects.create(name="hub", kind=Kind.CCH, management_url="http://127.0.0.1:9",
+                                  public_url="https://hub.example.com", secret="t")
+    page = snippets_for(relay_key(ann, cch, value="sk-" + "cd" * 24), "sk-" + "cd" * 24)
+    assert "GOOGLE_GEMINI_BASE_URL" not in page and "Codex CLI" in page
 
 
 def test_the_key_page_of_a_pool_key_keeps_the_proxys_addresses(client, live_key, settings):
