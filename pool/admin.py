@@ -224,6 +224,26 @@ class PersonKeysAdmin(UserAdmin):
     its window."""
 
     actions = ("deactivate_people", "reactivate_people")
+    # A read-only field rather than an inline: an inline's management form would be required
+    # in every save of the person form (scripts and tests post it without one).
+    readonly_fields = (*UserAdmin.readonly_fields, "upstream_accounts")
+    fieldsets = (
+        (UserAdmin.fieldsets[0][0], {**UserAdmin.fieldsets[0][1], "fields": (
+            *UserAdmin.fieldsets[0][1]["fields"], "upstream_accounts")}),
+        *UserAdmin.fieldsets[1:],
+    )
+
+    @admin.display(description=_("accounts at upstreams"))
+    def upstream_accounts(self, obj: User | None) -> str:
+        """The person's own accounts at relays with people (Claude Code Hub)."""
+        if obj is None or obj.pk is None:
+            return "—"
+        rows = list(UpstreamAccount.objects.filter(person=obj).select_related("upstream")
+                    .order_by("upstream__name"))
+        if not rows:
+            return _("none")
+        return format_html_join(", ", "{} ({} {})",
+                                ((a.upstream.name, _("id"), a.remote_id) for a in rows))
 
     def get_form(
         self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
@@ -497,29 +517,3 @@ def upstream_health_now(upstream: Upstream) -> Health:
     except Exception as exc:  # a save must go through whatever the driver does
         return Health(False, _("the portal could not ask it (%(error)s)")
                       % {"error": type(exc).__name__})
-
-
-def _accounts_shown(self: Any, obj: User) -> str:
-    """A person's own accounts at relays with people (Claude Code Hub), read-only."""
-    if obj is None or obj.pk is None:
-        return "—"
-    rows = list(UpstreamAccount.objects.filter(person=obj).select_related("upstream")
-                .order_by("upstream__name"))
-    if not rows:
-        return _("none")
-    return format_html_join(
-        ", ", "{} ({} {})",
-        ((a.upstream.name, _("id"), a.remote_id) for a in rows),
-    )
-
-
-# A read-only field rather than an inline: an inline's management form would be required in
-# every save of the person form (scripts and tests post it without one).
-PersonKeysAdmin.upstream_accounts = admin.display(description=_("accounts at upstreams"))(
-    _accounts_shown)
-PersonKeysAdmin.readonly_fields = (*PersonKeysAdmin.readonly_fields, "upstream_accounts")
-PersonKeysAdmin.fieldsets = (
-    (PersonKeysAdmin.fieldsets[0][0], {**PersonKeysAdmin.fieldsets[0][1], "fields": (
-        *PersonKeysAdmin.fieldsets[0][1]["fields"], "upstream_accounts")}),
-    *PersonKeysAdmin.fieldsets[1:],
-)
