@@ -63,16 +63,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     fieldsets = (
         (None, {"fields": (
-            "masked", "owner", "label", "upstream_name", "status", "suspended_for", "suspended_until",
-            "proxy_state", "created_at", "issued_at", "last_used_at", "revoked_at",
+            "masked", "owner", "label", "upstream_name", "status", "suspended_for",
+            "suspended_until", "proxy_state", "created_at", "issued_at", "last_used_at",
+            "revoked_at",
         )}),
         (_("Expiry and limits of this key (empty: none)"), {
             "fields": ("expires_at", *Limits.LIMIT_FIELDS),
         }),
     )
     readonly_fields = (
-        "masked", "owner", "upstream_name", "status", "suspended_for", "suspended_until", "proxy_state",
-        "created_at", "issued_at", "last_used_at", "revoked_at",
+        "masked", "owner", "upstream_name", "status", "suspended_for", "suspended_until",
+        "proxy_state", "created_at", "issued_at", "last_used_at", "revoked_at",
     )
     actions = ("revoke_keys", "suspend_keys", "resume_keys")
     show_full_result_count = False
@@ -426,7 +427,8 @@ class UpstreamAdmin(admin.ModelAdmin):
             n_open=Count("open_to", distinct=True),
         )
 
-    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict | None = None) -> HttpResponse:
         environment_sync()  # the environment's upstreams are listed from their first visit
         return super().changelist_view(request, extra_context)
 

@@ -37,6 +37,7 @@ from pool.services import (
     PoolEmpty,
     UpstreamClosed,
     key_assign,
+    upstream_default,
     key_rename,
     key_revoke,
     keys_reconcile_in_request,
@@ -53,8 +54,8 @@ from pool.upstream import UpstreamError
 # router picks the account by model), Gemini's own API under /gemini (/gemini/v1beta/...), and
 # its model list at /api/v1/models; Claude Code Hub serves /v1 (messages, chat/completions,
 # responses, models) and Gemini's API at /v1beta (src/app/v1beta, the key as x-goog-api-key),
-# both below its root; CLIProxyAPI serves all at its root. "chat_host": what Cherry Studio / ChatBox want (they add
-# /v1/chat/completions themselves).
+# both below its root; CLIProxyAPI serves all at its root. "chat_host": what Cherry Studio and
+# ChatBox want (they add /v1/chat/completions themselves).
 _PATHS: dict[str, dict[str, str | None]] = {
     Upstream.Kind.CLIPROXYAPI: {"claude": "", "codex": "/v1", "openai": "/v1", "chat_host": "",
                                 "gemini": "", "models": "/v1/models"},
@@ -153,7 +154,7 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
     except UpstreamError as exc:
         # The relay did not make the key: nothing was filed, the link stays unused.
         message = _("The key could not be made at %(name)s: %(why)s") % {
-            "name": picked or _("the upstream"), "why": exc}
+            "name": picked or upstreams_open_to_email(link.email)[0], "why": exc}
         return render(request, "pool/key_refused.html", {"message": message}, status=502)
     except PoolEmpty:
         return pool_empty(request, "pool/pool_empty.html")
@@ -274,7 +275,7 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
     except UpstreamError as exc:
         # A relay that makes its own keys did not make it: nothing was filed.
         raise ApiError(_("The key could not be made at %(name)s: %(why)s") % {
-            "name": upstream or _("the upstream"), "why": exc}, 503) from None
+            "name": upstream or upstream_default(person), "why": exc}, 503) from None
     response = JsonResponse(
         {**_key_json(issued.key), "key": issued.value, "email": person.email,
          **_api_urls(issued.key)},

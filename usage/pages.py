@@ -27,10 +27,10 @@ from keyportal.api import api_error, api_token_of, staff_page_or_token
 from keyportal.audit import client_ip
 from pool.forms import KeyAddForm, KeyLabelForm
 from pool.models import ApiKey
-from pool.selectors import PoolStatus, HealthCheck, pool_status
+from pool.selectors import HealthCheck, PoolStatus, pool_status
 from pool.services import (
     ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, UpstreamClosed, key_assign,
-    key_rename,
+    key_rename, upstream_default,
     key_revoke, keys_reconcile, keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
@@ -117,7 +117,7 @@ def key_add(request: HttpRequest) -> HttpResponse:
     except UpstreamError as exc:
         # A relay that makes its own keys did not make it: nothing was filed; say why.
         form.add_error(None, _("The key could not be made at %(name)s: %(why)s") % {
-            "name": form.picked() or _("the upstream"), "why": exc})
+            "name": form.picked() or upstream_default(request.user), "why": exc})
         return _add_form_refused(request, form, status=502)
     except KeyRefused as exc:
         # Over a limit: no key changes hands, and the form says which limit and until when.
@@ -207,7 +207,8 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
 def key_detail(request: HttpRequest, pk: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=pk, owner=request.user)  # others get 404, not 403
     return render(request, "usage/key_detail.html", {
-        "key": key, "urls": key_addresses(key), "usage": key_usage(key=key), "time_zone": settings.TIME_ZONE,
+        "key": key, "urls": key_addresses(key), "usage": key_usage(key=key),
+        "time_zone": settings.TIME_ZONE,
         "quota": quota_for(person=request.user, keys=[key]),
         "usage_chart": chart_context(
             partial(daily_by_model, rows=UsageSnapshot.objects.filter(api_key=key)),
