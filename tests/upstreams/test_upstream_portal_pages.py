@@ -223,3 +223,19 @@ def test_one_person_with_a_cliproxyapi_key_and_a_crs_key_is_totalled_everywhere(
     # A second sync counts nothing twice, on either upstream.
     call_command("sync_usage", stdout=StringIO())
     assert client.get(f"/api/user-stats/{ann.email}").json()["total_requests"] == ann_requests
+
+
+def test_a_relay_that_does_not_answer_makes_no_key_and_says_so(client, ann, crs, settings):
+    crs.stop()  # the relay is away
+    client.force_login(ann)
+    refused = client.post("/my-keys/add", {"label": "ci"})
+    page = refused.content.decode()
+    assert refused.status_code == 502
+    assert "The key could not be made at claude-relay-service" in page and PASSWORD not in page
+    assert not ApiKey.objects.exists()
+    client.logout()
+    client.post("/register", {"email": "new@example.com", "name": "New", "label": "laptop"})
+    path = emailed_path()
+    assert client.post(path).status_code == 502
+    assert not User.objects.filter(email="new@example.com").exists()
+    assert client.get(path).status_code == 200  # the link was not used: it works later
