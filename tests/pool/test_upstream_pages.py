@@ -420,3 +420,45 @@ def test_the_key_list_of_a_relay_only_portal_reconciles_the_relays_and_offers_no
     said = response.content.decode().lower()  # the admin capitalises its messages
     # The relay's report line, never the CLIProxyAPI's "not configured".
     assert "claude-relay-service: 0 keys removed" in said and "cliproxy_url" not in said
+
+
+def test_the_proxy_page_waits_for_a_slow_relay_only_within_its_budget(client, boss, settings,
+                                                                     monkeypatch):
+    """A relay whose health question never ends (until the test lets it) is shown as slow:
+    the page does not wait for it past PORTAL_REQUEST_PROXY_BUDGET, and the others are shown
+    with their own answer."""
+    import threading
+
+    from pool import selectors
+    from pool.upstreams.base import Health
+
+    released = threading.Event()
+    asked = threading.Event()
+
+    class Stuck:
+        def __init__(self, upstream):
+            self.upstream = upstream
+
+        def health(self):
+            if self.upstream.name == "slow":
+                asked.set()
+                released.wait(30)
+                return Health(True, "late")
+            return Health(True, "It answers with the admin username and password.")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(selectors, "driver_for", Stuck)
+    settings.PORTAL_REQUEST_PROXY_BUDGET = 0.5
+    crs_row("http://127.0.0.1:9", name="slow")
+    crs_row("http://127.0.0.1:9", name="quick")
+    try:
+        page = client.get("/staff/proxy").content.decode()
+    finally:
+        released.set()
+    assert asked.is_set()
+    slow = page.split('data-upstream="slow"', 1)[1].split("</tr>", 1)[0]
+    quick = page.split('data-upstream="quick"', 1)[1].split("</tr>", 1)[0]
+    assert "did not answer within 0.5 seconds" in slow and "late" not in slow
+    assert '<span class="ok">yes</span>' in quick and "admin username and password" in quick
