@@ -48,7 +48,8 @@ run: setup
 	@echo ""
 	@echo "Key Portal on http://$(HOST):$(PORT)/  (admin: http://$(HOST):$(PORT)/admin/)"
 	@echo "First staff account:  $(BIN)/python manage.py createsuperuser"
-	@echo "Point it at your proxy: CLIPROXY_URL and CLIPROXY_MANAGEMENT_KEY in .env"
+	@echo "Point it at your relay in .env: CLIPROXY_URL + CLIPROXY_MANAGEMENT_KEY, or CRS_URL +"
+	@echo "CRS_ADMIN_USERNAME + CRS_ADMIN_PASSWORD, or CCH_URL + CCH_ADMIN_TOKEN (README: Upstreams)"
 	@echo ""
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 

@@ -15,16 +15,21 @@ from django.core.checks import Error, Warning, register
 def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     problems: list[Any] = []
     url = settings.CLIPROXY_URL
-    if not url:
+    if not (url or settings.CRS_URL or settings.CCH_URL):
+        # Staff may still add upstreams in the admin (a check never reads the database: it
+        # runs before migrate), so a warning, not an error.
         problems.append(
             Warning(
-                "CLIPROXY_URL is not set: the portal runs, but it cannot push keys to the proxy "
-                "or read usage.",
-                hint="Set CLIPROXY_URL, e.g. http://127.0.0.1:8317.",
+                "No upstream is set in the environment (CLIPROXY_URL, CRS_URL or CCH_URL): the "
+                "portal runs, but it cannot hand out keys or read usage until staff add an "
+                "upstream in the admin.",
+                hint="Set CLIPROXY_URL (e.g. http://127.0.0.1:8317), or CRS_URL with "
+                     "CRS_ADMIN_USERNAME and CRS_ADMIN_PASSWORD, or CCH_URL with CCH_ADMIN_TOKEN.",
                 id="keyportal.W001",
             )
         )
-    elif urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+    problems.extend(_relay_settings())
+    if url and _bad_url(url):
         problems.append(
             Error(
                 f"CLIPROXY_URL must be an http(s) URL such as http://127.0.0.1:8317, not {url!r}.",
@@ -79,6 +84,48 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
     if settings.PORTAL_POOL_MIN < 0:
         problems.append(Error("PORTAL_POOL_MIN cannot be negative.", id="keyportal.E004"))
+    return problems
+
+
+def _bad_url(url: str) -> bool:
+    parts = urlparse(url)
+    return parts.scheme not in ("http", "https") or not parts.netloc
+
+
+def _relay_settings() -> list[Any]:
+    """claude-relay-service and Claude Code Hub declared in the environment: an address
+    without its credentials (or the reverse) would fail at every call, so say it at start."""
+    problems: list[Any] = []
+    declared = (
+        ("CRS", settings.CRS_URL,
+         {"CRS_ADMIN_USERNAME": settings.CRS_ADMIN_USERNAME,
+          "CRS_ADMIN_PASSWORD": settings.CRS_ADMIN_PASSWORD}, "E008", "W006"),
+        ("CCH", settings.CCH_URL, {"CCH_ADMIN_TOKEN": settings.CCH_ADMIN_TOKEN}, "E009", "W007"),
+    )
+    for prefix, url, credentials, bad_id, missing_id in declared:
+        missing = [name for name, value in credentials.items() if not value]
+        if url and _bad_url(url):
+            problems.append(Error(
+                f"{prefix}_URL must be an http(s) URL such as http://127.0.0.1:3000, not {url!r}.",
+                id=f"keyportal.{bad_id}",
+            ))
+        if url and missing:
+            problems.append(Warning(
+                f"{prefix}_URL is set but {' and '.join(missing)} is not: every call to its "
+                "admin API will be refused.",
+                hint=f"Set {' and '.join(missing)}, or unset {prefix}_URL.",
+                id=f"keyportal.{missing_id}",
+            ))
+        elif not url and len(missing) < len(credentials):
+            problems.append(Warning(
+                f"{' / '.join(n for n in credentials if n not in missing)} is set but "
+                f"{prefix}_URL is not: that upstream is not used.",
+                hint=f"Set {prefix}_URL to its address.",
+                id=f"keyportal.{missing_id}",
+            ))
+    if settings.UPSTREAM_TIMEOUT <= 0:
+        problems.append(Error("UPSTREAM_TIMEOUT must be a positive number of seconds.",
+                              id="keyportal.E010"))
     return problems
 
 

@@ -67,6 +67,10 @@ def _key_fields() -> dict[str, Any]:
     return {
         "id": {"type": "integer", "minimum": 1},
         "label": {"type": "string", "examples": ["laptop"]},
+        "upstream": {"type": "string", "description": _(
+            "The name of the upstream (relay) the key belongs to, as staff named it; "
+            "“CLIProxyAPI” for the keys of the portal's CLIProxyAPI pool."),
+            "examples": ["CLIProxyAPI", "claude-relay-service"]},
         "masked": {"type": "string", "description": _("The key's prefix and last four "
                    "characters; the full value is never shown again."),
                    "examples": ["sk-kp-3f…9a1c"]},
@@ -160,9 +164,14 @@ def schemas() -> dict[str, dict[str, Any]]:
                     "The key's full value: shown in this answer only, never again."),
                     "examples": ["sk-kp-…"]},
                 "email": _email(),
-                "base_url": {"type": "string", "description": _("The proxy's public URL.")},
+                "base_url": {"type": "string", "description": _(
+                    "Where Claude Code goes (ANTHROPIC_BASE_URL) at the key's upstream: the "
+                    "public URL of a CLIProxyAPI or Claude Code Hub, <public URL>/api for "
+                    "claude-relay-service. Empty when staff have not configured it.")},
                 "openai_base_url": {"type": "string", "description": _(
-                    "The proxy's OpenAI-compatible base URL (base_url + /v1).")},
+                    "The OpenAI-compatible base URL at the key's upstream: <public URL>/v1 "
+                    "(CLIProxyAPI, Claude Code Hub), <public URL>/openai/v1 "
+                    "(claude-relay-service).")},
             },
             description=_("A newly issued key, with its full value this once."),
         ),
@@ -176,6 +185,7 @@ def schemas() -> dict[str, dict[str, Any]]:
             "id": {"type": "integer", "minimum": 1},
             "key": {"type": "string", "description": _("The key, masked.")},
             "label": {"type": "string"},
+            "upstream": _key_fields()["upstream"],
             "status": _key_fields()["status"],
             "requests": _COUNT,
             "tokens": _COUNT,
@@ -267,6 +277,10 @@ def schemas() -> dict[str, dict[str, Any]]:
                     "Where the key will be used, e.g. “laptop” or “CI”."),
                     "examples": ["ci"]},
                 "email": _body_email(),
+                "upstream": {"type": ["string", "null"], "maxLength": 60, "description": _(
+                    "Where the key is made, by the upstream's name, among those open to the "
+                    "person. Left out: the first one open to them."),
+                    "examples": ["claude-relay-service"]},
             },
         },
         "MyKeysRequest": {"type": "object", "properties": {"email": _body_email()}},
@@ -388,8 +402,9 @@ def operations() -> tuple[Operation, ...]:
         Operation(
             "api-register-key", "post", "registerKey", TAG_KEYS,
             _("Issue a key"),
-            _("Hands the caller (or, for a staff token, the person named by `email`) a key "
-              "from the pool. The answer is the only one that ever carries the key's full "
+            _("Hands the caller (or, for a staff token, the person named by `email`) a key: "
+              "from the pool of the portal's CLIProxyAPI, or made at the relay named by "
+              "`upstream` (claude-relay-service, Claude Code Hub). The answer is the only one that ever carries the key's full "
               "value, and is never cached."),
             _answers(400, 401, 405, 413,
                      s201=_ok(_("The key was issued."), "IssuedKey"),
@@ -399,7 +414,8 @@ def operations() -> tuple[Operation, ...]:
                                    "until it resets, or until staff raise it."), "KeyRefused"),
                      s409=Answer(_("The person named is deactivated (staff tokens only).")),
                      s429=Answer(_("Too many keys added in a short time (sessions only).")),
-                     s503=Answer(_("The pool is empty; staff have been told."))),
+                     s503=Answer(_("The pool is empty (staff have been told), or the "
+                                   "relay the key is made at did not make it."))),
             body="RegisterKeyRequest",
         ),
         Operation(

@@ -1,23 +1,26 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import QuerySet
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html_join
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
 from accounts.admin import HasLimitsFilter, UserAdmin
 from accounts.models import Limits, User
 from keyportal.audit import audit_form_changes, client_ip
-from pool.models import ApiKey
-from pool.selectors import pool_status
+from pool.models import ApiKey, Upstream, UpstreamAccount
+from pool.selectors import health_within, pool_status
 from pool.services import (
     PersonKeysReport,
     key_resume,
@@ -29,6 +32,11 @@ from pool.services import (
     pool_generate,
 )
 from pool.upstream import ProxyClient, UpstreamError
+from pool.upstreams.base import Health
+from pool.upstreams.registry import (
+    cliproxyapi_in_use, driver_for, endpoint, environment_sync,
+)
+from pool.upstreams.relays import relays_reconcile
 
 
 class GenerateForm(forms.Form):
@@ -43,28 +51,29 @@ class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are always shown masked: the full value of a pool key never reaches a page."""
 
     list_display = (
-        "masked", "owner", "label", "status", "suspended_for", "proxy_state", "created_at",
-        "issued_at", "last_used_at",
+        "masked", "owner", "label", "upstream_name", "status", "suspended_for", "proxy_state",
+        "created_at", "issued_at", "last_used_at",
     )
     list_filter = (
-        "status", "proxy_state", "suspended_for", HasLimitsFilter,
+        "status", "upstream", "proxy_state", "suspended_for", HasLimitsFilter,
         ("expires_at", admin.EmptyFieldListFilter), ("owner", admin.EmptyFieldListFilter),
     )
     search_fields = ("owner__email", "owner__name", "label", "last4")
-    list_select_related = ("owner",)
+    list_select_related = ("owner", "upstream")
     date_hierarchy = "created_at"
     fieldsets = (
         (None, {"fields": (
-            "masked", "owner", "label", "status", "suspended_for", "suspended_until",
-            "proxy_state", "created_at", "issued_at", "last_used_at", "revoked_at",
+            "masked", "owner", "label", "upstream_name", "status", "suspended_for",
+            "suspended_until", "proxy_state", "created_at", "issued_at", "last_used_at",
+            "revoked_at",
         )}),
         (_("Expiry and limits of this key (empty: none)"), {
             "fields": ("expires_at", *Limits.LIMIT_FIELDS),
         }),
     )
     readonly_fields = (
-        "masked", "owner", "status", "suspended_for", "suspended_until", "proxy_state",
-        "created_at", "issued_at", "last_used_at", "revoked_at",
+        "masked", "owner", "upstream_name", "status", "suspended_for", "suspended_until",
+        "proxy_state", "created_at", "issued_at", "last_used_at", "revoked_at",
     )
     actions = ("revoke_keys", "suspend_keys", "resume_keys")
     show_full_result_count = False
@@ -72,6 +81,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
     @admin.display(description=_("key"), ordering="last4")
     def masked(self, obj: ApiKey) -> str:
         return obj.masked
+
+    @admin.display(description=_("upstream"), ordering="upstream__name")
+    def upstream_name(self, obj: ApiKey) -> str:
+        # No upstream: a key of the CLIProxyAPI (the pool's), made before upstreams existed.
+        return obj.upstream.name if obj.upstream_id else "CLIProxyAPI"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # keys come from the pool ("Generate pool keys")
@@ -87,7 +101,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return own + super().get_urls()
 
     def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
-        extra_context = {**(extra_context or {}), "pool_status": pool_status()}
+        # A portal on relays only has no pool: no pool line, no "Generate pool keys".
+        extra_context = {**(extra_context or {}), "pool_status": pool_status(),
+                         "has_pool": cliproxyapi_in_use()}
         return super().changelist_view(request, extra_context)
 
     def _require_change(self, request: HttpRequest) -> None:
@@ -125,6 +141,17 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def reconcile_view(self, request: HttpRequest) -> HttpResponse:
         self._require_change(request)
         if request.method != "POST":
+            return self._back()
+        # Each relay that makes its own keys, then the CLIProxyAPI's list (when there is one),
+        # as reconcile_keys does.
+        try:
+            for relay in relays_reconcile():
+                level = messages.SUCCESS if relay.changed else messages.INFO
+                for line in relay.lines():
+                    self.message_user(request, line, messages.WARNING if relay.errors else level)
+        except UpstreamError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+        if not cliproxyapi_in_use():
             return self._back()
         try:
             with ProxyClient.from_settings() as client:
@@ -198,6 +225,26 @@ class PersonKeysAdmin(UserAdmin):
     its window."""
 
     actions = ("deactivate_people", "reactivate_people")
+    # A read-only field rather than an inline: an inline's management form would be required
+    # in every save of the person form (scripts and tests post it without one).
+    readonly_fields = (*UserAdmin.readonly_fields, "upstream_accounts")
+    fieldsets = (
+        (UserAdmin.fieldsets[0][0], {**UserAdmin.fieldsets[0][1], "fields": (
+            *UserAdmin.fieldsets[0][1]["fields"], "upstream_accounts")}),
+        *UserAdmin.fieldsets[1:],
+    )
+
+    @admin.display(description=_("accounts at upstreams"))
+    def upstream_accounts(self, obj: User | None) -> str:
+        """The person's own accounts at relays with people (Claude Code Hub)."""
+        if obj is None or obj.pk is None:
+            return "—"
+        rows = list(UpstreamAccount.objects.filter(person=obj).select_related("upstream")
+                    .order_by("upstream__name"))
+        if not rows:
+            return _("none")
+        return format_html_join(", ", "{} ({} {})",
+                                ((a.upstream.name, _("id"), a.remote_id) for a in rows))
 
     def get_form(
         self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
@@ -280,3 +327,195 @@ class PersonKeysAdmin(UserAdmin):
                 ), messages.WARNING)
 
         transaction.on_commit(proxy_follows)
+
+
+# --- upstreams --------------------------------------------------------------------------------
+
+
+class UpstreamForm(forms.ModelForm):
+    """An upstream as staff add or edit it. The secret (management key, admin password or
+    admin token) is write-only: never shown back, left as it is when the field is blank."""
+
+    secret_new = forms.CharField(
+        label=_("Secret"), required=False, strip=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text=_("CLIProxyAPI: its management key; claude-relay-service: the admin "
+                    "password; Claude Code Hub: its ADMIN_TOKEN. Stored sealed and never shown "
+                    "again; leave it blank to keep the one stored."),
+    )
+
+    # An address typed without a scheme is taken as http:// (relays on a LAN rarely have
+    # TLS); anything but http(s) is refused below.
+    management_url = forms.URLField(
+        label=Upstream._meta.get_field("management_url").verbose_name, assume_scheme="http",
+        help_text=Upstream._meta.get_field("management_url").help_text, required=False)
+    public_url = forms.URLField(
+        label=Upstream._meta.get_field("public_url").verbose_name, assume_scheme="http",
+        help_text=Upstream._meta.get_field("public_url").help_text, required=False)
+
+    class Meta:
+        model = Upstream
+        fields = ("name", "kind", "management_url", "public_url", "username", "open_to_everyone",
+                  "open_to", "enabled")
+
+    def _url(self, name: str) -> str:
+        value = (self.cleaned_data.get(name) or "").strip().rstrip("/")
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise forms.ValidationError(_("Give an http:// or https:// address."), code="scheme")
+        return value
+
+    def clean_management_url(self) -> str:
+        value = self._url("management_url")
+        if not value and not self.instance.from_environment:
+            raise forms.ValidationError(_("Give the address the portal reaches its admin API "
+                                          "at."), code="required")
+        return value or self.instance.management_url
+
+    def clean_public_url(self) -> str:
+        return self._url("public_url")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        kind = data.get("kind") or self.instance.kind
+        if self.instance.from_environment:
+            return data  # address and credentials come from the environment (read-only here)
+        if kind == Upstream.Kind.CLIPROXYAPI:
+            others = Upstream.objects.filter(kind=kind).exclude(pk=self.instance.pk)
+            if others.exists() or settings.CLIPROXY_URL:
+                self.add_error("kind", _(
+                    "The portal has a CLIProxyAPI already (%(where)s): a portal has at most one, "
+                    "whose keys are the pool's. Add claude-relay-service or Claude Code Hub "
+                    "upstreams instead, or edit that one.") % {
+                    "where": others.first().name if others.exists() else "CLIPROXY_URL"})
+        if kind == Upstream.Kind.CRS and not data.get("username"):
+            self.add_error("username", _("claude-relay-service needs the admin username the "
+                                         "portal signs in with."))
+        if not self.instance.secret and not data.get("secret_new"):
+            self.add_error("secret_new", _("Give the secret: the portal cannot sign in there "
+                                           "without it."))
+        return data
+
+    def save(self, commit: bool = True) -> Upstream:
+        upstream = super().save(commit=False)
+        if self.cleaned_data.get("secret_new") and not upstream.from_environment:
+            upstream.secret = self.cleaned_data["secret_new"]
+        if commit:
+            upstream.save()
+            self.save_m2m()
+        return upstream
+
+
+@admin.register(Upstream)
+class UpstreamAdmin(admin.ModelAdmin):
+    """The relays keys are made at. The environment's ones (CLIPROXY_*, CRS_*, CCH_*) show
+    their address from the environment and cannot be edited here but for their name, who
+    they are open to and whether they are enabled."""
+
+    form = UpstreamForm
+    list_display = ("name", "kind", "management_address", "public_address", "open_to_whom",
+                    "enabled", "from_environment", "key_count")
+    list_filter = ("kind", "enabled", "from_environment")
+    search_fields = ("name",)
+    filter_horizontal = ("open_to",)
+    ENVIRONMENT_FIELDS = ("kind", "management_address", "public_address", "username_shown",
+                          "environment_note")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Upstream]:
+        return super().get_queryset(request).annotate(
+            # distinct: the two joins multiply each other's rows.
+            n_keys=Count("keys", filter=~Q(keys__status=ApiKey.Status.REVOKED), distinct=True),
+            n_open=Count("open_to", distinct=True),
+        )
+
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict | None = None) -> HttpResponse:
+        environment_sync()  # the environment's upstreams are listed from their first visit
+        return super().changelist_view(request, extra_context)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Upstream | None = None) -> Any:
+        if obj is not None and obj.from_environment:
+            return ((None, {"fields": ("name", *self.ENVIRONMENT_FIELDS)}),
+                    (_("Who may add keys here"), {"fields": ("open_to_everyone", "open_to",
+                                                            "enabled")}))
+        return ((None, {"fields": ("name", "kind", "management_url", "public_url", "username",
+                                   "secret_new", "secret_state")}),
+                (_("Who may add keys here"), {"fields": ("open_to_everyone", "open_to",
+                                                        "enabled")}))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Upstream | None = None) -> Any:
+        if obj is not None and obj.from_environment:
+            return self.ENVIRONMENT_FIELDS
+        # A kind never changes once keys may exist there: they were made by that kind.
+        return ("secret_state",) if obj is None else ("kind", "secret_state")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Upstream | None = None) -> bool:
+        if obj is not None and obj.from_environment:
+            return False  # it comes back from the environment: unset the variables instead
+        return super().has_delete_permission(request, obj)
+
+    @admin.display(description=_("management URL"))
+    def management_address(self, obj: Upstream) -> str:
+        return endpoint(obj).management_url or "—"
+
+    @admin.display(description=_("public URL"))
+    def public_address(self, obj: Upstream) -> str:
+        return endpoint(obj).public_url or "—"
+
+    @admin.display(description=_("admin username"))
+    def username_shown(self, obj: Upstream) -> str:
+        return endpoint(obj).username or "—"
+
+    @admin.display(description=_("secret"))
+    def secret_state(self, obj: Upstream) -> str:
+        return _("stored (sealed)") if obj.pk and obj.secret else _("none")
+
+    @admin.display(description=_("where it is set"))
+    def environment_note(self, obj: Upstream) -> str:
+        names = {Upstream.Kind.CLIPROXYAPI: "CLIPROXY_URL, CLIPROXY_PUBLIC_URL, "
+                 "CLIPROXY_MANAGEMENT_KEY",
+                 Upstream.Kind.CRS: "CRS_URL, CRS_PUBLIC_URL, CRS_ADMIN_USERNAME, "
+                 "CRS_ADMIN_PASSWORD",
+                 Upstream.Kind.CCH: "CCH_URL, CCH_PUBLIC_URL, CCH_ADMIN_TOKEN"}
+        return _("Its address and credentials come from the environment (%(names)s): change "
+                 "them there and restart the portal.") % {"names": names.get(obj.kind, "")}
+
+    @admin.display(description=_("open to"))
+    def open_to_whom(self, obj: Upstream) -> str:
+        if obj.open_to_everyone:
+            return _("everyone")
+        n = getattr(obj, "n_open", 0)
+        return ngettext("%(n)d person", "%(n)d people", n) % {"n": n}
+
+    @admin.display(description=_("keys"), ordering="n_keys")
+    def key_count(self, obj: Upstream) -> int:
+        return getattr(obj, "n_keys", 0)
+
+    def save_model(self, request: HttpRequest, obj: Upstream, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        # Said, never blocking: an upstream may be saved before it runs.
+        health = upstream_health_now(obj)
+        self.message_user(
+            request,
+            (_("%(name)s answers: %(detail)s.") if health.ok else
+             _("%(name)s does not answer as expected: %(detail)s (saved all the same).")) % {
+                "name": obj.name, "detail": health.detail.rstrip(".。")},
+            messages.SUCCESS if health.ok else messages.WARNING,
+        )
+
+
+def upstream_health_now(upstream: Upstream) -> Health:
+    """The upstream's health from its driver, never raising (a driver missing or failing is
+    reported as a sentence). A relay is asked in a worker thread, waited for within a page's
+    budget; the CLIProxyAPI in this thread (its client reads and writes the shared cache,
+    which is the database, inside the admin's transaction) with its own 5 s budget."""
+    if not upstream.is_cliproxyapi:
+        return health_within(upstream, budget=settings.PORTAL_REQUEST_PROXY_BUDGET)
+    try:
+        driver = driver_for(upstream)
+        try:
+            return driver.health()
+        finally:
+            driver.close()
+    except Exception as exc:  # a save must go through whatever the driver does
+        return Health(False, _("the portal could not ask it (%(error)s)")
+                      % {"error": type(exc).__name__})

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
+from typing import Any
 
 from django import forms
 from django.utils.translation import gettext_lazy as _
@@ -35,6 +37,34 @@ class KeyLabelForm(forms.Form):
 
     def clean_label(self) -> str:
         return label_clean(self.cleaned_data["label"])
+
+
+def upstream_choice_label(upstream: Any) -> str:
+    return f"{upstream.name} ({upstream.get_kind_display()})"
+
+
+class KeyAddForm(KeyLabelForm):
+    """Adding a key: its label, and where it is made when more than one upstream is open to
+    the person (`choices`: those upstreams, oldest first; with one or none there is nothing
+    to pick and the field is left out)."""
+
+    def __init__(self, *args: Any, choices: Sequence[Any] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upstreams = list(choices)
+        if len(self.upstreams) > 1:
+            self.fields["upstream"] = forms.TypedChoiceField(
+                label=_("Where"), coerce=int, widget=forms.RadioSelect,
+                choices=[(u.pk, upstream_choice_label(u)) for u in self.upstreams],
+                initial=self.upstreams[0].pk,
+                help_text=_("The relay the key is made at; its settings below follow it."),
+            )
+
+    def picked(self) -> Any:
+        """The upstream picked (None: nothing to pick, the default applies)."""
+        if "upstream" not in self.fields:
+            return None
+        wanted = self.cleaned_data["upstream"]
+        return next(u for u in self.upstreams if u.pk == wanted)
 
 
 class KeyRevokeForm(forms.Form):

@@ -10,12 +10,16 @@ typed errors whose str() is a sentence for a person, and the key never appears i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import requests
 from django.conf import settings
 from django.utils.translation import gettext as _
 
 from pool import bounded
+
+if TYPE_CHECKING:
+    from pool.models import Upstream
 
 MAX_MODELS = 500  # a page lists them; a proxy answering more is cut, not trusted to be sane
 
@@ -54,11 +58,21 @@ def timeout_seconds() -> float:
     return min(settings.CLIPROXY_TIMEOUT, settings.PORTAL_REQUEST_PROXY_BUDGET)
 
 
-def key_models(*, key: str) -> ModelList:
-    """The model ids the proxy offers to `key`. Raises a KeyTestError subclass."""
-    from pool.upstreams.registry import cliproxyapi_endpoint  # noqa: PLC0415 (models)
+# Each kind's client model list, as its own client tools ask for it: claude-relay-service
+# serves it under /api (src/routes/api.js), Claude Code Hub under /v1, CLIProxyAPI at /v1.
+# A relay key is tested at its own relay, with the key itself as the credential.
+MODELS_PATH = {"cliproxyapi": "/v1/models", "crs": "/api/v1/models", "cch": "/v1/models"}
 
-    base = cliproxyapi_endpoint().management_url
+
+def key_models(*, key: str, upstream: Upstream | None = None) -> ModelList:
+    """The model ids `upstream` (None: the CLIProxyAPI) offers to `key`. Raises a
+    KeyTestError subclass."""
+    from pool.upstreams.registry import cliproxyapi_endpoint, endpoint  # noqa: PLC0415 (models)
+
+    if upstream is None or upstream.is_cliproxyapi:
+        base, path = cliproxyapi_endpoint().management_url, MODELS_PATH["cliproxyapi"]
+    else:
+        base, path = endpoint(upstream).management_url, MODELS_PATH[upstream.kind]
     if not base:
         raise KeyTestNotConfigured(
             _("The portal has no proxy address configured, so it cannot test keys; ask staff.")
@@ -69,7 +83,7 @@ def key_models(*, key: str) -> ModelList:
             # The deadline covers the whole answer: a proxy that drips its model list is cut
             # off like one that says nothing.
             with bounded.send(
-                session, "GET", f"{base}/v1/models", timeout=timeout,
+                session, "GET", f"{base}{path}", timeout=timeout,
                 headers={"Authorization": f"Bearer {key}"}, allow_redirects=False,
             ) as answer:
                 answer.read(cap=settings.CLIPROXY_MAX_ANSWER_BYTES)

@@ -31,7 +31,9 @@ from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream, key_digest
 from pool.upstream import ProxyClient, UpstreamError
-from pool.upstreams.registry import cliproxyapi_endpoint, open_to, relays
+from pool.upstreams.registry import (
+    cliproxyapi_endpoint, cliproxyapi_in_use, open_to, open_to_everyone, relays,
+)
 from pool.upstreams.relays import relay_key_issue, relays_reconcile
 
 log = logging.getLogger(__name__)
@@ -591,6 +593,11 @@ def key_assign(
         raise refusal
     if upstream is None:
         upstream = upstream_default(user)
+        if upstream is None and not cliproxyapi_in_use():
+            # A portal on relays only, none open to this person: there is no pool to fall
+            # back on (and an "empty pool" alert to staff would be wrong).
+            raise UpstreamClosed(_("No upstream is open to you, so the portal cannot make you "
+                                   "a key; ask staff to open one to you."))
     if upstream is not None and not upstream.is_cliproxyapi:
         # A relay that makes its own keys: made there now, working at once (UpstreamError
         # when it does not answer; nothing is filed then).
@@ -688,13 +695,26 @@ def _default_expiry(now: datetime) -> datetime | None:
     return now + timedelta(days=days) if days else None
 
 
-def registration_complete(*, token: str, ip: str | None = None) -> tuple[User, IssuedKey]:
-    """Uses a registration link and issues its key, all or nothing: with the pool empty the
-    link stays unused (it works again once the pool is refilled) and no person is created."""
+def registration_complete(*, token: str, ip: str | None = None,
+                          upstream_id: Any = None) -> tuple[User, IssuedKey]:
+    """Uses a registration link and issues its key, all or nothing: with the pool empty (or
+    the picked relay not answering, UpstreamError) the link stays unused (it works again
+    later) and no person is created. `upstream_id`: the upstream the person picked on the
+    link's page when several are open to them (UpstreamClosed when it is not one of them)."""
     with transaction.atomic():
         user, link = signin_link_redeem(token=token, purpose=SignInLink.Purpose.REGISTER, ip=ip)
-        issued = key_assign(user=user, label=link.label, ip=ip)
+        upstream = upstream_pick(user=user, upstream_id=upstream_id) if upstream_id else None
+        issued = key_assign(user=user, label=link.label, ip=ip, upstream=upstream)
     return user, issued
+
+
+def upstreams_open_to_email(email: str) -> list[Upstream]:
+    """The upstreams a registration link's person may pick from: theirs when they exist
+    already, else those open to everyone."""
+    person = User.objects.filter(email=email).first()
+    if person is not None:
+        return open_to(person)
+    return [u for u in open_to_everyone()]
 
 
 def pool_empty_notify() -> bool:

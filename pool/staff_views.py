@@ -16,7 +16,7 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 from django.conf import settings
@@ -54,8 +54,23 @@ from pool.proxy_admin import (
     read_all,
 )
 from pool.upstream import UpstreamError, UpstreamNotFound
+from pool.upstreams.registry import cliproxyapi_in_use
 
 PENDING_TTL = 15 * 60
+
+
+def cliproxyapi_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """These pages run a CLIProxyAPI: on a portal without one (only claude-relay-service or
+    Claude Code Hub) they say so instead of failing against an address that is not set. A
+    portal with no upstream at all keeps the pages' own "no proxy is configured"."""
+
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not cliproxyapi_in_use():
+            return _page(request, "admin/proxy/none.html", {"title": _("No CLIProxyAPI")})
+        return view(request, *args, **kwargs)
+
+    return wrapper
 
 
 # --- shared -----------------------------------------------------------------------------------
@@ -164,6 +179,7 @@ def _settings_rows(client: ProxyAdminClient) -> tuple[list[SettingValue], Any, s
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_http_methods(["GET", "POST"])
 def proxy_settings(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
@@ -254,6 +270,7 @@ def _kind(slug: str) -> ProviderKind:
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_GET
 def upstream_list(request: HttpRequest) -> HttpResponse:
     sections, error = [], ""
@@ -352,6 +369,7 @@ def _upstream_form_page(request: HttpRequest, kind: ProviderKind, form: Upstream
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_http_methods(["GET", "POST"])
 def upstream_add(request: HttpRequest, kind: str) -> HttpResponse:
     provider, back = _kind(kind), reverse("staff-proxy-upstreams")
@@ -383,6 +401,7 @@ def upstream_add(request: HttpRequest, kind: str) -> HttpResponse:
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_http_methods(["GET", "POST"])
 def upstream_edit(request: HttpRequest, kind: str, index: int) -> HttpResponse:
     provider, back = _kind(kind), reverse("staff-proxy-upstreams")
@@ -451,6 +470,7 @@ def _toggle(client: ProxyAdminClient, entry: UpstreamEntry, entries: list[Upstre
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_POST
 def upstream_toggle(request: HttpRequest, kind: str, index: int) -> HttpResponse:
     def describe(entry: UpstreamEntry) -> tuple[str, str, Any, str]:
@@ -466,6 +486,7 @@ def upstream_toggle(request: HttpRequest, kind: str, index: int) -> HttpResponse
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_POST
 def upstream_delete(request: HttpRequest, kind: str, index: int) -> HttpResponse:
     def describe(entry: UpstreamEntry) -> tuple[str, str, Any, str]:
@@ -497,6 +518,7 @@ def _auth_files_page(request: HttpRequest, form: AuthFileUploadForm,
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_http_methods(["GET", "POST"])
 def auth_files(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
@@ -534,6 +556,7 @@ def auth_files(request: HttpRequest) -> HttpResponse:
 
 
 @staff_password_required
+@cliproxyapi_only
 @require_POST
 def auth_file_delete(request: HttpRequest) -> HttpResponse:
     back = reverse("staff-proxy-auth-files")

@@ -26,32 +26,83 @@ from accounts.signin import link_login
 from accounts.views import link_gone
 from keyportal.api import ApiError, api_token_of, api_view, body_int, body_str, json_body
 from keyportal.audit import client_ip
-from pool.forms import KeyLabelForm, KeyRevokeForm
+from pool.forms import KeyAddForm, KeyLabelForm, KeyRevokeForm
 from pool.keytest import KeyTestError, key_models
-from pool.models import ApiKey, key_digest
+from pool.models import ApiKey, Upstream, key_digest
 from pool.selectors import pool_status
+from pool.upstreams.registry import cliproxyapi_endpoint, open_to, public_url
 from pool.services import (
     IssuedKey,
     KeyRefused,
     PoolEmpty,
     RelayUnavailable,
+    UpstreamClosed,
     key_assign,
     key_rename,
     key_revoke,
     keys_reconcile_in_request,
     pool_empty_notify,
     registration_complete,
+    upstreams_open_to_email,
 )
+from pool.upstream import UpstreamError
 
 
-def _proxy_urls() -> dict[str, str]:
-    base = settings.CLIPROXY_PUBLIC_URL
-    return {"base_url": base, "openai_base_url": f"{base}/v1" if base else ""}
+# Where each tool goes at each kind of upstream, below its public URL (checked against each
+# relay's routes): claude-relay-service serves Claude Code under /api (/api/v1/messages),
+# Codex under /openai (/openai/responses), OpenAI-style chat under /openai/v1 (its unified
+# router picks the account by model), Gemini's own API under /gemini (/gemini/v1beta/...), and
+# its model list at /api/v1/models; Claude Code Hub serves /v1 (messages, chat/completions,
+# responses, models) and Gemini's API at /v1beta (src/app/v1beta, the key as x-goog-api-key),
+# both below its root; CLIProxyAPI serves all at its root. "chat_host": what Cherry Studio and
+# ChatBox want (they add /v1/chat/completions themselves).
+_PATHS: dict[str, dict[str, str | None]] = {
+    Upstream.Kind.CLIPROXYAPI: {"claude": "", "codex": "/v1", "openai": "/v1", "chat_host": "",
+                                "gemini": "", "models": "/v1/models"},
+    Upstream.Kind.CRS: {"claude": "/api", "codex": "/openai", "openai": "/openai/v1",
+                        "chat_host": "/openai", "gemini": "/gemini", "models": "/api/v1/models"},
+    Upstream.Kind.CCH: {"claude": "", "codex": "/v1", "openai": "/v1", "chat_host": "",
+                        "gemini": "", "models": "/v1/models"},
+}
+
+
+def _proxy_urls(key: ApiKey | None = None) -> dict[str, Any]:
+    """The addresses a key's tools use, at its upstream (the CLIProxyAPI's for a pool key).
+    A tool the upstream does not serve gets None (its snippet is left out); with no public
+    URL configured every address is empty (the page says to ask staff)."""
+    # A key with no upstream is the CLIProxyAPI's (the pool's): no query for its row.
+    upstream = key.upstream if key is not None and key.upstream_id is not None else None
+    kind = upstream.kind if upstream is not None else Upstream.Kind.CLIPROXYAPI
+    base = public_url(key) if key is not None else (
+        settings.CLIPROXY_PUBLIC_URL or cliproxyapi_endpoint().public_url)
+    paths = _PATHS[kind]
+
+    def at(name: str) -> str | None:
+        tail = paths[name]
+        if tail is None:
+            return None
+        return f"{base}{tail}" if base else ""
+
+    return {
+        "upstream_name": upstream.name if upstream is not None else "CLIProxyAPI",
+        "upstream_kind": kind,
+        "base_url": at("claude"),  # ANTHROPIC_BASE_URL
+        "openai_base_url": at("openai"),
+        "codex_base_url": at("codex"),
+        "chat_host": at("chat_host"),
+        "gemini_base_url": at("gemini"),
+        "models_url": at("models"),
+    }
+
+
+def key_addresses(key: ApiKey) -> dict[str, Any]:
+    """The addresses of `key`'s upstream for its tools (the key page shows them)."""
+    return _proxy_urls(key)
 
 
 def key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpResponse:
     """The only response that ever carries a key's full value: never cached anywhere."""
-    context = {"key": issued.key, "value": issued.value, **_proxy_urls()}
+    context = {"key": issued.key, "value": issued.value, **_proxy_urls(issued.key)}
     response = render(request, template, context)
     add_never_cache_headers(response)
     return response
@@ -64,7 +115,8 @@ def pool_empty(request: HttpRequest, template: str) -> HttpResponse:
 
 
 def _my_keys(user: User) -> list[ApiKey]:
-    return list(ApiKey.objects.filter(owner=user).order_by("-issued_at", "-id"))
+    return list(ApiKey.objects.filter(owner=user).select_related("upstream")
+                .order_by("-issued_at", "-id"))
 
 
 def key_limit_reached(user: User) -> bool:
@@ -82,15 +134,23 @@ def key_limit_reached(user: User) -> bool:
 def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
     """The registration link. GET only shows a button (mail scanners fetch links); POST uses
     the link, signs the person in and shows their first key, once."""
-    if request.method == "GET":
-        link = signin_link_peek(token=token, purpose=SignInLink.Purpose.REGISTER)
-        if link is None:
-            return link_gone(request)
-        return render(request, "accounts/link_confirm.html", {"link": link})
+    link = signin_link_peek(token=token, purpose=SignInLink.Purpose.REGISTER)
+    if link is None:
+        return link_gone(request)
+    # Several upstreams open to the person: they pick where their first key is made.
+    form = KeyAddForm(request.POST if request.method == "POST" else None,
+                      choices=upstreams_open_to_email(link.email))
+    if request.method == "GET" or not form.is_valid():
+        return render(request, "accounts/link_confirm.html", {"link": link, "form": form},
+                      status=200 if request.method == "GET" else 400)
+    picked = form.picked()
     try:
-        user, issued = registration_complete(token=token, ip=client_ip(request))
+        user, issued = registration_complete(token=token, ip=client_ip(request),
+                                             upstream_id=picked.pk if picked else None)
     except LinkInvalid:
         return link_gone(request)
+    except UpstreamClosed as exc:
+        return render(request, "pool/key_refused.html", {"message": str(exc)}, status=403)
     except PoolEmpty:
         return pool_empty(request, "pool/pool_empty.html")
     except RelayUnavailable as exc:
@@ -142,10 +202,24 @@ def key_refused_error(exc: KeyRefused) -> ApiError:
     })
 
 
+def _api_urls(key: ApiKey) -> dict[str, Any]:
+    """The addresses register-key answers with, at the key's upstream: `base_url` is what
+    Claude Code takes as ANTHROPIC_BASE_URL, `openai_base_url` what OpenAI-style tools take."""
+    urls = _proxy_urls(key)
+    return {"base_url": urls["base_url"], "openai_base_url": urls["openai_base_url"]}
+
+
+def _upstream_name(key: ApiKey) -> str:
+    # No upstream: a key of the CLIProxyAPI (the pool's). Names come from the key's row, so
+    # callers listing keys select_related("upstream").
+    return key.upstream.name if key.upstream_id is not None else "CLIProxyAPI"
+
+
 def _key_json(key: ApiKey) -> dict[str, Any]:
     return {
         "id": key.id,
         "label": key.label,
+        "upstream": _upstream_name(key),
         "masked": key.masked,
         "status": key.status,
         "proxy_state": key.proxy_state,
@@ -161,6 +235,16 @@ def _form_error(form: forms.Form) -> ApiError:
     return ApiError(first)
 
 
+def _api_upstream(person: User, name: str) -> Upstream | None:
+    """The upstream a register-key body names (None: not named, the default applies)."""
+    if not name:
+        return None
+    for each in open_to(person):
+        if each.name == name:
+            return each
+    raise ApiError(_("No upstream of that name is open to this person."))
+
+
 @api_view(methods=("POST",))
 def api_register_key(request: HttpRequest) -> JsonResponse:
     body = json_body(request)
@@ -173,9 +257,11 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
                          "before issuing a key."), 409)
     if api_token_of(request) is None and key_limit_reached(person):
         raise ApiError(_("Too many keys added in a short time; try again later."), 429)
+    upstream = _api_upstream(person, body_str(body, "upstream"))
     try:
         issued = key_assign(
-            user=person, label=form.cleaned_data["label"], by=request.user, ip=client_ip(request)
+            user=person, label=form.cleaned_data["label"], by=request.user,
+            ip=client_ip(request), upstream=upstream,
         )
     except KeyRefused as exc:
         raise key_refused_error(exc) from None
@@ -183,9 +269,13 @@ def api_register_key(request: HttpRequest) -> JsonResponse:
         pool_empty_notify()
         raise ApiError(_("No key is available right now; staff have been told."), 503) from None
     except RelayUnavailable as exc:
+        # A relay that makes its own keys did not make it: nothing was filed.
         raise ApiError(str(exc), 503) from None
+    except UpstreamClosed as exc:
+        raise ApiError(str(exc), 403) from None
     response = JsonResponse(
-        {**_key_json(issued.key), "key": issued.value, "email": person.email, **_proxy_urls()},
+        {**_key_json(issued.key), "key": issued.value, "email": person.email,
+         **_api_urls(issued.key)},
         status=201,
     )
     add_never_cache_headers(response)
@@ -262,7 +352,7 @@ def key_test(request: HttpRequest) -> HttpResponse:
     if 0 < len(raw) <= 200:
         key = ApiKey.objects.filter(
             owner=request.user, key_hash=key_digest(raw), status=ApiKey.Status.ACTIVE
-        ).first()
+        ).select_related("upstream").first()
     if key is None:
         raise Http404
     context: dict[str, Any] = {"key": key, "models": None, "error": ""}
@@ -271,7 +361,8 @@ def key_test(request: HttpRequest) -> HttpResponse:
         context["error"] = _("You have tested keys many times in a minute; please wait a moment.")
     else:
         try:
-            context["models"] = key_models(key=raw).ids
+            # At the key's own upstream: a relay key is tested at its relay.
+            context["models"] = key_models(key=raw, upstream=key.upstream).ids
         except KeyTestError as exc:
             context["error"] = str(exc)
     template = "pool/key_test.html#result" if request.htmx else "pool/key_test.html"

@@ -49,7 +49,7 @@ def populate(n: int) -> list:
 LISTS = {
     "/admin/accounts/user/": 4,
     "/admin/accounts/apitoken/": 5,
-    "/admin/pool/apikey/": 7,
+    "/admin/pool/apikey/": 9,  # with the upstream filter's choices, is there a CLIProxyAPI
     "/admin/keyportal/auditevent/": 7,
     "/admin/usage/usagesnapshot/": 8,
     "/admin/usage/modelprice/": 5,

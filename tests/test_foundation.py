@@ -115,3 +115,33 @@ def test_a_relative_email_file_folder_is_warned_about(settings, email_url, warne
     ids = _check_ids({"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"},
                      settings)
     assert ids == ({"keyportal.W004"} if warned else set())
+
+
+def test_no_proxy_warning_when_a_relay_is_declared(settings):
+    relay_only = {"CLIPROXY_URL": "", "CLIPROXY_MANAGEMENT_KEY": "", "CRS_URL": "http://127.0.0.1:3000",
+                  "CRS_ADMIN_USERNAME": "admin", "CRS_ADMIN_PASSWORD": "pw"}
+    assert _check_ids(relay_only, settings) == set()
+    settings.CRS_URL = ""
+    assert _check_ids({"CCH_URL": "http://127.0.0.1:23000", "CCH_ADMIN_TOKEN": "t",
+                       "CRS_ADMIN_USERNAME": "", "CRS_ADMIN_PASSWORD": ""}, settings) == set()
+
+
+@pytest.mark.parametrize("overrides, check", [
+    ({"CRS_URL": "http://127.0.0.1:3000", "CRS_ADMIN_PASSWORD": "pw"}, "keyportal.W006"),
+    ({"CRS_URL": "", "CRS_ADMIN_USERNAME": "admin", "CRS_ADMIN_PASSWORD": "pw"}, "keyportal.W006"),
+    ({"CRS_URL": "127.0.0.1:3000", "CRS_ADMIN_USERNAME": "a", "CRS_ADMIN_PASSWORD": "pw"},
+     "keyportal.E008"),
+    ({"CCH_URL": "http://127.0.0.1:23000"}, "keyportal.W007"),
+    ({"CCH_URL": "ftp://127.0.0.1", "CCH_ADMIN_TOKEN": "t"}, "keyportal.E009"),
+    ({"UPSTREAM_TIMEOUT": 0}, "keyportal.E010"),
+])
+def test_checks_name_incomplete_relay_settings(settings, overrides, check):
+    assert check in _check_ids(overrides, settings)
+
+
+def test_incomplete_relay_message_names_no_secret(settings):
+    settings.CRS_URL = "http://127.0.0.1:3000"
+    settings.CRS_ADMIN_USERNAME = ""
+    settings.CRS_ADMIN_PASSWORD = "s3cret-value"
+    text = " ".join(f"{m.msg} {m.hint}" for m in run_checks())
+    assert "CRS_ADMIN_USERNAME" in text and "s3cret-value" not in text

@@ -40,7 +40,7 @@ FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(9998, 12, 31)
 BOM = "\ufeff"
 COLUMNS = (
     gettext_lazy("date"), gettext_lazy("email"), gettext_lazy("name"), gettext_lazy("key label"),
-    gettext_lazy("key"), gettext_lazy("model"), gettext_lazy("requests"), gettext_lazy("failures"),
+    gettext_lazy("key"), gettext_lazy("upstream"), gettext_lazy("model"), gettext_lazy("requests"), gettext_lazy("failures"),
     gettext_lazy("uncached input tokens"), gettext_lazy("cache read tokens"),
     gettext_lazy("cache write tokens"), gettext_lazy("output tokens"),
     gettext_lazy("total tokens"), gettext_lazy("cost (USD)"),
@@ -125,7 +125,8 @@ def usage_by_day(*, start: date, end: date) -> QuerySet[UsageSnapshot, dict[str,
         .annotate(day=TruncDate("hour", tzinfo=zone))
         .values(
             "day", "api_key_id", "api_key__owner__email", "api_key__owner__name",
-            "api_key__label", "api_key__prefix", "api_key__last4", "model",
+            "api_key__label", "api_key__prefix", "api_key__last4", "api_key__upstream__name",
+            "model",
         )
         .annotate(
             requests_sum=Sum("requests"), failures_sum=Sum("failures"),
@@ -181,6 +182,8 @@ def csv_lines(
             _cell(row["api_key__owner__name"]),
             _cell(row["api_key__label"]),
             f"{row['api_key__prefix']}…{row['api_key__last4']}",  # masked, as everywhere
+            # No upstream: the CLIProxyAPI's key (the pool's).
+            _cell(row["api_key__upstream__name"] or "CLIProxyAPI"),
             _cell(row["model"]),  # the proxy reports it; a client can choose what it says
             row["requests_sum"], row["failures_sum"], row["input_sum"], row["read_sum"],
             row["write_sum"], row["output_sum"], row["total_sum"],

@@ -25,15 +25,17 @@ from accounts.models import User
 from keyportal.admin_site import staff_password_required
 from keyportal.api import api_error, api_token_of, staff_page_or_token
 from keyportal.audit import client_ip
-from pool.forms import KeyLabelForm
+from pool.forms import KeyAddForm, KeyLabelForm
 from pool.models import ApiKey
-from pool.selectors import PoolStatus, pool_status
+from pool.selectors import HealthCheck, PoolStatus, pool_status
 from pool.services import (
-    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, RelayUnavailable, key_assign,
-    key_rename, key_revoke, keys_reconcile, keys_reconcile_in_request,
+    ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, RelayUnavailable,
+    UpstreamClosed, key_assign, key_rename, key_revoke, keys_reconcile,
+    keys_reconcile_in_request,
 )
 from pool.upstream import ProxyClient, UpstreamError
-from pool.views import key_limit_reached, key_shown, pool_empty
+from pool.upstreams.registry import cliproxyapi_endpoint, cliproxyapi_in_use, open_to
+from pool.views import key_addresses, key_limit_reached, key_shown, pool_empty
 from usage.charts import chart_context
 from usage.models import SyncRun, UsageSnapshot
 from usage.limits import limit_reached
@@ -61,10 +63,12 @@ def _table_context(user: User, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _label_form(data: Any = None, *, key: ApiKey | None = None) -> KeyLabelForm:
-    """The add form, or a key's rename form (its own ids: several can share a page)."""
+def _label_form(data: Any = None, *, key: ApiKey | None = None,
+                user: User | None = None) -> KeyLabelForm:
+    """The add form (for `user`: with the upstreams open to them to pick from when there are
+    several), or a key's rename form (its own ids: several can share a page)."""
     if key is None:
-        return KeyLabelForm(data)
+        return KeyAddForm(data, choices=open_to(user) if user is not None else ())
     form = KeyLabelForm(data, initial={"label": key.label}, auto_id=f"rename-{key.pk}-%s")
     form.fields["label"].widget.attrs["autofocus"] = True  # htmx also honours it after a swap
     return form
@@ -78,7 +82,9 @@ def _focus_after_settle(response: HttpResponse, selector: str) -> HttpResponse:
 @login_required
 @require_GET
 def my_keys(request: HttpRequest) -> HttpResponse:
-    context = _table_context(request.user, form=_label_form())
+    # The add form (and its picker's query) only on the full page: htmx asks for the table.
+    context = _table_context(request.user,
+                             form=None if request.htmx else _label_form(user=request.user))
     if not request.htmx:  # banner, quota and chart sit outside the table htmx swaps
         context |= _insight(request, person=request.user, keys=context["keys"])
         context["limit"] = quota_limit_reached(context["quota"])
@@ -91,7 +97,7 @@ def my_keys(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def key_add(request: HttpRequest) -> HttpResponse:
-    form = _label_form(request.POST)
+    form = _label_form(request.POST, user=request.user)
     if form.is_valid() and key_limit_reached(request.user):
         form.add_error(
             "label",
@@ -102,13 +108,18 @@ def key_add(request: HttpRequest) -> HttpResponse:
         return _add_form_refused(request, form, status=400)
     try:
         issued = key_assign(
-            user=request.user, label=form.cleaned_data["label"], ip=client_ip(request)
+            user=request.user, label=form.cleaned_data["label"], ip=client_ip(request),
+            upstream=form.picked(),
         )
+    except UpstreamClosed as exc:
+        form.add_error(None, str(exc))
+        return _add_form_refused(request, form, status=403)
     except KeyRefused as exc:
         # Over a limit: no key changes hands, and the form says which limit and until when.
         form.add_error("label", str(exc))
         return _add_form_refused(request, form, status=403)
     except RelayUnavailable as exc:
+        # A relay that makes its own keys did not make it: nothing was filed; say which.
         form.add_error("label", str(exc))
         return _add_form_refused(request, form, status=503)
     except PoolEmpty:
@@ -122,7 +133,8 @@ def key_add(request: HttpRequest) -> HttpResponse:
     # add form (Enter in the old one would issue a second key with the same label).
     response = key_shown(request, issued, "pool/key_shown.html#issued")
     for part, context in (("key-table", _table_context(request.user, oob=True)),
-                          ("add-form", {"form": _label_form(), "oob": True})):
+                          ("add-form", {"form": _label_form(user=request.user),
+                                        "oob": True})):
         response.content += render_to_string(
             f"pool/my_keys.html#{part}", context, request=request
         ).encode()
@@ -194,7 +206,8 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
 def key_detail(request: HttpRequest, pk: int) -> HttpResponse:
     key = get_object_or_404(ApiKey, pk=pk, owner=request.user)  # others get 404, not 403
     return render(request, "usage/key_detail.html", {
-        "key": key, "usage": key_usage(key=key), "time_zone": settings.TIME_ZONE,
+        "key": key, "urls": key_addresses(key), "usage": key_usage(key=key),
+        "time_zone": settings.TIME_ZONE,
         "quota": quota_for(person=request.user, keys=[key]),
         "usage_chart": chart_context(
             partial(daily_by_model, rows=UsageSnapshot.objects.filter(api_key=key)),
@@ -298,7 +311,7 @@ class ProxyReport:
 
 
 def _proxy_report() -> ProxyReport:
-    if not settings.CLIPROXY_URL:
+    if not cliproxyapi_endpoint().management_url:
         return ProxyReport(configured=False)
     report = ProxyReport(configured=True)
     try:
@@ -318,13 +331,19 @@ def _proxy_report() -> ProxyReport:
 @staff_password_required
 @require_GET
 def staff_proxy(request: HttpRequest) -> HttpResponse:
-    report = _proxy_report()
+    # The CLIProxyAPI's part only on a portal that has one; each other upstream's health is
+    # asked at the same time, within the same page budget.
+    check = HealthCheck(budget=settings.PORTAL_REQUEST_PROXY_BUDGET)
+    has_proxy = cliproxyapi_in_use()
+    report = _proxy_report() if has_proxy else ProxyReport(configured=False)
+    health = check.results()
     pool: PoolStatus = pool_status()
     sync: SyncRun | None = last_sync()
     backlog = sync_backlog(now=timezone.now())
     drift = report.drift
     return _admin_page(request, "usage/proxy_status.html", {
         "title": _("Proxy status"), "report": report, "pool": pool, "sync": sync,
+        "has_proxy": has_proxy, "upstreams_health": health,
         "pool_min": settings.PORTAL_POOL_MIN, "backlog": backlog,
         # In reconcile's terms: pool keys it would push, issued keys the proxy lost, keys it
         # would bring back from escrow; and keys it would remove, listed twice included.

@@ -20,6 +20,7 @@ from pool.models import ApiKey
 from pool.selectors import pool_status
 from pool.services import IMPLAUSIBLE_NOTIFIED
 from pool.upstream import ProxyClient
+from pool.upstreams.registry import cliproxyapi_in_use
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 from usage.pricing import PriceBook
 
@@ -67,6 +68,7 @@ def people_with_usage() -> QuerySet[User]:
 def keys_with_usage(*, owner: User) -> QuerySet[ApiKey]:
     return (
         ApiKey.objects.filter(owner=owner)
+        .select_related("upstream")  # each key says where it is, in the same query
         .annotate(
             total_requests=Coalesce(Sum("usage__requests"), _ZERO),
             total_tokens=Coalesce(Sum("usage__total_tokens"), _ZERO),
@@ -433,10 +435,13 @@ class Dashboard:
     quarantined_week: int
     proxy_refused: bool  # the 401/403 latch is set: the management key was refused
     key_list_refused: bool  # reconcile refused the proxy's key list in the last half hour
+    # False on a portal with no CLIProxyAPI (only relays that make their own keys): no pool
+    # to keep above its low-water mark, no proxy pages.
+    has_pool: bool = True
 
     @property
     def pool_low(self) -> bool:
-        return self.pool_unused < self.pool_min
+        return self.has_pool and self.pool_unused < self.pool_min
 
     @property
     def alerts(self) -> bool:
@@ -469,6 +474,7 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
     })
     pool = pool_status()
     latch_key = ""
+    has_pool = cliproxyapi_in_use()
     if settings.CLIPROXY_URL:
         # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
         # never probed, so that the index page sends nothing to the proxy.
@@ -485,4 +491,5 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
             created_at__gte=now - timedelta(days=7)).count(),
         proxy_refused=bool(latch_key) and latch_key in flags,
         key_list_refused=IMPLAUSIBLE_NOTIFIED in flags,
+        has_pool=has_pool,
     )

@@ -46,6 +46,8 @@ def api_user_stats(request: HttpRequest, email: str) -> JsonResponse:
     keys = [
         {
             "id": k.pk, "key": k.masked, "label": k.label, "status": k.status,
+            # No upstream: the CLIProxyAPI's key (the pool's); keys_with_usage joins the row.
+            "upstream": k.upstream.name if k.upstream_id is not None else "CLIProxyAPI",
             "requests": k.total_requests, "tokens": k.total_tokens,
             "cost": _money(k.total_cost),
             "cost_complete": k.unpriced_requests == 0 and k.incomplete_requests == 0,

@@ -131,16 +131,30 @@ def cliproxyapi_endpoint() -> Endpoint:
     return endpoint(row) if row else Endpoint("", "", "", "")
 
 
+def cliproxyapi_in_use() -> bool:
+    """Whether the portal has a CLIProxyAPI (and so a pool, the proxy pages, the pool alerts):
+    one is configured, or no upstream is declared at all (as before upstreams existed, the
+    portal is a CLIProxyAPI portal waiting for its address). False on a portal with only
+    claude-relay-service or Claude Code Hub."""
+    if settings.CLIPROXY_URL:
+        return True  # no query: pages call this on every visit
+    rows = list(upstreams())  # one query: a CLIProxyAPI staff added, or no relay at all
+    return any(u.is_cliproxyapi for u in rows) or not rows
+
+
 def open_to(person: User) -> list[Upstream]:
     """The upstreams `person` may add a key at, oldest first. CLIProxyAPI counts only when it
     is configured (its keys come from the pool)."""
+    # Empty when no upstream is declared anywhere: the portal's pool (CLIProxyAPI) is the
+    # one then, as before upstreams existed (keys without an upstream are its keys). One
+    # query (pages list the choices on every visit).
     rows = upstreams().filter(Q(open_to_everyone=True) | Q(open_to=person)).distinct()
-    found = list(rows)
-    if not found and not any(u.is_cliproxyapi for u in upstreams(enabled_only=False)):
-        # No upstream is declared anywhere: the portal's pool (CLIProxyAPI) is the one, as
-        # before upstreams existed (keys without an upstream are its keys).
-        return []
-    return found
+    return list(rows)
+
+
+def open_to_everyone() -> list[Upstream]:
+    """The upstreams anyone may add a key at (a person who does not exist yet included)."""
+    return list(upstreams().filter(open_to_everyone=True))
 
 
 def upstream_of(key: ApiKey) -> Upstream | None:
@@ -154,7 +168,9 @@ def public_url(key: ApiKey) -> str:
     """The base URL people's tools use for `key`."""
     upstream = key.upstream if key.upstream_id is not None else None
     if upstream is None:
-        return cliproxyapi_endpoint().public_url
+        # CLIPROXY_PUBLIC_URL may be set alone (the proxy's address for people, while the
+        # portal reaches it elsewhere or not yet): no query then.
+        return settings.CLIPROXY_PUBLIC_URL or cliproxyapi_endpoint().public_url
     return endpoint(upstream).public_url
 
 

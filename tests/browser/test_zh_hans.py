@@ -28,6 +28,7 @@ def browser_context_args() -> dict:
 ALLOWED = {
     "API", "Claude", "Code", "Codex", "OpenAI", "curl", "JSON", "CSV", "CI", "Token", "USD",
     "Gemini", "CLI", "Cherry", "Studio", "ChatBox", "UTC", "ID", "SHA", "HTTP", "URL",
+    "CLIProxyAPI",  # an upstream's name (each key says where it works)
 }
 
 # The visible text of the page, as (where, text) pairs: text nodes outside code (<pre>,

@@ -12,6 +12,7 @@ pool/upstreams/crs.py makes and the client route keys are used on.
 - `GET /admin/api-keys` pages (`items`, `pagination.totalPages`); `GET
   /admin/api-keys/<id>/usage-records` pages per-request records with CRS's field names,
   `startDate` inclusive, capped at 200 records per key; `GET /admin/supported-clients`.
+- `GET /api/v1/models` with a working key: the model list (the portal's "test this key").
 - `POST /api/v1/messages` with `x-api-key` (or `Authorization: Bearer`): 401 for an unknown,
   disabled or deleted key; 402 once the key's cost today has reached `dailyCostLimit` (so
   the request that crosses the limit still passes, the next one is refused); otherwise an
@@ -128,6 +129,8 @@ class FakeCrs:
                          "version": "1.1.314"}
         if path == "/api/v1/messages" and method == "POST":
             return self._messages(body, headers)
+        if path == "/api/v1/models" and method == "GET":
+            return self._models(headers)
         return 404, {"error": "Not Found", "message": f"Route {path} not found"}
 
     def _login(self, body: Any) -> tuple[int, Any]:
@@ -242,6 +245,16 @@ class FakeCrs:
                            "totalPages": total_pages,
                            "hasNextPage": total_pages > 0 and page < total_pages,
                            "hasPreviousPage": total_pages > 0 and page > 1}}}
+
+    def _models(self, headers: Any) -> tuple[int, Any]:
+        # src/routes/api.js: authenticateApiKey, then modelService's list as OpenAI's shape.
+        value = headers.get("x-api-key") or headers.get("Authorization", "")[7:]
+        digest = hashlib.sha256(value.encode()).hexdigest()
+        key = next((k for k in self.keys.values() if k["hash"] == digest), None)
+        if key is None or key["isDeleted"] or not key["isActive"]:
+            return 401, {"error": "Invalid API key", "message": "API key not found"}
+        return 200, {"object": "list", "data": [
+            {"id": MODEL, "object": "model", "created": 1669599635, "owned_by": "anthropic"}]}
 
     def _messages(self, body: Any, headers: Any) -> tuple[int, Any]:
         value = headers.get("x-api-key") or headers.get("Authorization", "")[7:]

@@ -78,8 +78,9 @@ def test_the_list_costs_the_same_queries_however_many_keys(
         for hour in range(n % 4 + 1):  # usage rows too, a different number per key
             served(key, at=timezone.now() - timedelta(hours=hour), model=f"m{hour % 2}")
     client.force_login(ann)
-    # session, person, keys with their usage sums, quota (this month by key), daily chart
-    with django_assert_num_queries(5):
+    # session, person, keys with their usage sums (and upstreams), quota (this month by key),
+    # daily chart, the upstreams open to the person (the add form's picker)
+    with django_assert_num_queries(6):
         response = client.get("/my-keys")
     assert response.content.count(b'<tr id="key-') == count
 
