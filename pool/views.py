@@ -45,7 +45,6 @@ from pool.services import (
     registration_complete,
     upstreams_open_to_email,
 )
-from pool.upstream import UpstreamError
 
 
 # Where each tool goes at each kind of upstream, below its public URL (checked against each
