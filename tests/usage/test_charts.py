@@ -181,8 +181,8 @@ def test_my_keys_query_count_does_not_grow_with_usage(client, ann, django_assert
     for n in range(models * 5):
         served(ann.key, at=timezone.now() - timedelta(days=n), model=f"m{n % models}")
     client.force_login(ann.key.owner)
-    # session, person, keys with their sums, quota, daily chart
-    with django_assert_num_queries(5):
+    # session, person, keys with their sums, quota, daily chart, the upstreams open to them
+    with django_assert_num_queries(6):
         response = client.get("/my-keys", {"days": "90"})
     assert response.status_code == 200
 
