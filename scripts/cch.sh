@@ -165,7 +165,40 @@ done
 curl -fsS -o /dev/null -H "Authorization: Bearer $(cat "$WORK/admin-token")" "$URL/api/v1/health" \
   || { echo "Claude Code Hub did not answer on $URL within 2 minutes; see $WORK/cch.log" >&2; exit 1; }
 
+# --- what a client call needs: a provider and a price -----------------------------------------
+# A "claude" provider forwarding to the mock (made once, found again by its name), and a price
+# for claude-sonnet-4-5 as the portal's table has it (3 / 15 / 0.30 / 3.75 USD per million):
+# CCH fetches its price table from the internet, which fails here, so every cost would be 0.
+# The model is what tests/upstreams/test_cch_real.py sends (CCH_TEST_MODEL).
+CCH_URL="$URL" CCH_TOKEN_FILE="$WORK/admin-token" CCH_MOCK="http://127.0.0.1:$MOCK_PORT" python3 - <<'PY'
+import json, os, urllib.request
+
+url, mock = os.environ["CCH_URL"], os.environ["CCH_MOCK"]
+token = open(os.environ["CCH_TOKEN_FILE"]).read().strip()
+
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/api/v1" + path, data=data, method=method, headers={
+        "Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read() or b"null")
+
+if not any(p["name"] == "mock-anthropic" for p in call("GET", "/providers")["items"]):
+    made = call("POST", "/providers", {
+        "name": "mock-anthropic", "url": mock, "key": "upstream-claude-dummy",
+        "provider_type": "claude", "weight": 1, "priority": 0, "is_enabled": True})
+    print("== provider mock-anthropic (id %s) -> %s" % (made["id"], mock))
+price = {"claude-sonnet-4-5": {
+    "input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+    "cache_read_input_token_cost": 3e-07, "cache_creation_input_token_cost": 3.75e-06,
+    "litellm_provider": "anthropic", "mode": "chat"}}
+done = call("POST", "/model-prices:upload", {"content": json.dumps(price)})
+if done.get("added") or done.get("updated"):
+    print("== price of claude-sonnet-4-5 uploaded")
+PY
+
 echo "CCH_TEST_URL=$URL"
 echo "CCH_TEST_ADMIN_TOKEN=$(cat "$WORK/admin-token")"
+echo "CCH_TEST_MODEL=claude-sonnet-4-5"
 echo "CCH_MOCK_ANTHROPIC_URL=http://127.0.0.1:$MOCK_PORT"
 echo "pids: cch $(cat "$WORK/cch.pid"), mock $(cat "$WORK/mock.pid"), redis $(cat "$WORK/redis.pid"), postgres $(head -n 1 "$WORK/pg/data/postmaster.pid")"
