@@ -45,12 +45,12 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 import requests
+
+from tests.fakes.relay_http import FakeRelayServer
 
 ADMIN_TOKEN = "cch-admin-0123456789abcdef"
 MODEL = "claude-sonnet-4-20250514"
@@ -95,7 +95,7 @@ def _problem(status: int, code: str, detail: str = "") -> tuple[int, Any]:
                     "errorCode": code, "errorParams": {}}
 
 
-class FakeCch:
+class FakeCch(FakeRelayServer):
     def __init__(self, *, admin_token: str = ADMIN_TOKEN, time_zone: str = "Asia/Shanghai",
                  upstream: str | None = None, default_keys: bool = True,
                  usage: dict[str, int] | None = None,
@@ -116,31 +116,37 @@ class FakeCch:
         self.flush_delay = flush_delay
         self._unflushed = 0
         self.admin_requests: list[tuple[str, str]] = []
-        self.faults: list[tuple[str, str]] = []
         self.hold: threading.Event | None = None
         self.held = threading.Event()  # set when a request waits on `hold`
-        self.lock = threading.RLock()
         self._ids = {"user": 0, "key": 0, "log": 0}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> FakeCch:
-        self._thread.start()
-        return self
+        super().__init__(lock=threading.RLock())
 
     def stop(self) -> None:
         if self.hold is not None:
             self.hold.set()
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
 
-    def inject(self, path_prefix: str, kind: str) -> None:
-        self.faults.append((path_prefix, kind))
+    # -- how CCH words things (tests/fakes/relay_http.py serves them) --
+
+    malformed_body = b'{"items": ['
+
+    def bad_json(self) -> tuple[int, Any]:
+        return _problem(400, "request.invalid_json")
+
+    def internal_error(self) -> tuple[int, Any]:
+        return _problem(500, "internal_error")
+
+    def content_type(self, status: int, answer: Any) -> str:
+        problem = status >= 400 and isinstance(answer, dict) and "errorCode" in answer
+        return "application/problem+json" if problem else "application/json"
+
+    def dispatch(self, method: str, path: str, query: dict[str, str], body: Any,
+                 headers: Any) -> tuple[int, Any]:
+        # The client route takes the lock itself, around its bookkeeping only, so that a
+        # request held by `hold` does not stop the admin routes.
+        if path == "/v1/messages" and method == "POST":
+            return self.messages(body, headers)
+        return super().dispatch(method, path, query, body, headers)
 
     def _next(self, kind: str) -> int:
         self._ids[kind] += 1
@@ -539,85 +545,3 @@ class FakeCch:
         if not self.users[key["userId"]]["isEnabled"]:
             return refused("user_disabled", "用户账户已被禁用。请联系管理员。")
         return None
-
-    # -- HTTP --
-
-    def _take_fault(self, path: str) -> str | None:
-        with self.lock:
-            for i, (prefix, kind) in enumerate(self.faults):
-                if path.startswith(prefix):
-                    del self.faults[i]
-                    return kind
-        return None
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                parts = urlsplit(self.path)
-                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    self._send(*_problem(400, "request.invalid_json"))
-                    return
-                fault = fake._take_fault(parts.path)
-                if fault == "500":
-                    self._send(*_problem(500, "internal_error"))
-                    return
-                if fault == "hang":
-                    time.sleep(30)
-                    return
-                if parts.path == "/v1/messages" and self.command == "POST":
-                    status, answer = fake.messages(body, self.headers)
-                else:
-                    with fake.lock:
-                        status, answer = fake.route(self.command, parts.path, query, body,
-                                                    self.headers)
-                if fault == "malformed":
-                    self._raw(200, b'{"items": [')
-                elif fault == "drip":
-                    self._drip(json.dumps(answer).encode())
-                else:
-                    self._send(status, answer)
-
-            def _send(self, status: int, answer: Any) -> None:
-                if status == 204:
-                    self.send_response(204)
-                    self.end_headers()
-                    return
-                kind = ("application/problem+json" if status >= 400 and isinstance(answer, dict)
-                        and "errorCode" in answer else "application/json")
-                self._raw(status, json.dumps(answer).encode(), kind)
-
-            def _raw(self, status: int, data: bytes, kind: str = "application/json") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _drip(self, data: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    for byte in data:
-                        self.wfile.write(bytes([byte]))
-                        self.wfile.flush()
-                        time.sleep(0.2)
-                except OSError:
-                    pass  # the client gave up, as it should
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-        return Handler

@@ -30,16 +30,13 @@ pool/upstreams/crs.py makes and the client route keys are used on.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
-import threading
-import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.relay_http import FakeRelayServer
 
 USERNAME = "crsadmin"
 PASSWORD = "crs-admin-pass-1"
@@ -74,33 +71,16 @@ def _iso(moment: datetime) -> str:
         "+00:00", "Z")
 
 
-class FakeCrs:
+class FakeCrs(FakeRelayServer):
+    malformed_body = b'{"success": true, "data": ['
+
     def __init__(self, *, username: str = USERNAME, password: str = PASSWORD) -> None:
         self.username, self.password = username, password
         self.sessions: set[str] = set()
         self.keys: dict[str, dict[str, Any]] = {}
         self.records: dict[str, list[dict[str, Any]]] = {}  # newest first, as CRS's LPUSH
         self.admin_requests: list[tuple[str, str]] = []
-        self.faults: list[tuple[str, str]] = []
-        self.lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> FakeCrs:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def inject(self, path_prefix: str, kind: str) -> None:
-        self.faults.append((path_prefix, kind))
+        super().__init__()
 
     def expire_sessions(self) -> None:
         self.sessions.clear()
@@ -300,76 +280,3 @@ class FakeCrs:
         rows.insert(0, record)
         del rows[MAX_RECORDS:]
         return record
-
-    # -- HTTP --
-
-    def _take_fault(self, path: str) -> str | None:
-        with self.lock:
-            for i, (prefix, kind) in enumerate(self.faults):
-                if path.startswith(prefix):
-                    del self.faults[i]
-                    return kind
-        return None
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                parts = urlsplit(self.path)
-                query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except ValueError:
-                    self._send(400, {"error": "Invalid JSON"})
-                    return
-                fault = fake._take_fault(parts.path)
-                if fault == "500":
-                    self._send(500, {"error": "Internal server error"})
-                    return
-                if fault == "hang":
-                    time.sleep(30)
-                    return
-                with fake.lock:
-                    status, answer = fake.route(self.command, parts.path, query, body,
-                                                self.headers)
-                if fault == "malformed":
-                    self._raw(200, b'{"success": true, "data": [')
-                elif fault == "drip":
-                    self._drip(json.dumps(answer).encode())
-                else:
-                    self._send(status, answer)
-
-            def _send(self, status: int, answer: Any) -> None:
-                self._raw(status, json.dumps(answer).encode())
-
-            def _raw(self, status: int, data: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _drip(self, data: bytes) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    for byte in data:
-                        self.wfile.write(bytes([byte]))
-                        self.wfile.flush()
-                        time.sleep(0.2)
-                except OSError:
-                    pass  # the client gave up, as it should
-
-            do_GET = do_POST = do_PUT = do_DELETE = _serve
-
-        return Handler
