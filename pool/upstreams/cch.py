@@ -49,7 +49,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -404,28 +404,16 @@ class CchClient:
         return value
 
     def _money(self, value: Any, what: str) -> Decimal | None:
-        if value is None or value == "":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise self._shape(what)
         try:
-            amount = Decimal(str(value))
-        except InvalidOperation:
-            raise self._shape(what) from None
-        if not amount.is_finite() or amount < 0:
-            raise self._shape(what)
-        return amount
-
-    def _when(self, value: Any, what: str) -> datetime:
-        if not isinstance(value, str):
-            raise self._shape(what)
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            return http.money(value)
         except ValueError:
             raise self._shape(what) from None
-        if moment.tzinfo is None:
-            raise self._shape(what)
-        return moment.astimezone(timezone.utc)
+
+    def _when(self, value: Any, what: str) -> datetime:
+        try:
+            return http.aware_time(value).astimezone(timezone.utc)
+        except ValueError:
+            raise self._shape(what) from None
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

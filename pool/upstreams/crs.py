@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from pool import bounded
@@ -415,26 +415,15 @@ def _int(value: Any, client: CrsClient, what: str) -> int:
 
 
 def _money(value: Any, client: CrsClient, what: str) -> Decimal:
-    if value is None or value == "":
-        return Decimal(0)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise client._shape(what)
     try:
-        amount = Decimal(str(value))
-    except InvalidOperation:
+        amount = http.money(value)
+    except ValueError:
         raise client._shape(what) from None
-    if not amount.is_finite() or amount < 0:
-        raise client._shape(what)
-    return amount
+    return Decimal(0) if amount is None else amount
 
 
 def _when(value: Any, client: CrsClient, what: str) -> datetime:
-    if not isinstance(value, str):
-        raise client._shape(what)
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return http.aware_time(value)
     except ValueError:
         raise client._shape(what) from None
-    if moment.tzinfo is None:
-        raise client._shape(what)
-    return moment

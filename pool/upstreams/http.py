@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import requests
@@ -82,3 +84,34 @@ def exchange(session: requests.Session, method: str, url: str, *, who: str, wher
 
 def late(who: str, where: str, timeout: float) -> UpstreamUnreachable:
     return UpstreamUnreachable(f"{who} did not finish answering {where} within {timeout:g} s.")
+
+
+# --- the values both relays' answers carry (the caller turns ValueError into its own
+# "answered something unexpected" sentence) ---------------------------------------------------
+
+
+def money(value: Any) -> Decimal | None:
+    """A USD amount as JSON gives it (number or numeric text); None when absent or empty.
+    ValueError for anything else, a negative amount, NaN or infinity."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("not an amount")
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError("not an amount") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError("not an amount")
+    return amount
+
+
+def aware_time(value: Any) -> datetime:
+    """An ISO 8601 time with its offset ("Z" included). ValueError for anything else, a time
+    without an offset included (it would be read in the portal's zone, not the relay's)."""
+    if not isinstance(value, str):
+        raise ValueError("not a time")
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError("a time without an offset")
+    return moment
