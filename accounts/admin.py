@@ -102,14 +102,15 @@ class UserAdmin(BaseUserAdmin):
         (_("Limits (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
         (
             _("Permissions"),
-            {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")},
+            {"fields": ("is_active", "is_staff", "is_superuser", "user_permissions")},
         ),
         (_("Dates"), {"fields": ("last_login", "date_joined")}),
     )
-    # Groups, permissions and superuser mean something only for people who use the admin:
+    # Permissions and superuser mean something only for people who use the admin (groups are
+    # not used: keyportal/admin.py):
     # a person who only holds keys sees (and staff edit) active and staff. Ticking staff and
     # saving brings the rest back.
-    PERMISSIONS_OF_STAFF_ONLY = ("is_superuser", "groups", "user_permissions")
+    PERMISSIONS_OF_STAFF_ONLY = ("is_superuser", "user_permissions")
 
     def get_fieldsets(self, request: HttpRequest, obj: User | None = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)

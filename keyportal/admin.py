@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
+from django.contrib.auth.models import Group
 from django.http import HttpRequest
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
@@ -29,6 +30,16 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
         return False
+
+
+# --- Django's groups ---------------------------------------------------------------------------
+# The portal grants nothing through groups (staff are staff, people hold keys): the sidebar
+# entry only invited staff to build something that changes nothing.
+
+try:
+    admin.site.unregister(Group)
+except admin.sites.NotRegistered:
+    pass
 
 
 # --- authenticator apps (django-otp's TOTP devices) ------------------------------------------

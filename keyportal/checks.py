@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +30,7 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
             )
         )
     problems.extend(_relay_settings())
+    problems.extend(_public_urls())
     if url and _bad_url(url):
         problems.append(
             Error(
@@ -90,6 +92,39 @@ def proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[Any]:
 def _bad_url(url: str) -> bool:
     parts = urlparse(url)
     return parts.scheme not in ("http", "https") or not parts.netloc
+
+
+def _loopback(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _public_urls() -> list[Any]:
+    """The address people paste into their tools is each upstream's public URL, which
+    defaults to its management URL: a loopback one there means every snippet handed out works
+    only on the portal's own machine, and nothing else would say so."""
+    problems: list[Any] = []
+    for prefix, url, public in (
+        ("CLIPROXY", settings.CLIPROXY_URL, settings.CLIPROXY_PUBLIC_URL),
+        ("CRS", settings.CRS_URL, settings.CRS_PUBLIC_URL),
+        ("CCH", settings.CCH_URL, settings.CCH_PUBLIC_URL),
+    ):
+        given = public or url
+        if url and not _bad_url(given) and _loopback(given):
+            unset = "" if public and public != url else f" ({prefix}_PUBLIC_URL is not set)"
+            problems.append(Warning(
+                f"People's tools are given {given}{unset}, a loopback address: the settings "
+                "they copy work only on this machine.",
+                hint=f"Set {prefix}_PUBLIC_URL to the address their tools reach, e.g. "
+                     "https://relay.example.com.",
+                id="keyportal.W008",
+            ))
+    return problems
 
 
 def _relay_settings() -> list[Any]:

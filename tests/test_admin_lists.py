@@ -159,3 +159,13 @@ def test_sync_now_is_for_staff_only(client, ann, fake_proxy):
     response = client.post("/admin/usage/syncrun/sync/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
     assert not SyncRun.objects.exists()
+
+
+def test_django_groups_are_not_offered_anywhere(admin_client):
+    """The portal grants nothing through groups: no sidebar entry, no page, no field."""
+    index = admin_client.get("/admin/").content.decode()
+    assert "/admin/auth/group/" not in index
+    assert admin_client.get("/admin/auth/group/").status_code == 404
+    person = User.objects.create_user("staffer@example.com", password="x" * 12, is_staff=True)
+    page = admin_client.get(f"/admin/accounts/user/{person.pk}/change/").content.decode()
+    assert 'name="groups"' not in page and 'name="user_permissions"' in page

@@ -77,15 +77,38 @@ def test_checks_refuse_bad_values(settings):
     ("PORTAL_RECONCILE_MAX_LOSS", 1.5, "keyportal.E007"),
 ])
 def test_checks_refuse_a_budget_or_share_out_of_range(settings, name, value, check):
-    ids = _check_ids({"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
-                      name: value}, settings)
+    ids = _check_ids({**PROXY, name: value}, settings)
     assert ids == {check}
 
 
+PROXY = {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+         "CLIPROXY_PUBLIC_URL": "https://relay.example.com"}
+
+
 def test_checks_are_quiet_when_all_is_set(settings):
-    assert _check_ids(
-        {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"}, settings
-    ) == set()
+    assert _check_ids(PROXY, settings) == set()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+     "CLIPROXY_PUBLIC_URL": ""},  # unset: people get the management URL
+    {"CLIPROXY_URL": "http://proxy:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+     "CLIPROXY_PUBLIC_URL": "http://localhost:8317"},
+    {"CLIPROXY_URL": "", "CRS_URL": "http://[::1]:3000", "CRS_ADMIN_USERNAME": "a",
+     "CRS_ADMIN_PASSWORD": "p", "CRS_PUBLIC_URL": ""},
+    {"CLIPROXY_URL": "", "CCH_URL": "http://10.0.0.5:23000", "CCH_ADMIN_TOKEN": "t",
+     "CCH_PUBLIC_URL": "http://127.0.0.2:23000"},
+])
+def test_a_loopback_address_given_to_people_is_warned_about(settings, overrides):
+    assert "keyportal.W008" in _check_ids(overrides, settings)
+
+
+def test_a_public_address_given_to_people_is_not_warned_about(settings):
+    assert "keyportal.W008" not in _check_ids(
+        {"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k",
+         "CLIPROXY_PUBLIC_URL": "https://relay.example.com"}, settings)
+    assert "keyportal.W008" not in _check_ids(
+        {"CLIPROXY_URL": "http://10.0.0.5:8317", "CLIPROXY_PUBLIC_URL": ""}, settings)
 
 
 def test_log_lines_lose_keys_and_the_management_key(settings):
@@ -112,17 +135,18 @@ def test_a_relative_email_file_folder_is_warned_about(settings, email_url, warne
 
     for name, value in environ.Env.email_url_config(email_url).items():
         setattr(settings, name, value)
-    ids = _check_ids({"CLIPROXY_URL": "http://127.0.0.1:8317", "CLIPROXY_MANAGEMENT_KEY": "k"},
-                     settings)
+    ids = _check_ids(PROXY, settings)
     assert ids == ({"keyportal.W004"} if warned else set())
 
 
 def test_no_proxy_warning_when_a_relay_is_declared(settings):
     relay_only = {"CLIPROXY_URL": "", "CLIPROXY_MANAGEMENT_KEY": "", "CRS_URL": "http://127.0.0.1:3000",
-                  "CRS_ADMIN_USERNAME": "admin", "CRS_ADMIN_PASSWORD": "pw"}
+                  "CRS_ADMIN_USERNAME": "admin", "CRS_ADMIN_PASSWORD": "pw",
+                  "CRS_PUBLIC_URL": "https://crs.example.com"}
     assert _check_ids(relay_only, settings) == set()
     settings.CRS_URL = ""
     assert _check_ids({"CCH_URL": "http://127.0.0.1:23000", "CCH_ADMIN_TOKEN": "t",
+                       "CCH_PUBLIC_URL": "https://cch.example.com",
                        "CRS_ADMIN_USERNAME": "", "CRS_ADMIN_PASSWORD": ""}, settings) == set()
 
 

@@ -28,6 +28,7 @@ def _run(args: list[str], tmp_path: Path, **extra: str) -> subprocess.CompletedP
         "ALLOWED_HOSTS": "keys.example.com",
         "CLIPROXY_URL": "http://127.0.0.1:8317",
         "CLIPROXY_MANAGEMENT_KEY": "management-secret",
+        "CLIPROXY_PUBLIC_URL": "https://relay.example.com",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'portal.sqlite3'}",
         "PORTAL_HTTPS": "false",
         "SECURE_COOKIES": "false",
