@@ -145,6 +145,7 @@ class Trial:
         self.proxy.start()
         try:
             self.env["CLIPROXY_URL"] = self.proxy.url
+            self.env["CLIPROXY_PUBLIC_URL"] = "https://relay.example.com"  # no W008
             return self._run(records=records, kills=kills, keys=keys, started=started)
         finally:
             self.proxy.stop()

@@ -59,6 +59,7 @@ class SyncProcess:
             "CACHE_URL": "dbcache://keyportal_cache",
             "CLIPROXY_URL": self.proxy.url,
             "CLIPROXY_MANAGEMENT_KEY": MANAGEMENT_KEY,
+            "CLIPROXY_PUBLIC_URL": "https://relay.example.com",  # not loopback: no W008
             "CLIPROXY_TIMEOUT": "20",
             "CLIPROXY_USAGE_MODE": generation,
             "USAGE_QUEUE_BATCH": str(batch),

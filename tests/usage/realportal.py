@@ -52,6 +52,7 @@ class Portal:
             "CACHE_URL": "dbcache://keyportal_cache",
             "CLIPROXY_URL": proxy_url,
             "CLIPROXY_MANAGEMENT_KEY": MANAGEMENT_KEY,
+            "CLIPROXY_PUBLIC_URL": "https://relay.example.com",  # not loopback: no W008
             "CLIPROXY_TIMEOUT": "5",
             "CLIPROXY_USAGE_MODE": "auto",
             "USAGE_STREAM": "true",
