@@ -186,6 +186,10 @@ def relays_reconcile(*, upstream: Upstream | None = None, keys: list[int] | None
                      dry_run: bool = False) -> list[RelayReport]:
     """Brings each relay (or only `upstream`, only `keys`) in line with the portal. A relay
     that does not answer is reported and left for the next run; the others go on."""
+    from pool.services import keys_lifecycle  # noqa: PLC0415 (services imports this module)
+
+    if not dry_run:
+        keys_lifecycle(now=timezone.now())  # an expiry due now switches its key off here too
     reports = []
     for each in ([upstream] if upstream is not None else relays()):
         reports.append(_reconcile_one(each, keys=keys, dry_run=dry_run))
@@ -193,11 +197,7 @@ def relays_reconcile(*, upstream: Upstream | None = None, keys: list[int] | None
 
 
 def _reconcile_one(upstream: Upstream, *, keys: list[int] | None, dry_run: bool) -> RelayReport:
-    from pool.services import keys_lifecycle  # noqa: PLC0415 (services imports this module)
-
     report = RelayReport(upstream=upstream.name)
-    if not dry_run:
-        keys_lifecycle(now=timezone.now())  # an expiry due now switches its key off here too
     driver = driver_for(upstream)
     try:
         if driver.has_people:
