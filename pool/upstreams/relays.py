@@ -188,10 +188,11 @@ def relays_reconcile(*, upstream: Upstream | None = None, keys: list[int] | None
     that does not answer is reported and left for the next run; the others go on."""
     from pool.services import keys_lifecycle  # noqa: PLC0415 (services imports this module)
 
-    if not dry_run:
+    targets = [upstream] if upstream is not None else relays()
+    if targets and not dry_run:
         keys_lifecycle(now=timezone.now())  # an expiry due now switches its key off here too
     reports = []
-    for each in ([upstream] if upstream is not None else relays()):
+    for each in targets:
         reports.append(_reconcile_one(each, keys=keys, dry_run=dry_run))
     return reports
 
