@@ -50,7 +50,7 @@ run: setup
 	@echo "Next steps:"
 	@echo "  1. First staff account:  $(BIN)/python manage.py createsuperuser"
 	@echo "  2. Point it at your relay in .env: CLIPROXY_URL + CLIPROXY_MANAGEMENT_KEY, or CRS_URL +"
-	@echo "     CRS_ADMIN_USERNAME + CRS_ADMIN_PASSWORD, or CCH_URL + CCH_ADMIN_TOKEN (README: Upstreams),"
+	@echo "     CRS_ADMIN_USERNAME + CRS_ADMIN_PASSWORD, or CCH_URL + CCH_ADMIN_TOKEN (docs/upstreams.md),"
 	@echo "     and the address people's tools use (CLIPROXY_PUBLIC_URL / CRS_PUBLIC_URL / CCH_PUBLIC_URL);"
 	@echo "     then restart make run."
 	@echo "  3. CLIProxyAPI only: fill the key pool (admin, API keys, Reconcile now; or"

@@ -343,7 +343,7 @@ if CLIPROXY_USAGE_MODE not in ("auto", "queue", "snapshot"):
         f"CLIPROXY_USAGE_MODE must be auto, queue or snapshot, not {CLIPROXY_USAGE_MODE!r}."
     )
 # Records per /usage-queue pop; each pop is spooled and committed before it is counted. 5,000
-# is measured (README, Benchmarks: pop size): the smallest pop whose ingest on PostgreSQL,
+# is measured (docs/benchmarks.md: pop size): the smallest pop whose ingest on PostgreSQL,
 # spool and fsync included, stays within 3x json.loads of the same bytes (smaller pops pay the
 # fixed commits and fsync per pop more often), and about 6.6 MB, well inside one spool piece
 # (an eighth of CLIPROXY_MAX_ANSWER_BYTES); a kill -9 while the proxy serialises or the portal

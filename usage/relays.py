@@ -7,7 +7,7 @@ cursor stored in one transaction. A sync killed before that commit reads the sam
 time; one killed after it starts from the new cursor. The spool (usage.spool) is for the
 CLIProxyAPI queue, whose pops are gone from the proxy once answered; here the relay keeps
 them, so the database being away only delays the count (within the relay's retention: see the
-README's upstream table).
+docs/upstreams.md's table).
 
 The records come out of each driver in the portal's token split already (pool.upstreams.base.
 RelayUsage); from here on they are rows like the CLIProxyAPI's (usage.records): priced,

@@ -116,7 +116,7 @@ class Driver(ABC):
     # True: a key's limits at the relay include its owner's even though the relay has people
     # (the smaller of each pair): Claude Code Hub refuses a key limit above its user's.
     folds_person_limits: ClassVar[bool] = False
-    # What the portal's limits become at this relay, for the README table and the pages.
+    # What the portal's limits become at this relay, for docs/upstreams.md's table and the pages.
     enforces: ClassVar[str] = ""
 
     def __init__(self, upstream: Upstream) -> None:

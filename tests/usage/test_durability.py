@@ -98,7 +98,7 @@ def test_a_sync_killed_between_the_spool_and_the_database_loses_nothing(
 ):
     """The body is in the spool (sealed, fsynced) before the database is written: dying
     right before the database write loses nothing, and the pop is counted once. The only
-    window left is the network read itself (the README documents it)."""
+    window left is the network read itself (docs/sync.md documents it)."""
     settings.USAGE_QUEUE_BATCH = 5
     fill(fake_proxy, people_keys, 23)
     with monkeypatch.context() as patched:
