@@ -11,10 +11,13 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
+from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiToken, LimitDefaults, Limits, User, normalize_email
+from accounts.oidc import oidc_providers
 from accounts.services import api_token_new, api_tokens_revoke
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 
@@ -87,18 +90,46 @@ class HasLimitsFilter(admin.SimpleListFilter):
         return queryset
 
 
+class SignInProviderFilter(admin.SimpleListFilter):
+    """People linked to an identity provider (any, or one of those configured)."""
+
+    title = _("signs in with")
+    parameter_name = "provider"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        # From settings, not from the rows: the filter costs the list page no query.
+        return [("any", _("an identity provider")), ("none", _("emailed link only"))] + [
+            (p["id"], p["name"]) for p in oidc_providers()
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if value == "any":
+            return queryset.filter(socialaccount__isnull=False).distinct()
+        if value == "none":
+            return queryset.filter(socialaccount__isnull=True)
+        if value:
+            return queryset.filter(socialaccount__provider=value).distinct()
+        return queryset
+
+
 @admin.register(User)
 class UserAdmin(BaseUserAdmin):
     form = UserChangeForm
     add_form = UserCreationForm
     ordering = ("email",)
     list_display = ("email", "name", "is_staff", "is_active", "date_joined", "last_login")
-    list_filter = ("is_staff", "is_superuser", "is_active", HasLimitsFilter, "date_joined")
+    list_filter = (
+        "is_staff", "is_superuser", "is_active", HasLimitsFilter, SignInProviderFilter,
+        "date_joined",
+    )
     search_fields = ("email", "name")
     show_full_result_count = False
-    readonly_fields = ("date_joined", "last_login", "usage_page")
+    readonly_fields = ("date_joined", "last_login", "usage_page", "signin_methods")
     fieldsets = (
-        (None, {"fields": ("email", "name", "language", "password", "usage_page")}),
+        (None, {"fields": (
+            "email", "name", "language", "password", "usage_page", "signin_methods",
+        )}),
         (_("Limits (empty: none)"), {"fields": Limits.LIMIT_FIELDS}),
         (
             _("Permissions"),
@@ -129,6 +160,26 @@ class UserAdmin(BaseUserAdmin):
         # By URL name: the page lives in usage, which accounts does not import.
         return format_html('<a href="{}">{}</a>', reverse("staff-person", args=[obj.pk]),
                            _("Usage, keys, quota and audit rows of this person"))
+    @admin.display(description=_("sign-in methods"))
+    def signin_methods(self, obj: User) -> str:
+        """The emailed link (always), the password (staff with one) and each identity
+        provider the person signed in with, with their subject there and the last time."""
+        if obj.pk is None:
+            return "—"
+        names = {p["id"]: p["name"] for p in oidc_providers()}
+        methods = [str(_("emailed link"))]
+        if obj.is_staff and obj.has_usable_password():
+            methods.append(str(_("password (admin)")))
+        for account in obj.socialaccount_set.order_by("provider", "uid"):
+            when = date_format(timezone.localtime(account.last_login), "Y-m-d H:i")
+            methods.append(
+                str(_("%(provider)s (subject %(uid)s, last %(when)s)")) % {
+                    "provider": names.get(account.provider, account.provider),
+                    "uid": account.uid, "when": when,
+                }
+            )
+        return "; ".join(methods)
+
     def save_model(self, request: HttpRequest, obj: User, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
         if change:

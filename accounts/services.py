@@ -13,8 +13,9 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
-from accounts.models import ApiToken, SignInLink, User, token_digest
-from accounts.selectors import mailbox_full, person_email
+from accounts.forms import email_domain_allowed
+from accounts.models import ApiToken, SignInLink, User, normalize_email, token_digest
+from accounts.selectors import mailbox_full, person_by_email, person_email
 from keyportal.audit import Action, audit_record
 
 Purpose = SignInLink.Purpose
@@ -162,8 +163,93 @@ def signin_link_redeem(
             user.name = link.name
             user.save(update_fields=["name"])
         audit_record(action=Action.SIGN_IN, actor=user, target=user, ip=ip,
-                     detail=f"{link.purpose} link")
+                     detail=f"{link.purpose} link", after={"method": "link"})
     return user, link
+
+
+# --- Sign-in through an identity provider (accounts/oidc.py) ---------------------------------
+
+
+class SignInRefused(Exception):
+    """The provider vouched for someone the portal will not sign in; `message` says why, in
+    words for the person (nothing was created)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def provider_signin_refused(
+    *, provider: str, email: str, reason: str, ip: str | None = None, user: User | None = None
+) -> None:
+    """Audits a refused provider sign-in (its own row: nothing else is written)."""
+    audit_record(action=Action.SIGN_IN_REFUSED, actor=None, target=user,
+                 target_label=email or provider, ip=ip, detail=f"{provider}: {reason}",
+                 after={"method": "provider", "provider": provider})
+
+
+def person_for_provider(
+    *,
+    provider: str,
+    provider_name: str,
+    uid: str,
+    email: str,
+    email_verified: object,
+    name: str = "",
+    claims: dict | None = None,
+    method: str,
+    ip: str | None = None,
+) -> User:
+    """The person an identity provider vouched for, created on their first sign-in.
+
+    The identity is the provider's email, and only when the provider says it verified it
+    (`email_verified` true): an unverified address could be anyone's, and the address is what
+    the portal's people are. It is folded like an emailed link's (case, +tags), the domain
+    allow-list applies, and a new person starts with the staff's defaults, as by registration.
+    A deactivated person stays out. The person's link to the provider account (allauth's
+    SocialAccount, by `provider` and the provider's subject `uid`) is written or moved to
+    them: the email decides who it is, so a subject whose address changed at the provider
+    follows its address. Refusals are audited and raise SignInRefused; nothing is created."""
+    from allauth.socialaccount.models import SocialAccount
+
+    def refuse(message: str, reason: str, user: User | None = None) -> SignInRefused:
+        provider_signin_refused(provider=provider, email=email, reason=reason, ip=ip, user=user)
+        return SignInRefused(message)
+
+    email = normalize_email(email)
+    # Providers send a JSON boolean; some older ones the string "true".
+    if not email or email_verified not in (True, "true", "True"):
+        raise refuse(
+            _("%(provider)s did not confirm that this email address is yours, so the portal "
+              "cannot sign you in with it. Ask your administrator to verify your address "
+              "there, or sign in with an emailed link.") % {"provider": provider_name},
+            "email missing or not verified",
+        )
+    if not email_domain_allowed(email):
+        raise refuse(
+            _("Only addresses at %(domains)s can use this portal.")
+            % {"domains": ", ".join(settings.PORTAL_ALLOWED_EMAIL_DOMAINS)},
+            "domain not allowed",
+        )
+    existing = person_by_email(email=email)
+    if existing is not None and not existing.is_active:
+        raise refuse(_("This account is deactivated. Ask your administrator."),
+                     "person deactivated", user=existing)
+    if existing is None and mailbox_full(email=email):
+        raise refuse(
+            _("This mailbox already has an account. Sign in with an emailed link."),
+            "mailbox already has an account",
+        )
+    with transaction.atomic():
+        user = existing or person_get_or_create(email=email, name=name[:150])
+        SocialAccount.objects.update_or_create(
+            provider=provider, uid=uid[:191],
+            defaults={"user": user, "extra_data": claims or {}, "last_login": timezone.now()},
+        )
+        audit_record(action=Action.SIGN_IN, actor=user, target=user, ip=ip,
+                     detail=f"{method}: {provider_name}",
+                     after={"method": method, "provider": provider})
+    return user
 
 
 # --- API tokens -----------------------------------------------------------------------------

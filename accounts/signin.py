@@ -1,6 +1,8 @@
 """How a session signed in. An emailed link proves only that someone reads the inbox, so a
 session that came from one is a person's session: the admin, the /staff/ pages and the staff
-API ask for a password sign-in first, even when the person is staff."""
+API ask for a password sign-in first, even when the person is staff. A sign-in through the
+company's identity provider (accounts/oidc.py) is a person's session too: the portal does not
+know what the provider asked for (a second factor or not)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from accounts.services import person_language_set
 SIGNIN_METHOD_KEY = "keyportal_signin_method"
 BY_LINK = "link"
 BY_PASSWORD = "password"
+# A sign-in through an identity provider stores its method ("oidc", later "dingtalk", ...).
+BY_PROVIDER_PREFIX = "provider:"
 # After the password, what the session still owes before the admin opens: a code from the
 # authenticator app ("verify"), or setting one up when PORTAL_STAFF_TOTP_REQUIRED ("setup").
 TOTP_STEP_KEY = "keyportal_totp_step"
@@ -34,6 +38,15 @@ def link_login(request: HttpRequest, user: User) -> None:
     if not user.language:
         # Their first sign-in: the language the page was read in (the switch's cookie or the
         # browser's Accept-Language) is the one to email them in later.
+        person_language_set(user=user, language=translation.get_language())
+
+
+def provider_login(request: HttpRequest, user: User, *, method: str) -> None:
+    """Signs `user` in after their identity provider vouched for them: a person's session,
+    marked with the method, which never opens the admin or the staff pages."""
+    login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+    request.session[SIGNIN_METHOD_KEY] = BY_PROVIDER_PREFIX + method
+    if not user.language:
         person_language_set(user=user, language=translation.get_language())
 
 
@@ -86,12 +99,21 @@ def signed_in_by_link(request: HttpRequest) -> bool:
     return session is not None and session.get(SIGNIN_METHOD_KEY) == BY_LINK
 
 
+def signed_in_by_provider(request: HttpRequest) -> bool:
+    session = getattr(request, "session", None)
+    return session is not None and str(session.get(SIGNIN_METHOD_KEY, "")).startswith(
+        BY_PROVIDER_PREFIX
+    )
+
+
 def staff_with_password(request: HttpRequest) -> bool:
-    """Active staff whose session did not come from an emailed link and owes no TOTP step.
-    A session verified with an authenticator whose device was removed since is refused too
-    (django_otp's middleware finds no device for it)."""
+    """Active staff whose session did not come from an emailed link or an identity provider and
+    owes no TOTP step. A session verified with an authenticator whose device was removed since
+    is refused too (django_otp's middleware finds no device for it)."""
     user = request.user
-    if not (user.is_active and user.is_staff) or signed_in_by_link(request):
+    if not (user.is_active and user.is_staff):
+        return False
+    if signed_in_by_link(request) or signed_in_by_provider(request):
         return False
     if totp_step(request):
         return False

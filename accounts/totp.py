@@ -92,7 +92,8 @@ def totp_verify(request: HttpRequest, code: str) -> bool:
     otp_login(request, device)
     totp_step_done(request)
     audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
-                 ip=client_ip(request), detail="admin password + authenticator code")
+                 ip=client_ip(request), detail="admin password + authenticator code",
+                 after={"method": "password+totp"})
     return True
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from accounts import views
+from accounts import oidc, views
 
 urlpatterns = [
     path("login", views.login_view, name="login"),
@@ -10,4 +10,9 @@ urlpatterns = [
     path("register", views.register_view, name="register"),
     path("logout", views.logout_view, name="logout"),
     path("i18n/setlang/", views.language_set, name="set_language"),
+    # Only the two addresses of the OpenID Connect round trip, under the names allauth's
+    # provider reverses; none of allauth's own account pages.
+    path("auth/oidc/<str:provider_id>/login/", oidc.oidc_login, name="openid_connect_login"),
+    path("auth/oidc/<str:provider_id>/login/callback/", oidc.oidc_callback,
+         name="openid_connect_callback"),
 ]

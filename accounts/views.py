@@ -15,6 +15,7 @@ from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
 from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
+from accounts.oidc import oidc_providers
 from accounts.ratelimit import link_requests_limited
 from accounts.services import (
     LinkInvalid,
@@ -49,6 +50,8 @@ def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -
 def _link_form(
     request: HttpRequest, form: LoginForm | RegisterForm, *, purpose: str, template: str
 ) -> HttpResponse:
+    # The identity providers that are on: a button each on the sign-in page.
+    context = {"form": form, "providers": oidc_providers()}
     if request.method == "POST" and form.is_valid():
         email = form.cleaned_data["email"]
         if too_many(request, email, purpose):
@@ -57,7 +60,7 @@ def _link_form(
                 _("Too many attempts. Please wait %(minutes)d minutes and try again.")
                 % {"minutes": settings.PORTAL_RATE_WINDOW_SECONDS // 60},
             )
-            return render(request, template, {"form": form}, status=429)
+            return render(request, template, context, status=429)
         send_link(request, purpose=purpose, **form.cleaned_data)
         # The same page whether or not the address is known: nothing to probe.
         return render(
@@ -65,7 +68,7 @@ def _link_form(
             {"email": email, "minutes": settings.PORTAL_LINK_MINUTES},
         )
     status = 400 if form.is_bound else 200
-    return render(request, template, {"form": form}, status=status)
+    return render(request, template, context, status=status)
 
 
 @require_GET

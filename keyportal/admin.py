@@ -71,3 +71,17 @@ class AuthenticatorAdmin(admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: Authenticator) -> None:
         totp_remove(user=obj.user, by=request.user, ip=client_ip(request))
+
+
+# --- allauth's models ---------------------------------------------------------------------------
+# allauth only carries the identity provider's round trip (accounts/oidc.py): providers come
+# from settings (no SocialApp rows), its e-mail addresses are not the portal's (User.email is),
+# and provider tokens are not kept. Which provider a person uses shows on their page.
+from allauth.account.models import EmailAddress, EmailConfirmation  # noqa: E402
+from allauth.socialaccount.models import SocialAccount, SocialApp, SocialToken  # noqa: E402
+
+for _model in (EmailAddress, EmailConfirmation, SocialAccount, SocialApp, SocialToken):
+    try:
+        admin.site.unregister(_model)
+    except admin.sites.NotRegistered:
+        pass

@@ -34,6 +34,7 @@ class AuditEvent(models.Model):
 
     class Action(models.TextChoices):
         SIGN_IN = "sign_in", _("signed in")
+        SIGN_IN_REFUSED = "sign_in_refused", _("sign-in refused")
         KEY_ISSUED = "key_issued", _("key issued")
         KEY_REVOKED = "key_revoked", _("key revoked")
         KEY_SUSPENDED = "key_suspended", _("key suspended")

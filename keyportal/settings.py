@@ -62,6 +62,12 @@ INSTALLED_APPS = [
     # shows a device's secret.
     "django_otp",
     "django_otp.plugins.otp_totp",
+    # Sign-in through the company's identity provider (accounts/oidc.py): allauth speaks the
+    # protocol; who may sign in, and as whom, stays the portal's (accounts/services.py).
+    "allauth",
+    "allauth.account",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
     "keyportal",
     "accounts",
     "pool",
@@ -81,6 +87,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Required by allauth.account; with none of allauth's account URLs mounted it only keeps
+    # allauth's request context.
+    "allauth.account.middleware.AccountMiddleware",
 ]
 
 ROOT_URLCONF = "keyportal.urls"
@@ -333,6 +342,52 @@ PORTAL_RATE_KEYS_PER_PERSON = number("PORTAL_RATE_KEYS_PER_PERSON", "10")
 PORTAL_ADMIN_LOGIN_FAILURES = number("PORTAL_ADMIN_LOGIN_FAILURES", "10")
 PORTAL_ADMIN_LOGIN_WINDOW_SECONDS = number("PORTAL_ADMIN_LOGIN_WINDOW_SECONDS", "900")
 LOGIN_REDIRECT_URL = "/my-keys"
+
+# --- Sign-in through an OpenID Connect provider (docs/sign-in.md) -------------------------------
+# Off unless PORTAL_OIDC_DISCOVERY_URL is set. The provider's verified email is the identity:
+# the allow-list and +tag folding above apply to it as to an emailed link.
+PORTAL_OIDC_DISCOVERY_URL = setting("PORTAL_OIDC_DISCOVERY_URL", "")
+PORTAL_OIDC_CLIENT_ID = env.str("PORTAL_OIDC_CLIENT_ID", default="")
+PORTAL_OIDC_CLIENT_SECRET = env.str("PORTAL_OIDC_CLIENT_SECRET", default="")
+# The button's label: "Sign in with <name>".
+PORTAL_OIDC_NAME = setting("PORTAL_OIDC_NAME", "OpenID Connect")
+# Part of the callback address (/auth/oidc/<id>/login/callback/) and of every link between a
+# person and their provider account: choose it once (letters, digits, - and _).
+PORTAL_OIDC_ID = setting("PORTAL_OIDC_ID", "oidc")
+if PORTAL_OIDC_DISCOVERY_URL and not PORTAL_OIDC_CLIENT_ID:
+    raise ImproperlyConfigured(
+        "PORTAL_OIDC_DISCOVERY_URL is set but PORTAL_OIDC_CLIENT_ID is not: give the client id "
+        "(and PORTAL_OIDC_CLIENT_SECRET) the identity provider registered for the portal."
+    )
+SOCIALACCOUNT_PROVIDERS: dict[str, Any] = {
+    "openid_connect": {
+        # The portal's provider class always checks the id_token's signature and nonce
+        # (allauth's own skips both on the code flow).
+        "provider_class": "accounts.oidc.PortalOIDCProvider",
+        "OAUTH_PKCE_ENABLED": True,
+        "APPS": [
+            {
+                "provider_id": PORTAL_OIDC_ID,
+                "name": PORTAL_OIDC_NAME,
+                "client_id": PORTAL_OIDC_CLIENT_ID,
+                "secret": PORTAL_OIDC_CLIENT_SECRET,
+                "settings": {"server_url": PORTAL_OIDC_DISCOVERY_URL},
+            }
+        ] if PORTAL_OIDC_DISCOVERY_URL else [],
+    }
+}
+SOCIALACCOUNT_ADAPTER = "accounts.oidc.PortalSocialAccountAdapter"
+ACCOUNT_ADAPTER = "accounts.oidc.PortalAccountAdapter"
+# Seconds each call to the identity provider (discovery, token, keys, userinfo) may take.
+SOCIALACCOUNT_REQUESTS_TIMEOUT = number("PORTAL_OIDC_TIMEOUT", "10", float)
+# The provider's tokens are not kept: the portal needs the identity once, at sign-in.
+SOCIALACCOUNT_STORE_TOKENS = False
+# No allauth accounts of its own: people are made by the portal's services, identified by email.
+ACCOUNT_LOGIN_METHODS = {"email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*"]
+ACCOUNT_USER_MODEL_USERNAME_FIELD = None
+ACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if PORTAL_HTTPS else "http"
 
 # --- Usage ---
 # How sync_usage reads the proxy: "auto" asks it (queue on 6.10.8+, snapshot before), or force

@@ -19,6 +19,7 @@ from accounts.signin import (
     mark_password_signin,
     password_signed_in_staff,
     signed_in_by_link,
+    signed_in_by_provider,
     totp_step,
     totp_step_done,
 )
@@ -45,6 +46,11 @@ def admin_login(request: HttpRequest) -> HttpResponse:
             "You signed in with an emailed link, which opens your own keys only. "
             "The admin and the staff pages need your password: sign in with it below."
         ))
+    elif request.method == "GET" and signed_in_by_provider(request) and request.user.is_staff:
+        messages.warning(request, _(
+            "You signed in with your company account, which opens your own keys only. "
+            "The admin and the staff pages need your password: sign in with it below."
+        ))
     if request.method == "GET" and password_signed_in_staff(request) and totp_step(request):
         return _totp_redirect(request, _next_url(request))
     response = admin.site.login(request)
@@ -57,7 +63,8 @@ def admin_login(request: HttpRequest) -> HttpResponse:
         step = totp_step(request)
         audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
                      ip=client_ip(request),
-                     detail="admin password" + (f" (authenticator {step} next)" if step else ""))
+                     detail="admin password" + (f" (authenticator {step} next)" if step else ""),
+                     after={"method": "password"})
         if step:
             return _totp_redirect(request, response["Location"])
     return response

@@ -1,0 +1,222 @@
+"""Sign-in through the company's OpenID Connect provider, with django-allauth speaking the
+protocol (discovery, the authorization-code flow with PKCE, the token and userinfo calls).
+
+allauth stops at "this provider says the person is X": from there the portal decides, as
+for an emailed link (accounts/services.py `person_for_provider`), signs the person in as a
+person (accounts/signin.py `provider_login`) and audits it. allauth's own account flow
+(its sign-up, its e-mail addresses, its log-in) is never reached: `pre_social_login` always
+answers. DingTalk and Feishu (allauth's `dingtalk` and `feishu` providers) are meant to come
+through the same adapter.
+
+Two checks are added to allauth's: the id_token's signature is always checked against the
+provider's keys (allauth skips it when the token came straight from the token endpoint, which
+the specification allows over TLS; an intranet provider is often plain HTTP), and a nonce sent
+with the authorization request must come back in the id_token (allauth sends none)."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Any
+
+import jwt
+import requests
+from allauth.account.adapter import DefaultAccountAdapter
+from allauth.core.exceptions import ImmediateHttpResponse
+from allauth.socialaccount.adapter import DefaultSocialAccountAdapter, get_adapter
+from allauth.socialaccount.internal import jwtkit
+from allauth.socialaccount.models import SocialApp, SocialLogin
+from allauth.socialaccount.providers.oauth2.client import OAuth2Error
+from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView, OAuth2LoginView
+from allauth.socialaccount.providers.openid_connect.provider import OpenIDConnectProvider
+from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOAuth2Adapter
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.translation import gettext as _
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from accounts.services import SignInRefused, person_for_provider, provider_signin_refused
+from accounts.signin import provider_login
+from keyportal.audit import client_ip
+
+METHOD_OIDC = "oidc"
+
+
+def oidc_providers() -> list[dict[str, str]]:
+    """The OpenID Connect providers that are on (from settings), for the sign-in page."""
+    apps = settings.SOCIALACCOUNT_PROVIDERS.get("openid_connect", {}).get("APPS", [])
+    return [{"id": app["provider_id"], "name": app["name"]} for app in apps]
+
+
+class PortalOIDCAdapter(OpenIDConnectOAuth2Adapter):
+    # Set by the callback view from the state stashed in the session at the redirect.
+    expected_nonce: str | None = None
+
+    def complete_login(self, request: HttpRequest, app: SocialApp, token: Any, **kwargs: Any):
+        response = kwargs["response"]
+        if not response.get("id_token"):
+            # Without an id_token there is nothing signed saying who this is for.
+            raise OAuth2Error("The provider's answer has no id_token.")
+        login = super().complete_login(request, app, token, **kwargs)
+        data = login.account.extra_data
+        userinfo = data.get("userinfo")
+        if userinfo is not None and str(userinfo.get("sub")) != str(data["id_token"].get("sub")):
+            # OpenID Connect Core 5.3.2: a userinfo answer for another subject is refused.
+            raise OAuth2Error("The userinfo answer is for another subject than the id_token.")
+        return login
+
+    def _decode_id_token(self, app: SocialApp, id_token: str) -> dict:
+        claims = id_token_claims(
+            id_token, keys_url=self.openid_config["jwks_uri"],
+            issuer=self.openid_config["issuer"], audience=app.client_id,
+        )
+        nonce = str(claims.get("nonce") or "")
+        if not self.expected_nonce or not hmac.compare_digest(nonce, self.expected_nonce):
+            raise OAuth2Error("The id_token's nonce is not the one this sign-in sent.")
+        return claims
+
+
+def id_token_claims(id_token: str, *, keys_url: str, issuer: str, audience: str) -> dict:
+    """The id_token's claims once its signature (by the provider's published keys), issuer,
+    audience and expiry are checked; OAuth2Error otherwise.
+
+    allauth's own check needs a `kid` in the token's header (and fails with a server error
+    without one); a provider with a single key may leave it out, so the key is the one named
+    by `kid`, or the only signing key the provider publishes. The algorithm is the key's own,
+    never the one the token's header asks for (no "none", no HMAC with a public key)."""
+    try:
+        header = jwt.get_unverified_header(id_token)
+        with get_adapter().get_requests_session() as session:
+            answer = session.get(keys_url)
+            answer.raise_for_status()
+            published = answer.json()
+        keys = [
+            key for key in jwt.PyJWKSet.from_dict(published).keys
+            if key.key_type in ("RSA", "EC", "OKP") and key.public_key_use in (None, "sig")
+        ]
+        kid = header.get("kid")
+        if kid is not None:
+            keys = [key for key in keys if key.key_id == kid]
+        if len(keys) != 1:
+            raise OAuth2Error("No single signing key of the provider matches the id_token.")
+        key = keys[0]
+        claims = jwt.decode(
+            id_token, key=key.key, algorithms=[key.algorithm_name], audience=audience,
+            issuer=issuer, options={"require": ["iss", "aud", "exp", "sub"]},
+        )
+    except (jwt.PyJWTError, ValueError, KeyError, requests.RequestException) as e:
+        raise OAuth2Error(f"Invalid id_token: {e.__class__.__name__}") from e
+    jwtkit.verify_jti(claims)  # an id_token with a jti works once (allauth's replay list)
+    return claims
+
+
+class PortalOIDCProvider(OpenIDConnectProvider):
+    """allauth's OpenID Connect provider with the portal's adapter, sending a nonce."""
+
+    oauth2_adapter_class = PortalOIDCAdapter
+
+    def redirect(self, request: HttpRequest, process: Any, next_url: str | None = None,
+                 data: Any = None, **kwargs: Any) -> HttpResponse:
+        nonce = secrets.token_urlsafe(32)
+        auth_params = kwargs.pop("auth_params", None)
+        auth_params = dict(self.get_auth_params() if auth_params is None else auth_params)
+        auth_params["nonce"] = nonce  # last, so no request parameter can replace it
+        # `nonce` lands in the state allauth stashes in the session for the callback.
+        return super().redirect(request, process, next_url, data,
+                                auth_params=auth_params, nonce=nonce, **kwargs)
+
+
+class PortalOIDCCallbackView(OAuth2CallbackView):
+    def _get_state(self, request: HttpRequest, provider: Any):
+        # The state is popped from the session here (it works once); its nonce goes to the
+        # adapter that checks the id_token.
+        state, response = super()._get_state(request, provider)
+        if state is not None:
+            self.adapter.expected_nonce = state.get("nonce")  # type: ignore[attr-defined]
+        return state, response
+
+
+class PortalAccountAdapter(DefaultAccountAdapter):
+    """allauth's local accounts are never used: people are made by the portal."""
+
+    def is_open_for_signup(self, request: HttpRequest) -> bool:
+        return False
+
+
+class PortalSocialAccountAdapter(DefaultSocialAccountAdapter):
+    def is_open_for_signup(self, request: HttpRequest, sociallogin: SocialLogin) -> bool:
+        return False
+
+    def pre_social_login(self, request: HttpRequest, sociallogin: SocialLogin) -> None:
+        """The provider vouched for someone: the portal takes it from here, always."""
+        raise ImmediateHttpResponse(_finish(request, sociallogin))
+
+    def on_authentication_error(self, request: HttpRequest, provider: Any, error: Any = None,
+                                exception: Any = None, extra_context: Any = None) -> None:
+        """A failed or cancelled round trip (a bad id_token, a lost state, the person
+        pressed "deny"): audited, and the person is told plainly on the portal's page."""
+        reason = f"{error or 'error'}: {exception}" if exception else str(error or "error")
+        provider_signin_refused(
+            provider=provider.sub_id, email="", ip=client_ip(request), reason=reason
+        )
+        raise ImmediateHttpResponse(_refused(
+            request, provider.name,
+            _("The sign-in with %(provider)s did not complete. Please try again.")
+            % {"provider": provider.name},
+        ))
+
+
+def _claims(sociallogin: SocialLogin) -> dict[str, Any]:
+    data = sociallogin.account.extra_data or {}
+    # The verified id_token wins; the userinfo answer (same subject, checked) fills in the
+    # claims some providers leave out of the id_token.
+    return {**(data.get("userinfo") or {}), **(data.get("id_token") or {})}
+
+
+def _finish(request: HttpRequest, sociallogin: SocialLogin) -> HttpResponse:
+    provider = sociallogin.provider
+    claims = _claims(sociallogin)
+    try:
+        user = person_for_provider(
+            # allauth's own key for the link: the configured id (PORTAL_OIDC_ID), so two
+            # OpenID Connect providers never share links.
+            provider=provider.sub_id, provider_name=provider.name, uid=sociallogin.account.uid,
+            email=str(claims.get("email") or ""), email_verified=claims.get("email_verified"),
+            name=str(claims.get("name") or ""), claims=claims, method=METHOD_OIDC,
+            ip=client_ip(request),
+        )
+    except SignInRefused as refused:
+        return _refused(request, provider.name, refused.message)
+    provider_login(request, user, method=METHOD_OIDC)
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+def _refused(request: HttpRequest, provider_name: str, message: str) -> HttpResponse:
+    return render(request, "accounts/signin_refused.html",
+                  {"provider": provider_name, "message": message}, status=403)
+
+
+@never_cache
+@require_POST
+def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
+    """The sign-in page's button: off to the provider. POST only, with the CSRF token, so
+    another site cannot start a sign-in in someone's browser."""
+    try:
+        view = OAuth2LoginView.adapter_view(PortalOIDCAdapter(request, provider_id))
+        return view(request)
+    except SocialApp.DoesNotExist:
+        raise Http404 from None
+
+
+@never_cache
+@require_GET
+def oidc_callback(request: HttpRequest, provider_id: str) -> HttpResponse:
+    """Where the provider sends the browser back with a code."""
+    try:
+        view = PortalOIDCCallbackView.adapter_view(PortalOIDCAdapter(request, provider_id))
+        return view(request)
+    except SocialApp.DoesNotExist:
+        raise Http404 from None
