@@ -105,6 +105,7 @@ def test_sign_in_by_link_leaves_one_row(client, ann):
     client.post(emailed_path())
     [event] = AuditEvent.objects.all()
     assert (event.action, event.actor) == (Action.SIGN_IN, ann)
+    assert event.after == {"method": "link"}
 
 
 def test_revoking_leaves_one_row_and_a_second_revoke_none(client, ann):
@@ -145,3 +146,4 @@ def test_a_staff_password_sign_in_to_the_admin_leaves_one_row(client):
     [event] = AuditEvent.objects.all()
     assert (event.action, event.actor, event.ip) == (Action.SIGN_IN, boss, "10.0.0.5")
     assert event.detail == "admin password"
+    assert event.after == {"method": "password"}

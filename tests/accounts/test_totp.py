@@ -62,6 +62,7 @@ def test_the_right_code_opens_the_admin_and_is_audited(client, boss, device):
     assert client.get("/staff/export").status_code == 200
     row = AuditEvent.objects.filter(action=Action.SIGN_IN).first()
     assert row.detail == "admin password + authenticator code" and row.actor == boss
+    assert row.after == {"method": "password+totp"}
 
 
 def test_a_wrong_code_is_refused_with_a_sentence_and_audited(client, boss, device):
