@@ -19,6 +19,8 @@ import hmac
 import secrets
 from typing import Any
 
+from urllib.parse import urlsplit
+
 import jwt
 import requests
 from allauth.account.adapter import DefaultAccountAdapter
@@ -31,6 +33,7 @@ from allauth.socialaccount.providers.oauth2.views import OAuth2CallbackView, OAu
 from allauth.socialaccount.providers.openid_connect.provider import OpenIDConnectProvider
 from allauth.socialaccount.providers.openid_connect.views import OpenIDConnectOAuth2Adapter
 from django.conf import settings
+from django.core.cache import cache
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
@@ -51,9 +54,43 @@ def oidc_providers() -> list[dict[str, str]]:
     return [{"id": app["provider_id"], "name": app["name"]} for app in apps]
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+
+
+def _authorize_origin_key(provider_id: str) -> str:
+    return f"keyportal:oidc-authorize-origin:{provider_id}"
+
+
+def provider_form_origins() -> list[str]:
+    """Where the sign-in page's provider buttons lead (for its form-action policy): each
+    provider's authorization origin as last discovered, else its discovery URL's origin (the
+    same server at Keycloak, Authing, Entra ID and most others). Read from settings and the
+    cache, never from the network: the page must render while a provider is down."""
+    apps = settings.SOCIALACCOUNT_PROVIDERS.get("openid_connect", {}).get("APPS", [])
+    origins = []
+    for app in apps:
+        origins.append(_origin(app.get("settings", {}).get("server_url", "")))
+        origins.append(cache.get(_authorize_origin_key(app["provider_id"])) or "")
+    return [o for o in origins if o]
+
+
 class PortalOIDCAdapter(OpenIDConnectOAuth2Adapter):
     # Set by the callback view from the state stashed in the session at the redirect.
     expected_nonce: str | None = None
+
+    @property
+    def openid_config(self) -> dict:
+        fetched = hasattr(self, "_openid_config")
+        config = super().openid_config
+        if fetched:  # read once per request; remembered below at that one time
+            return config
+        origin = _origin(str(config.get("authorization_endpoint", "")))
+        key = _authorize_origin_key(self.provider_id)
+        if origin and cache.get(key) != origin:
+            cache.set(key, origin, None)  # for the sign-in page's form-action
+        return config
 
     def complete_login(self, request: HttpRequest, app: SocialApp, token: Any, **kwargs: Any):
         response = kwargs["response"]
@@ -209,6 +246,15 @@ def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
         return view(request)
     except SocialApp.DoesNotExist:
         raise Http404 from None
+    except requests.RequestException:
+        # The discovery document could not be read (provider down, slow, or answering
+        # garbage): a sentence instead of a server error; the emailed link still works.
+        name = next((p["name"] for p in oidc_providers() if p["id"] == provider_id), provider_id)
+        return render(request, "accounts/signin_refused.html", {
+            "provider": name,
+            "message": _("%(provider)s cannot be reached right now. Please try again later, "
+                         "or sign in with an emailed link.") % {"provider": name},
+        }, status=503)
 
 
 @never_cache

@@ -15,7 +15,7 @@ from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
 from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
-from accounts.oidc import oidc_providers
+from accounts.oidc import oidc_providers, provider_form_origins
 from accounts.ratelimit import link_requests_limited
 from accounts.services import (
     LinkInvalid,
@@ -26,6 +26,7 @@ from accounts.services import (
 )
 from accounts.signin import link_login
 from keyportal.audit import client_ip
+from keyportal.csp import policy_with_form_action
 
 Purpose = SignInLink.Purpose
 LINK_ROUTES = {Purpose.LOGIN: "login-link", Purpose.REGISTER: "register-link"}
@@ -81,7 +82,11 @@ def login_view(request: HttpRequest) -> HttpResponse:
     if request.method == "GET" and request.user.is_authenticated:
         return redirect("my-keys")
     form = LoginForm(request.POST if request.method == "POST" else None)
-    return _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
+    response = _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
+    origins = provider_form_origins()
+    if origins:  # the provider buttons' POST is redirected to the provider
+        response["Content-Security-Policy"] = policy_with_form_action(*origins)
+    return response
 
 
 @require_http_methods(["GET", "POST"])

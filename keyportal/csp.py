@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-POLICY = "; ".join([
+DIRECTIVES = [
     "default-src 'self'",
     "script-src 'self'",
     "style-src 'self'",
@@ -22,7 +22,18 @@ POLICY = "; ".join([
     "frame-ancestors 'none'",
     "base-uri 'self'",
     "form-action 'self'",
-])
+]
+POLICY = "; ".join(DIRECTIVES)
+
+
+def policy_with_form_action(*origins: str) -> str:
+    """The policy, with forms also allowed to lead to `origins`: a form that posts to the
+    portal and is redirected elsewhere (the sign-in page's identity-provider button) needs the
+    redirect's origin in form-action, or the browser stops at the redirect."""
+    extra = " ".join(sorted(set(origins)))
+    return "; ".join(
+        f"{d} {extra}" if d.startswith("form-action") and extra else d for d in DIRECTIVES
+    )
 
 
 class ContentSecurityPolicyMiddleware:

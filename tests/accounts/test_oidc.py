@@ -296,3 +296,32 @@ def test_staff_see_which_provider_a_person_signs_in_with(client, corp, admin_cli
     assert "ivy@example.com" in listed
     unlinked = admin_client.get("/admin/accounts/user/?provider=none").content.decode()
     assert "ivy@example.com" not in unlinked
+
+
+def test_a_provider_that_cannot_be_reached_gets_a_sentence_not_a_server_error(client, corp,
+                                                                               settings):
+    import socket
+
+    with socket.socket() as closed:  # a port nobody listens on once this socket is closed
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    app = settings.SOCIALACCOUNT_PROVIDERS["openid_connect"]["APPS"][0]
+    app["settings"] = {"server_url": f"http://127.0.0.1:{port}"}
+    response = client.post(LOGIN)
+    assert response.status_code == 503
+    assert "Corp ID cannot be reached right now." in response.content.decode()
+    assert client.get("/login").status_code == 200
+
+
+def test_the_sign_in_page_lets_its_provider_form_lead_to_the_provider(client, corp):
+    """form-action covers the redirect a form's POST leads to: without the provider's origin
+    the browser stops at the button (tests/browser/test_oidc_signin.py shows it)."""
+    policy = client.get("/login")["Content-Security-Policy"]
+    assert f"form-action 'self' {corp.url};" in policy + ";"
+    assert "script-src 'self';" in policy
+
+
+def test_without_a_provider_the_sign_in_page_keeps_the_plain_policy(client):
+    from keyportal.csp import POLICY
+
+    assert client.get("/login")["Content-Security-Policy"] == POLICY
