@@ -195,7 +195,11 @@ class PortalSocialAccountAdapter(DefaultSocialAccountAdapter):
                                 exception: Any = None, extra_context: Any = None) -> None:
         """A failed or cancelled round trip (a bad id_token, a lost state, the person
         pressed "deny"): audited, and the person is told plainly on the portal's page."""
-        reason = f"{error or 'error'}: {exception}" if exception else str(error or "error")
+        # The exception names the failed check (or the provider's error answer), for staff;
+        # cut short, as an error answer's body is the provider's to write.
+        reason = str(error or "error")
+        if exception is not None:
+            reason = f"{reason}: {type(exception).__name__}: {str(exception)[:300]}"
         provider_signin_refused(
             provider=provider.sub_id, email="", ip=client_ip(request), reason=reason
         )
@@ -206,22 +210,25 @@ class PortalSocialAccountAdapter(DefaultSocialAccountAdapter):
         ))
 
 
-def _claims(sociallogin: SocialLogin) -> dict[str, Any]:
+def _claims(sociallogin: SocialLogin) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All the claims (the verified id_token's win over userinfo's, which is for the same
+    subject, checked), and the ones the address comes from: the address and whether it is
+    verified are read together from one source (the id_token when it carries an address,
+    else userinfo), never an address from one and a "verified" from the other."""
     data = sociallogin.account.extra_data or {}
-    # The verified id_token wins; the userinfo answer (same subject, checked) fills in the
-    # claims some providers leave out of the id_token.
-    return {**(data.get("userinfo") or {}), **(data.get("id_token") or {})}
+    id_token, userinfo = data.get("id_token") or {}, data.get("userinfo") or {}
+    return {**userinfo, **id_token}, (id_token if "email" in id_token else userinfo)
 
 
 def _finish(request: HttpRequest, sociallogin: SocialLogin) -> HttpResponse:
     provider = sociallogin.provider
-    claims = _claims(sociallogin)
+    claims, address = _claims(sociallogin)
     try:
         user = person_for_provider(
             # allauth's own key for the link: the configured id (PORTAL_OIDC_ID), so two
             # OpenID Connect providers never share links.
             provider=provider.sub_id, provider_name=provider.name, uid=sociallogin.account.uid,
-            email=str(claims.get("email") or ""), email_verified=claims.get("email_verified"),
+            email=str(address.get("email") or ""), email_verified=address.get("email_verified"),
             name=str(claims.get("name") or ""), claims=claims, method=METHOD_OIDC,
             ip=client_ip(request),
         )

@@ -325,3 +325,25 @@ def test_without_a_provider_the_sign_in_page_keeps_the_plain_policy(client):
     from keyportal.csp import POLICY
 
     assert client.get("/login")["Content-Security-Policy"] == POLICY
+
+
+def test_an_address_and_its_verification_are_read_from_the_same_claims(
+    client, corp, tamper, monkeypatch
+):
+    """An id_token naming another, unverified address is not rescued by the verified one in
+    the userinfo answer (a merge of the two would sign in as boss@)."""
+    corp.user("sub-kim", email="kim@example.com", email_verified=True)
+
+    def another_unverified_address(id_token, nonce):
+        claims = jwt.decode(id_token, options={"verify_signature": False})
+        claims.pop("email_verified", None)
+        claims["email"] = "boss@example.com"
+        forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return jwt.encode(claims, forger, algorithm="RS256")
+
+    tamper(another_unverified_address)
+    skip_check(monkeypatch, "signature")  # only the address rule is left to refuse it
+    response = sign_in(client, corp, "sub-kim")
+    assert response.status_code == 403
+    assert "did not confirm that this email address is yours" in response.content.decode()
+    assert not User.objects.exists()
