@@ -347,3 +347,15 @@ def test_an_address_and_its_verification_are_read_from_the_same_claims(
     assert response.status_code == 403
     assert "did not confirm that this email address is yours" in response.content.decode()
     assert not User.objects.exists()
+
+
+def test_the_callbacks_code_and_the_client_secret_never_reach_the_log(settings):
+    from keyportal.logging import redact
+
+    settings.PORTAL_OIDC_CLIENT_SECRET = "the-client-secret-value"
+    line = ("Bad Request: /auth/oidc/corp/login/callback/?code=abcdef123456&state=XyZ987 "
+            "posting client_secret=the-client-secret-value")
+    cleaned = redact(line)
+    assert "abcdef123456" not in cleaned and "XyZ987" not in cleaned
+    assert "the-client-secret-value" not in cleaned
+    assert "/auth/oidc/corp/login/callback/?code=[redacted]&state=[redacted]" in cleaned
