@@ -359,3 +359,18 @@ def test_the_callbacks_code_and_the_client_secret_never_reach_the_log(settings):
     assert "abcdef123456" not in cleaned and "XyZ987" not in cleaned
     assert "the-client-secret-value" not in cleaned
     assert "/auth/oidc/corp/login/callback/?code=[redacted]&state=[redacted]" in cleaned
+
+
+def test_a_sign_in_denied_at_the_provider_is_told_and_audited(client, corp):
+    import requests
+
+    answer = requests.post(start(client), data={"action": "deny"}, allow_redirects=False,
+                           timeout=10)
+    back = urlparse(answer.headers["Location"])
+    assert parse_qs(back.query)["error"] == ["access_denied"]
+    response = client.get(f"{back.path}?{back.query}")
+    assert response.status_code == 403 and "did not complete" in response.content.decode()
+    assert signed_in_as(client) is None and not User.objects.exists()
+    # (The mock's denial carries no state back, so allauth cannot tell it from a stray call.)
+    refused = AuditEvent.objects.get()
+    assert refused.action == AuditEvent.Action.SIGN_IN_REFUSED and refused.detail == "corp: unknown"
