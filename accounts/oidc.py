@@ -16,6 +16,7 @@ with the authorization request must come back in the id_token (allauth sends non
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 from typing import Any
 
@@ -54,9 +55,17 @@ def oidc_providers() -> list[dict[str, str]]:
     return [{"id": app["provider_id"], "name": app["name"]} for app in apps]
 
 
+# A host[:port] that can go into a policy header as it is (no spaces, quotes or ";").
+HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
 def _origin(url: str) -> str:
+    """scheme://host[:port] of `url`, or "" for anything that is not a plain http(s) origin
+    (the discovery document is the provider's to write, and ends up in a header)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+    if parts.scheme not in ("http", "https") or not HOST_PORT.match(parts.netloc):
+        return ""
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _authorize_origin_key(provider_id: str) -> str:

@@ -374,3 +374,11 @@ def test_a_sign_in_denied_at_the_provider_is_told_and_audited(client, corp):
     # (The mock's denial carries no state back, so allauth cannot tell it from a stray call.)
     refused = AuditEvent.objects.get()
     assert refused.action == AuditEvent.Action.SIGN_IN_REFUSED and refused.detail == "corp: unknown"
+
+
+def test_only_plain_origins_reach_the_policy_header():
+    assert portal_oidc._origin("https://sso.example.com:8443/realms/x") == "https://sso.example.com:8443"
+    assert portal_oidc._origin("http://[::1]:9000/x") == "http://[::1]:9000"
+    for bad in ("https://a.example.com;script-src *@x/", "javascript:alert(1)", "", "/relative",
+                "https://user:pw@a.example.com/"):
+        assert portal_oidc._origin(bad) == ""
