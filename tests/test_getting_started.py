@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from accounts.models import User
 from keyportal.locks import lease_acquire, lease_release
@@ -28,6 +28,13 @@ from usage.services import SYNC_LEASE
 pytestmark = pytest.mark.django_db
 
 PUBLIC = "https://relay.example.com"
+
+
+@pytest.fixture(autouse=True)
+def _in_english() -> Iterator[None]:
+    # The sentences are asserted in English, whatever an earlier test left active.
+    with translation.override("en"):
+        yield
 
 
 @pytest.fixture
@@ -122,7 +129,7 @@ def test_a_refused_management_key_is_named(fake_proxy, boss, settings):
     upstream = step(checklist, "upstream")
     assert not upstream.done
     assert "refused the portal's management key" in upstream.lines[0]
-    assert "CLIPROXY_MANAGEMENT_KEY" in upstream.lines[0]
+    assert "CLIPROXY_MANAGEMENT_KEY" in upstream.lines[-1]
     assert "wrong-key" not in str(checklist)
     # The statistics cannot be known through a refused key: not done, and said so.
     assert not step(checklist, "statistics").done

@@ -549,12 +549,14 @@ def _upstream_item(rows: list[Upstream], probes: Probes) -> ChecklistItem:
     proxy = probes.proxy
     if proxy_row is not None and proxy is not None and not (proxy.reachable and not proxy.refused):
         if proxy.refused:
-            where = (_("CLIPROXY_MANAGEMENT_KEY in the environment (.env), then restart the "
-                       "portal") if proxy_row.from_environment else _("its secret in the admin"))
-            problems.append(_("%(name)s refused the portal's management key (%(error)s). Set "
-                              "%(where)s to the proxy's remote-management secret-key.")
-                            % {"name": proxy_row.name, "error": proxy.error.rstrip("."),
-                               "where": where})
+            problems.append(_("%(name)s refused the portal's management key.")
+                            % {"name": proxy_row.name})
+            problems.append(proxy.error)
+            problems.append(
+                _("Set CLIPROXY_MANAGEMENT_KEY in the environment (.env) to the proxy's "
+                  "remote-management secret-key and restart the portal.")
+                if proxy_row.from_environment else
+                _("Give the upstream the proxy's remote-management secret-key as its secret."))
             if not proxy_row.from_environment:
                 action_label, action_url = _("Edit the upstream"), _change_url(proxy_row)
         else:
