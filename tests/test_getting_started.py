@@ -327,6 +327,19 @@ def test_staff_set_the_public_url_of_an_environment_upstream(fake_proxy, boss, c
     assert public_url(key) == PUBLIC
 
 
+def test_the_settings_default_public_url_counts_as_unset(fake_proxy, boss, client, settings):
+    # keyportal.settings fills an unset CLIPROXY_PUBLIC_URL with CLIPROXY_URL.
+    settings.CLIPROXY_PUBLIC_URL = fake_proxy.url
+    environment_sync()
+    row = cliproxyapi()
+    assert not step(getting_started(user=boss), "public_url").done
+    client.force_login(boss)
+    assert 'name="public_url"' in client.get(change_url(row)).content.decode()
+    client.post(change_url(row), env_form(row, public_url=PUBLIC))
+    assert public_url(pool_keys_create(count=1)[0]) == PUBLIC
+    assert step(getting_started(user=boss), "public_url").done
+
+
 def test_a_public_url_that_is_not_http_is_refused(fake_proxy, boss, client):
     environment_sync()
     row = cliproxyapi()

@@ -78,7 +78,12 @@ PUBLIC_URL_SETTINGS = {
 def public_url_from_environment(kind: str) -> str:
     """The public URL the environment sets for `kind` ("" when unset): when set it wins over
     the one staff typed in the admin."""
-    return getattr(settings, PUBLIC_URL_SETTINGS.get(kind, ""), "") or ""
+    value = getattr(settings, PUBLIC_URL_SETTINGS.get(kind, ""), "") or ""
+    if kind == Kind.CLIPROXYAPI and value == settings.CLIPROXY_URL.rstrip("/"):
+        # keyportal.settings fills an unset CLIPROXY_PUBLIC_URL with CLIPROXY_URL: that is
+        # no choice of anyone's (W008 reads it the same way).
+        return ""
+    return value
 
 
 def endpoint(upstream: Upstream) -> Endpoint:
@@ -188,12 +193,13 @@ def upstream_of(key: ApiKey) -> Upstream | None:
 
 def cliproxyapi_public_url() -> str:
     """The base URL people's tools use for the CLIProxyAPI's (the pool's) keys:
-    CLIPROXY_PUBLIC_URL when set (no query), else the public URL staff gave its row in the
+    CLIPROXY_PUBLIC_URL when set to its own value (no query), else the public URL staff gave its row in the
     admin, else its management URL."""
-    if settings.CLIPROXY_PUBLIC_URL:
+    chosen = public_url_from_environment(Kind.CLIPROXYAPI)
+    if chosen:
         # It may be set alone (the proxy's address for people, while the portal reaches it
         # elsewhere or not yet).
-        return settings.CLIPROXY_PUBLIC_URL
+        return chosen
     if settings.CLIPROXY_URL:
         # One query: the environment's row may not exist yet (made at its first use), and
         # then nobody has typed a public URL for it.
