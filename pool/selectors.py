@@ -7,9 +7,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import connections
 from django.db.models import Count, Q
+from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream
@@ -181,7 +183,9 @@ def _proxy_probe(budget: float) -> ProxyProbe | None:
 def upstream_probes(*, rows: list[Upstream], budget: float = PROBE_BUDGET) -> Probes:
     """Each of `rows` (the enabled upstreams) asked once (relays in worker threads, all
     within `budget` seconds), the answer kept PROBE_SECONDS in the shared cache."""
-    cached = cache.get(PROBE_CACHE_KEY)
+    # Per language: the sentences in the answer are translated when they are made.
+    key = f"{PROBE_CACHE_KEY}:{get_language() or ''}"
+    cached = cache.get(key)
     if isinstance(cached, Probes):
         return cached
     check = HealthCheck(budget=budget, rows=rows)  # the relays, asked while the proxy is
@@ -189,11 +193,11 @@ def upstream_probes(*, rows: list[Upstream], budget: float = PROBE_BUDGET) -> Pr
     relays = [UpstreamProbe(row.upstream.id, row.upstream.name, row.health.ok,
                             row.health.detail) for row in check.results()]
     probes = Probes(proxy=proxy, relays=relays)
-    cache.set(PROBE_CACHE_KEY, probes, PROBE_SECONDS)
+    cache.set(key, probes, PROBE_SECONDS)
     return probes
 
 
 def upstream_probes_forget() -> None:
     """After staff change what the probe reads (an upstream, a proxy setting): the next
     index visit asks again instead of showing a minute-old answer."""
-    cache.delete(PROBE_CACHE_KEY)
+    cache.delete_many([f"{PROBE_CACHE_KEY}:{code}" for code in ("", *dict(settings.LANGUAGES))])

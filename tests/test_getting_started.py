@@ -10,13 +10,14 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from django.core.cache import cache
 from django.urls import reverse
 from django.utils import timezone, translation
 
 from accounts.models import User
 from keyportal.locks import lease_acquire, lease_release
 from pool.models import ApiKey, Upstream
-from pool.selectors import upstream_probes_forget
+from pool.selectors import PROBE_CACHE_KEY, upstream_probes_forget
 from pool.services import pool_keys_create
 from pool.upstreams.registry import cliproxyapi, environment_sync, public_url
 from tests.fakes.crs import PASSWORD, USERNAME, FakeCrs
@@ -168,11 +169,29 @@ def test_the_proxy_is_asked_once_a_minute_and_again_after_a_change(fake_proxy, b
     assert fake_proxy.requests_to("/usage-statistics-enabled") == 2
 
 
+def test_each_language_keeps_its_own_answer_and_a_change_forgets_them_all(fake_proxy, boss,
+                                                                          settings):
+    settings.CLIPROXY_MANAGEMENT_KEY = "wrong-key"
+    english = step(getting_started(user=boss), "upstream").lines
+    with translation.override("zh-hans"):
+        chinese = step(getting_started(user=boss), "upstream").lines
+    assert english[1] != chinese[1] and "管理密钥" in chinese[0]
+    assert cache.get(f"{PROBE_CACHE_KEY}:en") and cache.get(f"{PROBE_CACHE_KEY}:zh-hans")
+    upstream_probes_forget()
+    assert cache.get(f"{PROBE_CACHE_KEY}:en") is None
+    assert cache.get(f"{PROBE_CACHE_KEY}:zh-hans") is None
+
+
 def test_no_upstream_at_all_asks_for_one(boss):
     checklist = getting_started(user=boss)
     upstream = step(checklist, "upstream")
     assert not upstream.done and upstream.action_url == reverse("admin:pool_upstream_add")
     assert not step(checklist, "public_url").done
+    # A CLIProxyAPI portal waiting for its address: the pool and statistics steps wait too,
+    # with no button that could only fail.
+    for name in ("pool", "statistics"):
+        assert not step(checklist, name).done and step(checklist, name).action_url == ""
+        assert "comes first" in step(checklist, name).lines[0]
 
 
 def test_a_failed_sync_is_quoted_and_a_good_one_is_done(fake_proxy, boss):

@@ -609,6 +609,38 @@ def _public_url_item(rows: list[Upstream]) -> ChecklistItem:
     return ChecklistItem("public_url", title, True, fine)
 
 
+def _pool_items(probes: Probes, index: str) -> list[ChecklistItem]:
+    """The CLIProxyAPI's own steps: its pool and its statistics switch. Their buttons only
+    once the portal knows where the proxy is (they would fail before)."""
+    no_proxy = [_("The CLIProxyAPI comes first (see above).")]
+    pool = pool_status()
+    if pool.ready or pool.assigned:
+        pool_item = ChecklistItem("pool", _("The key pool"), True, [
+            _("%(ready)d keys are ready for people; %(assigned)d are handed out.")
+            % {"ready": pool.ready, "assigned": pool.assigned}])
+    elif probes.proxy is None:
+        pool_item = ChecklistItem("pool", _("The key pool"), False, no_proxy)
+    else:
+        pool_item = ChecklistItem(
+            "pool", _("The key pool"), False,
+            [_("No key is in the pool yet: people who register now would get none. The "
+               "button makes the keys and pushes them to CLIProxyAPI.")],
+            _("Fill the pool"), f"{reverse('admin:pool_apikey_reconcile')}?next={index}",
+            action_post=True)
+    title = _("Usage statistics on at CLIProxyAPI")
+    if probes.proxy is None:
+        return [pool_item, ChecklistItem("statistics", title, False, no_proxy)]
+    statistics = probes.proxy.statistics
+    if statistics:
+        return [pool_item, ChecklistItem("statistics", title, True, [
+            _("CLIProxyAPI records every request for the portal to count.")])]
+    lines = ([_("CLIProxyAPI's usage statistics are off: it records no usage, so usage pages, "
+                "limits and the leaderboard would not move.")] if statistics is False
+             else [_("Not known until CLIProxyAPI answers (see above).")])
+    return [pool_item, ChecklistItem("statistics", title, False, lines, _("Proxy settings"),
+                                     reverse("staff-proxy-settings"))]
+
+
 def getting_started(*, user: User) -> Checklist:
     """The admin index's first-run checklist: each step done or not and what to do next.
     Reads the database (a few queries) and the upstreams through `upstream_probes`, which
@@ -623,30 +655,7 @@ def getting_started(*, user: User) -> Checklist:
         % {"email": user.email}])]
     items.append(_upstream_item(rows, probes))
     if has_pool:
-        pool = pool_status()
-        if pool.ready or pool.assigned:
-            items.append(ChecklistItem("pool", _("The key pool"), True, [
-                _("%(ready)d keys are ready for people; %(assigned)d are handed out.")
-                % {"ready": pool.ready, "assigned": pool.assigned}]))
-        else:
-            items.append(ChecklistItem(
-                "pool", _("The key pool"), False,
-                [_("No key is in the pool yet: people who register now would get none. The "
-                   "button makes the keys and pushes them to CLIProxyAPI.")],
-                _("Fill the pool"), f"{reverse('admin:pool_apikey_reconcile')}?next={index}",
-                action_post=True))
-        statistics = probes.proxy.statistics if probes.proxy is not None else None
-        if statistics:
-            lines = [_("CLIProxyAPI records every request for the portal to count.")]
-        elif statistics is False:
-            lines = [_("CLIProxyAPI's usage statistics are off: it records no usage, so usage "
-                       "pages, limits and the leaderboard would not move.")]
-        else:
-            lines = [_("Not known until CLIProxyAPI answers (see above).")]
-        items.append(ChecklistItem("statistics", _("Usage statistics on at CLIProxyAPI"),
-                                   bool(statistics), lines,
-                                   "" if statistics else _("Proxy settings"),
-                                   "" if statistics else reverse("staff-proxy-settings")))
+        items.extend(_pool_items(probes, index))
     # One query: the latest good run when there is one, else the latest failed one.
     run = SyncRun.objects.order_by("-ok", "-started_at", "-id").first()
     synced = run if run is not None and run.ok else None
