@@ -19,7 +19,7 @@ from keyportal.locks import lease_acquire, lease_release
 from pool.models import ApiKey, Upstream
 from pool.selectors import PROBE_CACHE_KEY, upstream_probes_forget
 from pool.services import pool_keys_create
-from pool.upstreams.registry import cliproxyapi, environment_sync, public_url
+from pool.upstreams.registry import cliproxyapi, endpoint, environment_sync, public_url
 from tests.fakes.crs import PASSWORD, USERNAME, FakeCrs
 from tests.usage.conftest import issue
 from usage.models import SyncRun
@@ -212,6 +212,18 @@ def test_a_relay_only_portal_shows_only_the_steps_that_apply(crs, boss, settings
     settings.CRS_PUBLIC_URL = "https://crs.example.com"
     public = step(getting_started(user=boss), "public_url")
     assert public.done and "https://crs.example.com" in public.lines[0]
+
+
+def test_a_relays_public_url_set_in_the_admin_is_the_one_people_get(crs, boss, client):
+    environment_sync()
+    row = Upstream.objects.get(kind=Upstream.Kind.CRS)
+    client.force_login(boss)
+    response = client.post(change_url(row), env_form(row, public_url="https://crs.example.com"))
+    assert response.status_code == 302
+    row.refresh_from_db()
+    assert endpoint(row).public_url == "https://crs.example.com"
+    assert endpoint(row).management_url == crs.url
+    assert step(getting_started(user=boss), "public_url").done
 
 
 def test_a_relay_that_does_not_answer_is_named(crs, boss):
