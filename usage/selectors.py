@@ -596,7 +596,8 @@ def _public_url_item(rows: list[Upstream]) -> ChecklistItem:
                             % {"name": row.name, "url": given})
         else:
             problems.append(_("%(name)s: no public URL is set, so people are given its "
-                              "management URL %(url)s.") % {"name": row.name, "url": given or "—"})
+                              "management URL %(url)s.")
+                            % {"name": row.name, "url": given or "—"})
         if by_environment:
             problems.append(_("It is set by %(setting)s in the environment (.env): change it "
                               "there and restart the portal.")

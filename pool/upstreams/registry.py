@@ -193,8 +193,8 @@ def upstream_of(key: ApiKey) -> Upstream | None:
 
 def cliproxyapi_public_url() -> str:
     """The base URL people's tools use for the CLIProxyAPI's (the pool's) keys:
-    CLIPROXY_PUBLIC_URL when set to its own value (no query), else the public URL staff gave its row in the
-    admin, else its management URL."""
+    CLIPROXY_PUBLIC_URL when set to its own value (no query), else the public URL staff gave
+    its row in the admin, else its management URL."""
     chosen = public_url_from_environment(Kind.CLIPROXYAPI)
     if chosen:
         # It may be set alone (the proxy's address for people, while the portal reaches it
