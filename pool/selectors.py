@@ -15,7 +15,7 @@ from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream
-from pool.upstream import ProxyClient, UpstreamError, UpstreamRefused
+from pool.upstream import ProxyClient, UpstreamError, UpstreamNotConfigured, UpstreamRefused
 from pool.upstreams.base import Health
 from pool.upstreams.registry import cliproxyapi_endpoint, driver_for, endpoint, upstreams
 
@@ -146,6 +146,7 @@ class ProxyProbe:
     refused: bool
     statistics: bool | None  # None: not known (unreachable or refused)
     error: str  # the UpstreamError's sentence: never carries the key
+    no_key: bool = False  # no management key is configured: nothing was sent
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,9 @@ def _proxy_probe(budget: float) -> ProxyProbe | None:
     try:
         with ProxyClient.from_settings(budget=budget) as client:
             statistics = client.usage_statistics_enabled()
+    except UpstreamNotConfigured as exc:
+        return ProxyProbe(reachable=False, refused=False, statistics=None, error=str(exc),
+                          no_key=True)
     except UpstreamRefused as exc:
         return ProxyProbe(reachable=True, refused=True, statistics=None, error=str(exc))
     except UpstreamError as exc:

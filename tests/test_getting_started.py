@@ -137,6 +137,16 @@ def test_a_refused_management_key_is_named(fake_proxy, boss, settings):
     assert "Not known" in step(checklist, "statistics").lines[0]
 
 
+def test_a_missing_management_key_is_named_not_taken_for_a_silent_proxy(fake_proxy, boss,
+                                                                       settings):
+    settings.CLIPROXY_MANAGEMENT_KEY = ""
+    upstream = step(getting_started(user=boss), "upstream")
+    assert not upstream.done and "does not answer" not in " ".join(upstream.lines)
+    assert "CLIPROXY_MANAGEMENT_KEY is not set" in upstream.lines[0]
+    assert "remote-management secret-key" in upstream.lines[-1]
+    assert fake_proxy.management_requests == []
+
+
 def test_an_unreachable_proxy_is_said_and_links_to_its_status(boss, settings):
     settings.CLIPROXY_URL = f"http://127.0.0.1:{closed_port()}"
     settings.CLIPROXY_MANAGEMENT_KEY = "k"

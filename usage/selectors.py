@@ -548,9 +548,10 @@ def _upstream_item(rows: list[Upstream], probes: Probes) -> ChecklistItem:
     proxy_row = next((row for row in rows if row.is_cliproxyapi), None)
     proxy = probes.proxy
     if proxy_row is not None and proxy is not None and not (proxy.reachable and not proxy.refused):
-        if proxy.refused:
-            problems.append(_("%(name)s refused the portal's management key.")
-                            % {"name": proxy_row.name})
+        if proxy.refused or proxy.no_key:
+            if proxy.refused:
+                problems.append(_("%(name)s refused the portal's management key.")
+                                % {"name": proxy_row.name})
             problems.append(proxy.error)
             problems.append(
                 _("Set CLIPROXY_MANAGEMENT_KEY in the environment (.env) to the proxy's "
