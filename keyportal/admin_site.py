@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 
 from accounts.models import User, normalize_email
@@ -89,10 +90,21 @@ class PortalAdminSite(admin.AdminSite):
               ) -> HttpResponse:
         # The dashboard on top of the index (templates/admin/index.html). Imported here:
         # keyportal sits under the apps, and usage reads the pool and the proxy's state.
-        from usage.selectors import admin_dashboard
+        from usage.selectors import admin_dashboard, getting_started
 
-        context = {"dashboard": admin_dashboard(now=timezone.now()), **(extra_context or {})}
+        context = {"dashboard": admin_dashboard(now=timezone.now()),
+                   "checklist": getting_started(user=request.user), **(extra_context or {})}
         return super().index(request, context)
+
+
+def back_to(request: HttpRequest, default: str) -> str:
+    """Where an admin button's POST returns: its `next` (the admin index's getting-started
+    checklist sends it) when it is a path on this site, else `default`."""
+    target = request.GET.get("next") or request.POST.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return target
+    return default
 
 
 def staff_password_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:

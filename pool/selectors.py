@@ -7,13 +7,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db import connections
 from django.db.models import Count, Q
+from django.utils.translation import get_language
 from django.utils.translation import gettext as _
 
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream
+from pool.upstream import ProxyClient, UpstreamError, UpstreamNotConfigured, UpstreamRefused
 from pool.upstreams.base import Health
-from pool.upstreams.registry import driver_for, endpoint, upstreams
+from pool.upstreams.registry import cliproxyapi_endpoint, driver_for, endpoint, upstreams
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,12 @@ class HealthCheck:
     as slow, leaving its question to finish in the background. The CLIProxyAPI is skipped
     by default: the proxy page reads it in more detail (usage.pages)."""
 
-    def __init__(self, *, budget: float, skip_cliproxyapi: bool = True) -> None:
+    def __init__(self, *, budget: float, skip_cliproxyapi: bool = True,
+                 rows: list[Upstream] | None = None) -> None:
         self.budget = budget
         self.started = time.monotonic()
-        self.rows = [u for u in upstreams() if not (skip_cliproxyapi and u.is_cliproxyapi)]
+        rows = list(upstreams()) if rows is None else rows  # given: the caller has them
+        self.rows = [u for u in rows if not (skip_cliproxyapi and u.is_cliproxyapi)]
         self.futures = []
         if self.rows:
             pool = ThreadPoolExecutor(max_workers=min(len(self.rows), 8),
@@ -118,3 +124,84 @@ class HealthCheck:
             found.append(UpstreamHealth(upstream, health, held.get(upstream.id, 0),
                                         endpoint(upstream).public_url))
         return found
+
+
+# --- the getting-started checklist's look at the upstreams ----------------------------------
+
+# The admin index asks the upstreams at most once a minute (the shared cache holds the
+# answer for every portal process), and within a short budget: a proxy that is down or drips
+# its answer must not make the index hang, and a wrong management key must not be retried on
+# every visit (CLIProxyAPI bans an address after 5 refusals).
+PROBE_CACHE_KEY = "getting-started:probe"
+PROBE_SECONDS = 60
+PROBE_BUDGET = 2.0
+
+
+@dataclass(frozen=True)
+class ProxyProbe:
+    """What the CLIProxyAPI answered to GET /usage-statistics-enabled: it is reachable, with
+    the right management key (refused: the key is wrong), and its statistics are on or off."""
+
+    reachable: bool
+    refused: bool
+    statistics: bool | None  # None: not known (unreachable or refused)
+    error: str  # the UpstreamError's sentence: never carries the key
+    no_key: bool = False  # no management key is configured: nothing was sent
+
+
+@dataclass(frozen=True)
+class UpstreamProbe:
+    upstream_id: int
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Probes:
+    proxy: ProxyProbe | None  # None: the portal has no CLIProxyAPI configured
+    relays: list[UpstreamProbe]
+
+
+def _proxy_probe(budget: float) -> ProxyProbe | None:
+    if not cliproxyapi_endpoint().management_url:
+        return None
+    try:
+        with ProxyClient.from_settings(budget=budget) as client:
+            statistics = client.usage_statistics_enabled()
+    except UpstreamNotConfigured as exc:
+        return ProxyProbe(reachable=False, refused=False, statistics=None, error=str(exc),
+                          no_key=True)
+    except UpstreamRefused as exc:
+        return ProxyProbe(reachable=True, refused=True, statistics=None, error=str(exc))
+    except UpstreamError as exc:
+        return ProxyProbe(reachable=False, refused=False, statistics=None, error=str(exc))
+    except Exception as exc:  # the admin index must render whatever the client does
+        log.warning("The getting-started probe of the proxy failed: %s", type(exc).__name__)
+        return ProxyProbe(reachable=False, refused=False, statistics=None,
+                          error=_("The portal could not ask it (%(error)s).")
+                          % {"error": type(exc).__name__})
+    return ProxyProbe(reachable=True, refused=False, statistics=statistics, error="")
+
+
+def upstream_probes(*, rows: list[Upstream], budget: float = PROBE_BUDGET) -> Probes:
+    """Each of `rows` (the enabled upstreams) asked once (relays in worker threads, all
+    within `budget` seconds), the answer kept PROBE_SECONDS in the shared cache."""
+    # Per language: the sentences in the answer are translated when they are made.
+    key = f"{PROBE_CACHE_KEY}:{get_language() or ''}"
+    cached = cache.get(key)
+    if isinstance(cached, Probes):
+        return cached
+    check = HealthCheck(budget=budget, rows=rows)  # the relays, asked while the proxy is
+    proxy = _proxy_probe(budget)
+    relays = [UpstreamProbe(row.upstream.id, row.upstream.name, row.health.ok,
+                            row.health.detail) for row in check.results()]
+    probes = Probes(proxy=proxy, relays=relays)
+    cache.set(key, probes, PROBE_SECONDS)
+    return probes
+
+
+def upstream_probes_forget() -> None:
+    """After staff change what the probe reads (an upstream, a proxy setting): the next
+    index visit asks again instead of showing a minute-old answer."""
+    cache.delete_many([f"{PROBE_CACHE_KEY}:{code}" for code in ("", *dict(settings.LANGUAGES))])

@@ -12,15 +12,23 @@ from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, ExtractHour, TruncDate
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from accounts.models import User
+from keyportal.checks import is_loopback
 from keyportal.models import AuditEvent
-from pool.models import ApiKey
-from pool.selectors import pool_status
+from pool.models import ApiKey, Upstream
+from pool.selectors import Probes, pool_status, upstream_probes
 from pool.services import IMPLAUSIBLE_NOTIFIED
 from pool.upstream import ProxyClient
-from pool.upstreams.registry import cliproxyapi_in_use
+from pool.upstreams.registry import (
+    PUBLIC_URL_SETTINGS, cliproxyapi_in_use, endpoint,
+    public_url_from_environment, public_url_is_set, upstreams,
+)
 from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
 from usage.pricing import PriceBook
 
@@ -493,3 +501,177 @@ def admin_dashboard(*, now: datetime) -> Dashboard:
         key_list_refused=IMPLAUSIBLE_NOTIFIED in flags,
         has_pool=has_pool,
     )
+
+
+# --- the getting-started checklist --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChecklistItem:
+    """One step of a first run: done or not, in words, and what to do about it (a link, or a
+    button that POSTs to `action_url`; a shell step only where there is no other way)."""
+
+    name: str  # stable: staff, upstream, pool, statistics, sync, public_url
+    title: str
+    done: bool
+    lines: list[str]
+    action_label: str = ""
+    action_url: str = ""
+    action_post: bool = False
+
+
+@dataclass(frozen=True)
+class Checklist:
+    items: list[ChecklistItem]
+
+    @property
+    def done(self) -> bool:
+        return all(item.done for item in self.items)
+
+    @property
+    def remaining(self) -> int:
+        return sum(not item.done for item in self.items)
+
+
+def _change_url(upstream: Upstream) -> str:
+    return reverse("admin:pool_upstream_change", args=[upstream.pk])
+
+
+def _upstream_item(rows: list[Upstream], probes: Probes) -> ChecklistItem:
+    title = _("An upstream the portal reaches with the right key")
+    if not rows:
+        return ChecklistItem("upstream", title, False,
+                             [_("No relay is configured yet: the portal cannot make keys.")],
+                             _("Add an upstream"), reverse("admin:pool_upstream_add"))
+    problems: list[str] = []
+    action_label, action_url = "", ""
+    proxy_row = next((row for row in rows if row.is_cliproxyapi), None)
+    proxy = probes.proxy
+    if proxy_row is not None and proxy is not None and not (proxy.reachable and not proxy.refused):
+        if proxy.refused or proxy.no_key:
+            if proxy.refused:
+                problems.append(_("%(name)s refused the portal's management key.")
+                                % {"name": proxy_row.name})
+            problems.append(proxy.error)
+            problems.append(
+                _("Set CLIPROXY_MANAGEMENT_KEY in the environment (.env) to the proxy's "
+                  "remote-management secret-key and restart the portal.")
+                if proxy_row.from_environment else
+                _("Give the upstream the proxy's remote-management secret-key as its secret."))
+            if not proxy_row.from_environment:
+                action_label, action_url = _("Edit the upstream"), _change_url(proxy_row)
+        else:
+            problems.append(_("%(name)s does not answer: %(error)s")
+                            % {"name": proxy_row.name, "error": proxy.error})
+            action_label, action_url = _("Proxy status"), reverse("staff-proxy")
+    for relay in probes.relays:
+        if not relay.ok:
+            problems.append(_("%(name)s does not answer as expected: %(detail)s")
+                            % {"name": relay.name, "detail": relay.detail})
+            action_label = action_label or _("Upstreams")
+            action_url = action_url or reverse("admin:pool_upstream_changelist")
+    if problems:
+        return ChecklistItem("upstream", title, False, problems, action_label, action_url)
+    return ChecklistItem("upstream", title, True, [
+        ngettext("%(names)s answers.", "%(names)s answer.", len(rows))
+        % {"names": ", ".join(row.name for row in rows)}])
+
+
+def _public_url_item(rows: list[Upstream]) -> ChecklistItem:
+    title = _("The address people's tools are given")
+    if not rows:
+        return ChecklistItem("public_url", title, False, [_("Add an upstream first.")])
+    problems: list[str] = []
+    fine: list[str] = []
+    action_label, action_url = "", ""
+    for row in rows:
+        given = endpoint(row).public_url
+        chosen = public_url_is_set(row)
+        by_environment = row.from_environment and public_url_from_environment(row.kind)
+        if chosen and not is_loopback(given):
+            fine.append(_("%(name)s: people are given %(url)s.") % {"name": row.name, "url": given})
+            continue
+        if chosen:
+            problems.append(_("%(name)s: people are given %(url)s, a loopback address: what they "
+                              "paste works only on this machine.")
+                            % {"name": row.name, "url": given})
+        else:
+            problems.append(_("%(name)s: no public URL is set, so people are given its "
+                              "management URL %(url)s.")
+                            % {"name": row.name, "url": given or "—"})
+        if by_environment:
+            problems.append(_("It is set by %(setting)s in the environment (.env): change it "
+                              "there and restart the portal.")
+                            % {"setting": PUBLIC_URL_SETTINGS[row.kind]})
+        elif not action_url:
+            action_label, action_url = _("Set the public URL"), _change_url(row)
+    if problems:
+        return ChecklistItem("public_url", title, False, problems + fine, action_label,
+                             action_url)
+    return ChecklistItem("public_url", title, True, fine)
+
+
+def _pool_items(probes: Probes, index: str) -> list[ChecklistItem]:
+    """The CLIProxyAPI's own steps: its pool and its statistics switch. Their buttons only
+    once the portal knows where the proxy is (they would fail before)."""
+    no_proxy = [_("The CLIProxyAPI comes first (see above).")]
+    pool = pool_status()
+    if pool.ready or pool.assigned:
+        pool_item = ChecklistItem("pool", _("The key pool"), True, [
+            _("%(ready)d keys are ready for people; %(assigned)d are handed out.")
+            % {"ready": pool.ready, "assigned": pool.assigned}])
+    elif probes.proxy is None:
+        pool_item = ChecklistItem("pool", _("The key pool"), False, no_proxy)
+    else:
+        pool_item = ChecklistItem(
+            "pool", _("The key pool"), False,
+            [_("No key is in the pool yet: people who register now would get none. The "
+               "button makes the keys and pushes them to CLIProxyAPI.")],
+            _("Fill the pool"), f"{reverse('admin:pool_apikey_reconcile')}?next={index}",
+            action_post=True)
+    title = _("Usage statistics on at CLIProxyAPI")
+    if probes.proxy is None:
+        return [pool_item, ChecklistItem("statistics", title, False, no_proxy)]
+    statistics = probes.proxy.statistics
+    if statistics:
+        return [pool_item, ChecklistItem("statistics", title, True, [
+            _("CLIProxyAPI records every request for the portal to count.")])]
+    lines = ([_("CLIProxyAPI's usage statistics are off: it records no usage, so usage pages, "
+                "limits and the leaderboard would not move.")] if statistics is False
+             else [_("Not known until CLIProxyAPI answers (see above).")])
+    return [pool_item, ChecklistItem("statistics", title, False, lines, _("Proxy settings"),
+                                     reverse("staff-proxy-settings"))]
+
+
+def getting_started(*, user: User) -> Checklist:
+    """The admin index's first-run checklist: each step done or not and what to do next.
+    Reads the database (a few queries) and the upstreams through `upstream_probes`, which
+    asks them at most once a minute within a short budget (a down proxy cannot make the index
+    hang)."""
+    rows = list(upstreams())
+    has_pool = cliproxyapi_in_use(rows=rows)
+    probes = upstream_probes(rows=rows)
+    index = reverse("admin:index")
+    items = [ChecklistItem("staff", _("A staff account"), True, [
+        _("You are signed in as %(email)s. Give others staff status under People.")
+        % {"email": user.email}])]
+    items.append(_upstream_item(rows, probes))
+    if has_pool:
+        items.extend(_pool_items(probes, index))
+    # One query: the latest good run when there is one, else the latest failed one.
+    run = SyncRun.objects.order_by("-ok", "-started_at", "-id").first()
+    synced = run if run is not None and run.ok else None
+    if synced is not None:
+        items.append(ChecklistItem("sync", _("A usage sync has run"), True, [
+            _("The last good one started %(when)s. Keep usage flowing with `manage.py "
+              "sync_usage --follow` as a service, or `sync_usage` from cron.")
+            % {"when": date_format(timezone.localtime(synced.started_at), "DATETIME_FORMAT")}]))
+    else:
+        lines = ([_("The last sync failed: %(message)s") % {"message": run.message}]
+                 if run is not None else [_("No usage sync has run yet.")])
+        items.append(ChecklistItem("sync", _("A usage sync has run"), False, lines,
+                                   _("Sync now"),
+                                   f"{reverse('admin:usage_syncrun_sync')}?next={index}",
+                                   action_post=True))
+    items.append(_public_url_item(rows))
+    return Checklist(items)
