@@ -6,6 +6,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from django.db import connections
 from django.db.models import Count, Q
@@ -118,3 +120,42 @@ class HealthCheck:
             found.append(UpstreamHealth(upstream, health, held.get(upstream.id, 0),
                                         endpoint(upstream).public_url))
         return found
+
+
+# --- the last known health (the staff dashboard's) --------------------------------------------
+
+# Each upstream's last answer, kept in the shared cache as {upstream id: {"ok", "detail",
+# "at"}} so that every portal process shows the same, and the admin index reads it in the
+# same cache read as its other flags. Written by pool.services.upstream_health_refresh (at
+# most once per HEALTH_EVERY seconds, from the index) and by the proxy status page, which
+# asks anyway.
+HEALTH_CACHE_KEY = "pool:upstream-health"
+HEALTH_REFRESH_LOCK = "pool:upstream-health:refreshing"
+HEALTH_EVERY = 60  # seconds between two checks, across processes
+HEALTH_KEEP = 24 * 3600  # a day-old answer still beats none; its age is shown
+
+
+@dataclass(frozen=True)
+class KnownHealth:
+    upstream: Upstream
+    ok: bool | None  # None: not checked yet
+    detail: str
+    checked_at: datetime | None
+
+    def stale(self, *, now: datetime) -> bool:
+        return self.checked_at is None or (now - self.checked_at).total_seconds() >= HEALTH_EVERY
+
+
+def health_known(*, rows: list[Upstream], stored: dict[Any, Any] | None) -> list[KnownHealth]:
+    """`rows`' last known health from what the cache held under HEALTH_CACHE_KEY (read by
+    the caller, with its other keys)."""
+    stored = stored or {}
+    found = []
+    for upstream in rows:
+        entry = stored.get(upstream.pk)
+        if entry is None:
+            found.append(KnownHealth(upstream, None, "", None))
+        else:
+            found.append(KnownHealth(upstream, bool(entry["ok"]), str(entry["detail"]),
+                                     datetime.fromisoformat(entry["at"])))
+    return found
