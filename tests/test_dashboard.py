@@ -486,3 +486,13 @@ def test_the_dashboard_in_simplified_chinese(client, boss, month_of_usage):
     assert "今日请求" in part and "较昨日 +50 %" in change(part, "requests")
     assert "近 30 天用量最多的人" in part and "近 30 天用量最多的模型" in part
     assert "Top people" not in part and "vs yesterday" not in part
+
+
+def test_only_models_unpriced_in_the_last_30_days_are_called_unpriced(client, boss):
+    (ann,) = issue(1, ["ann@example.com"])
+    served(ann.key, at=local_noon(45), model="old-model", requests=1)
+    served(ann.key, at=local_noon(29), model="recent-model", requests=1)
+    client.force_login(boss)
+    unpriced = dashboard_of(client.get("/admin/").content.decode()).split(
+        'data-alert="unpriced">', 1)[1].split("</td>", 1)[0]
+    assert "<code>recent-model</code>" in unpriced and "old-model" not in unpriced
