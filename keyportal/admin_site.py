@@ -90,10 +90,25 @@ class PortalAdminSite(admin.AdminSite):
               ) -> HttpResponse:
         # The dashboard on top of the index (templates/admin/index.html). Imported here:
         # keyportal sits under the apps, and usage reads the pool and the proxy's state.
+        from usage.charts import chart, chart_days
         from usage.selectors import admin_dashboard, getting_started
 
-        context = {"dashboard": admin_dashboard(now=timezone.now()),
-                   "checklist": getting_started(user=request.user), **(extra_context or {})}
+        # The trend chart's period picker (?days=7/30/90), as on the person pages.
+        days, unknown = chart_days(request.GET)
+        # The checklist first: its look at the upstreams (at most once a minute) also leaves
+        # their health where the dashboard reads it, so one visit asks them once.
+        checklist = getting_started(user=request.user)
+        dashboard = admin_dashboard(now=timezone.now(), days=days)
+        context = {
+            "checklist": checklist,
+            "dashboard": dashboard,
+            "usage_chart": chart(
+                dashboard.trend, query=request.GET, chart_id="dashboard-trend",
+                title=_("Everyone's daily usage by model"), unknown_days=unknown,
+                measures=("requests", "tokens", "cost"),
+            ) if dashboard.trend is not None else None,
+            **(extra_context or {}),
+        }
         return super().index(request, context)
 
 

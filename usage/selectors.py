@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, Max, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, ExtractHour, TruncDate
 from django.urls import reverse
 from django.utils import timezone
@@ -22,14 +22,18 @@ from accounts.models import User
 from keyportal.checks import is_loopback
 from keyportal.models import AuditEvent
 from pool.models import ApiKey, Upstream
-from pool.selectors import Probes, pool_status, upstream_probes
-from pool.services import IMPLAUSIBLE_NOTIFIED
+from pool.selectors import (
+    HEALTH_CACHE_KEY, KnownHealth, Probes, health_known, pool_status, upstream_probes,
+)
+from pool.services import IMPLAUSIBLE_NOTIFIED, upstream_health_refresh
 from pool.upstream import ProxyClient
 from pool.upstreams.registry import (
     PUBLIC_URL_SETTINGS, cliproxyapi_in_use, endpoint,
     public_url_from_environment, public_url_is_set, upstreams,
 )
-from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
+from usage.models import (
+    QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageModelDay, UsageSnapshot,
+)
 from usage.pricing import PriceBook
 
 _ZERO = 0
@@ -429,12 +433,34 @@ def person_audit(*, person: User, keys: list[ApiKey], limit: int = 30) -> list[A
 
 # --- the admin index dashboard ------------------------------------------------------------------
 
-UNPRICED_LOOKBACK = timedelta(days=30)
+DASHBOARD_DAYS = 30  # top people and models, cache-hit share
+DASHBOARD_TOP = 10
+
+
+@dataclass(frozen=True)
+class TopPerson:
+    person_id: int
+    email: str
+    totals: Totals
+
+
+def _change(now: int | Decimal, before: int | Decimal) -> str:
+    """Today against yesterday in words: "+12 % vs yesterday", "same as yesterday" (within
+    half a percent), "none yesterday", "" when neither day had any."""
+    if not now and not before:
+        return ""
+    if not before:
+        return _("none yesterday")
+    percent = round(100 * (Decimal(now) - Decimal(before)) / Decimal(before))
+    if percent == 0:
+        return _("same as yesterday")
+    sign = "+" if percent > 0 else "−"
+    return _("%(change)s vs yesterday") % {"change": f"{sign}{abs(percent)} %"}
 
 
 @dataclass(frozen=True)
 class Dashboard:
-    today: Totals  # people's usage today (portal's TIME_ZONE), from the person × day rollup
+    today: Totals  # people's usage today (portal's TIME_ZONE), from the model × day rollup
     pool_unused: int
     pool_ready: int
     pool_min: int
@@ -446,6 +472,15 @@ class Dashboard:
     # False on a portal with no CLIProxyAPI (only relays that make their own keys): no pool
     # to keep above its low-water mark, no proxy pages.
     has_pool: bool = True
+    yesterday: Totals = Totals()
+    trend: Daily | None = None  # per day and model over the chart's period (default 30 days)
+    month: Totals = Totals()  # the last DASHBOARD_DAYS days, with the input split
+    top_people: list[TopPerson] = field(default_factory=list)
+    top_models: list[tuple[str, Totals]] = field(default_factory=list)
+    last_ok_sync: datetime | None = None  # when the last successful sync finished
+    backlog: SyncBacklog | None = None
+    upstreams: list[KnownHealth] = field(default_factory=list)
+    now: datetime | None = None  # when it was read: the ages shown count from it
 
     @property
     def pool_low(self) -> bool:
@@ -457,49 +492,114 @@ class Dashboard:
                     or self.quarantined_week or self.proxy_refused or self.key_list_refused
                     or self.unpriced_models)
 
+    @property
+    def changes(self) -> dict[str, str]:
+        """Today against yesterday, per measure, in words (cost: the known part)."""
+        return {
+            "requests": _change(self.today.requests, self.yesterday.requests),
+            "tokens": _change(self.today.tokens, self.yesterday.tokens),
+            "cost": _change(self.today.cost, self.yesterday.cost),
+        }
 
-def unpriced_models_seen(*, since: datetime) -> list[str]:
-    """Models used since `since` that had no price when counted and still have none (one
-    priced since then needs a recompute, not a price): two queries, the hour index and the
-    price book, as the admin's "Unpriced models seen" page decides."""
+
+def unpriced_models_seen(*, since: date) -> list[str]:
+    """Models used on people's keys since the local day `since` that had no price when
+    counted and still have none (one priced since then needs a recompute, not a price): two
+    small queries, the model × day rollup and the price book, as the admin's "Unpriced
+    models seen" page decides. (The hourly table's hour index served this before: a third of
+    the dashboard's database time at 2,000,000 rows.)"""
     seen = (
-        UsageSnapshot.objects.filter(hour__gte=since, cost__isnull=True)
+        UsageModelDay.objects.filter(day__gte=since, unpriced_requests__gt=0)
         .values_list("model", flat=True).distinct().order_by("model")
     )
     book = PriceBook.load()
     return [model for model in seen if book.price_for(model) is None]
 
 
-def admin_dashboard(*, now: datetime) -> Dashboard:
-    """What the admin index shows, in a constant number of queries (seven with the database
-    cache: today, pool, last sync, unpriced models and the price book, quarantined, and both
-    cache flags read together)."""
-    today = timezone.localdate(now, timezone=timezone.get_default_timezone())
-    row = UsageDay.objects.filter(day=today).aggregate(**{
-        "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),
-        "c": Sum("cost"), "u": Coalesce(Sum("unpriced_requests"), _ZERO),
-        "i": Coalesce(Sum("incomplete_requests"), _ZERO),
-    })
+def _model_days(*, since: date) -> dict[tuple[date, str], Totals]:
+    """The model × day rollup from `since`, one query: a few rows per model and day."""
+    rows = UsageModelDay.objects.filter(day__gte=since).values_list(
+        "day", "model", "requests", "total_tokens", "cost", "unpriced_requests",
+        "incomplete_requests", "input_tokens", "cached_tokens", "cache_creation_tokens",
+    )
+    return {(day, model): Totals(r, t, _decimal(c), u, i, n, cr, cw)
+            for day, model, r, t, c, u, i, n, cr, cw in rows}
+
+
+def _top_people(*, since: date, limit: int) -> list[TopPerson]:
+    """The people who cost most since `since` (then most tokens), from the person × day
+    rollup read through its (day, person, sums) covering index; one query with their emails."""
+    grouped = (
+        UsageDay.objects.filter(day__gte=since).values("person", "person__email")
+        .annotate(r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
+                  u=Sum("unpriced_requests"), i=Sum("incomplete_requests"))
+        .order_by("-c", "-t", "person")[:limit]
+    )
+    return [TopPerson(row["person"], row["person__email"],
+                      Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"]),
+                             int(row["i"])))
+            for row in grouped]
+
+
+def admin_dashboard(*, now: datetime, days: int = DASHBOARD_DAYS) -> Dashboard:
+    """What the admin index shows, in a constant number of queries whatever the usage: the
+    model × day rollup (today, yesterday, the trend, top models, cache-hit share), the person
+    × day rollup (top people), pool, last sync and last good sync, unpriced models and the
+    price book, the sync backlog (two), the upstreams, and one cache read for the refusal
+    flags and the upstreams' last known health. `days` is the trend chart's period.
+
+    No upstream is asked anything here, except once a minute at most across processes (see
+    pool.services.upstream_health_refresh), within the page's proxy budget."""
+    zone = timezone.get_default_timezone()
+    today = timezone.localdate(now, timezone=zone)
+    yesterday = today - timedelta(days=1)
+    trend_since = today - timedelta(days=days - 1)
+    month_since = today - timedelta(days=DASHBOARD_DAYS - 1)
+    cells = _model_days(since=min(trend_since, month_since, yesterday))
+
+    day_totals: dict[date, Totals] = {}
+    month_cells: dict[str, Totals] = {}
+    for (day, model), t in cells.items():
+        day_totals[day] = _add(day_totals.get(day, Totals()), t)
+        if day >= month_since:
+            month_cells[model] = _add(month_cells.get(model, Totals()), t)
+    month = Totals()
+    for t in month_cells.values():
+        month = _add(month, t)
+    top_models = sorted(month_cells.items(), key=lambda mt: (-mt[1].cost, -mt[1].tokens, mt[0]))
+
     pool = pool_status()
+    # As cliproxyapi_in_use(), from the one list of upstreams the health section needs too.
+    rows = list(upstreams())
+    has_pool = bool(settings.CLIPROXY_URL) or any(u.is_cliproxyapi for u in rows) or not rows
     latch_key = ""
-    has_pool = cliproxyapi_in_use()
     if settings.CLIPROXY_URL:
         # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
         # never probed, so that the index page sends nothing to the proxy.
         with ProxyClient.from_settings() as client:
             latch_key = client.refusal_cache_key
-    flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED) if k])
+    flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED, HEALTH_CACHE_KEY) if k])
+    health = health_known(rows=rows, stored=flags.get(HEALTH_CACHE_KEY))
+    if any(h.stale(now=now) for h in health) and upstream_health_refresh(
+            rows=rows, budget=settings.PORTAL_REQUEST_PROXY_BUDGET, now=now):
+        health = health_known(rows=rows, stored=cache.get(HEALTH_CACHE_KEY))
+    backlog = sync_backlog(now=now)
+    last_ok = SyncRun.objects.filter(ok=True).aggregate(at=Max("finished_at"))["at"]
     return Dashboard(
-        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"]),
-                     int(row["i"])),
+        today=day_totals.get(today, Totals()),
         pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
         sync=last_sync(),
-        unpriced_models=unpriced_models_seen(since=now - UNPRICED_LOOKBACK),
-        quarantined_week=QuarantinedRecord.objects.filter(
-            created_at__gte=now - timedelta(days=7)).count(),
+        unpriced_models=unpriced_models_seen(since=month_since),
+        quarantined_week=backlog.quarantined_week,
         proxy_refused=bool(latch_key) and latch_key in flags,
         key_list_refused=IMPLAUSIBLE_NOTIFIED in flags,
         has_pool=has_pool,
+        yesterday=day_totals.get(yesterday, Totals()),
+        trend=_daily(trend_since, days, {k: t for k, t in cells.items() if k[0] >= trend_since}),
+        month=month,
+        top_people=_top_people(since=month_since, limit=DASHBOARD_TOP),
+        top_models=top_models[:DASHBOARD_TOP],
+        last_ok_sync=last_ok, backlog=backlog, upstreams=health, now=now,
     )
 
 
