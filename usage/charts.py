@@ -240,9 +240,13 @@ def chart_days(query: QueryDict) -> tuple[int, bool]:
 
 
 def chart(daily: Daily, *, query: QueryDict, chart_id: str, title: str, unknown_days: bool = False,
-          measures: tuple[str, ...] = ("tokens", "cost")) -> Chart:
+          measures: tuple[str, ...] = ("tokens", "cost"),
+          colours: dict[str, str] | None = None) -> Chart:
+    """`colours`: a page drawing several Chart objects passes one `series_colours()` mapping
+    (of the series of all of them, folded alike) so that a model keeps its colour across
+    them; by default the colours are this chart's own."""
     daily = fold(daily)
-    colours = series_colours(daily)
+    colours = colours or series_colours(daily)
     currency = display_currency()
     choices = []
     for n in CHART_DAYS:
