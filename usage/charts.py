@@ -160,7 +160,7 @@ def stacked(daily: Daily, *, measure: str, colours: dict[str, str] | None = None
             currency: Currency | None = None) -> Stacked:
     """One bar per day, one segment per series stacked bottom-up in `daily.series` order."""
     currency = currency or display_currency()
-    colours = colours or series_colours(daily)
+    colours = {**series_colours(daily), **(colours or {})}  # never a series without one
     top = max((_value(daily.per_day.get(d, Totals()), measure, currency) for d in daily.days),
               default=Decimal(0))
     axis_max, step = nice_ceiling(top)
@@ -246,7 +246,7 @@ def chart(daily: Daily, *, query: QueryDict, chart_id: str, title: str, unknown_
     (of the series of all of them, folded alike) so that a model keeps its colour across
     them; by default the colours are this chart's own."""
     daily = fold(daily)
-    colours = colours or series_colours(daily)
+    colours = {**series_colours(daily), **(colours or {})}  # never a series without one
     currency = display_currency()
     choices = []
     for n in CHART_DAYS:
