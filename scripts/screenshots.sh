@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Screenshots of the portal's main pages, for people who want to see it without running it.
 # Not part of CI. Starts a throwaway portal on a temporary SQLite database filled with demo
-# data (manage.py seed_demo), and writes PNGs of /my-keys, a key page, the staff person page,
-# the admin dashboard and the leaderboard at 1280 and 390 px, with a zh-CN browser, into
-# the directory given (default docs/screenshots/). Needs the dev setup (make setup-dev):
+# data (manage.py seed_demo; CNY as the display currency, DISPLAY_CURRENCY=USD: 1 for
+# dollars), and writes PNGs of the admin dashboard, the API keys list, /my-keys, the
+# leaderboard, a key page and the staff person page at 1280 and 390 px, in English and in
+# zh-CN (<page>-<width>-<locale>.png), into the directory given (default docs/screenshots/).
+# It exits non-zero naming the shot when a list is wider than its column, a page wider than
+# the window, or two chart series share a colour. Needs the dev setup (make setup-dev):
 # the venv's Playwright and the system Chromium (/usr/bin/chromium).
 #
-#   scripts/screenshots.sh [OUT_DIR] [--locale en-US]
+#   scripts/screenshots.sh [OUT_DIR] [--locales en,zh-CN]
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,7 +35,7 @@ fi
 
 echo "== demo database in $TMP"
 $PY manage.py migrate --noinput -v0
-$PY manage.py seed_demo --staff-password "$PASSWORD"
+$PY manage.py seed_demo --staff-password "$PASSWORD" --currency "${DISPLAY_CURRENCY:-CNY:7.1}"
 $PY manage.py compilemessages -v0 >/dev/null 2>&1 || true  # when locale/ exists
 
 echo "== portal on 127.0.0.1:$PORT"

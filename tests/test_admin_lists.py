@@ -49,7 +49,8 @@ def populate(n: int) -> list:
 LISTS = {
     "/admin/accounts/user/": 4,
     "/admin/accounts/apitoken/": 5,
-    "/admin/pool/apikey/": 9,  # with the upstream filter's choices, is there a CLIProxyAPI
+    # with the upstream filter's choices, is there a CLIProxyAPI, and the people's / pool counts
+    "/admin/pool/apikey/": 10,
     "/admin/keyportal/auditevent/": 7,
     "/admin/usage/usagesnapshot/": 8,
     "/admin/usage/modelprice/": 5,
@@ -76,7 +77,7 @@ def test_people_list_shows_each_persons_keys_and_tokens(admin_client):
     # 2 keys; 2 rows of 300 tokens; cost known for one row only.
     assert '<td class="field-key_count">2</td>' in page
     assert '<td class="field-tokens">600</td>' in page
-    assert '<td class="field-cost">0.50</td>' in page
+    assert '<td class="field-cost">$0.50</td>' in page  # the one money format
 
 
 def test_people_list_sorts_by_tokens_and_filters_by_limits(admin_client):

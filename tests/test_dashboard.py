@@ -137,8 +137,11 @@ def test_seed_demo_fills_an_empty_database_once(client, settings):
     settings.PORTAL_POOL_MIN = 20
     out = StringIO()
     call_command("seed_demo", "--staff-password", "a-long-password-1", "--days", "3",
-                 stdout=out)
-    assert "4 people, 8 keys" in out.getvalue()
+                 "--currency", "CNY:7.1", stdout=out)
+    assert "5 people, 10 keys" in out.getvalue()
+    from usage.models import DisplayCurrency
+
+    assert DisplayCurrency.objects.values_list("code", "rate").get() == ("CNY", Decimal("7.1"))
     with pytest.raises(CommandError, match="only fills an empty database"):
         call_command("seed_demo", "--staff-password", "x", stdout=StringIO())
     client.force_login(User.objects.get(email="staff@example.com"))

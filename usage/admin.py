@@ -13,16 +13,18 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 
-from accounts.models import Limits, User
+from accounts.admin import LimitDefaultsAdmin
+from accounts.models import LimitDefaults, Limits, User
 from keyportal.admin_site import back_to
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 from pool.admin import ApiKeyAdmin, PersonKeysAdmin
 from pool.models import ApiKey
 from pool.services import keys_reconcile_in_request, relays_reconcile_quietly
-from usage.currency import Currency, remember
+from usage.currency import Currency, display_currency, money, remember
 from usage.limits import limits_release
 from usage.models import (
     DisplayCurrency, LimitNotice, ModelPrice, QuarantinedRecord, SyncRun, UsageBatch,
@@ -51,11 +53,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(UsageSnapshot)
 class UsageSnapshotAdmin(ReadOnlyAdmin):
-    list_display = (
-        "hour", "owner_email", "key", "model", "requests", "failures", "input_tokens",
-        "cached_tokens", "cache_creation_tokens", "output_tokens", "total_tokens",
-        "incomplete_requests", "cost_display",
-    )
+    # Eight columns fit the admin's column at 1280 px; the token split (input, cached, cache
+    # writes, output) and the incomplete count are on each row's page and in the CSV export.
+    list_display = ("hour", "owner_email", "key", "model", "requests", "failures",
+                    "total_tokens", "cost_display")
     list_filter = ("model", "api_key__status", ("hour", admin.DateFieldListFilter))
     search_fields = ("api_key__owner__email", "api_key__owner__name", "model")
     list_select_related = ("api_key", "api_key__owner")
@@ -66,15 +67,18 @@ class UsageSnapshotAdmin(ReadOnlyAdmin):
     @admin.display(description=_("owner"), ordering="api_key__owner__email")
     def owner_email(self, obj: UsageSnapshot) -> str:
         owner = obj.api_key.owner
-        return owner.email if owner else _("(nobody: pool key)")
+        text = owner.email if owner else _("(nobody: pool key)")
+        return format_html('<span class="clip" title="{}">{}</span>', text, text)
 
     @admin.display(description=_("key"))
     def key(self, obj: UsageSnapshot) -> str:
         return obj.api_key.masked
 
-    @admin.display(description=_("cost (USD)"), ordering="cost")
+    @admin.display(description=_("cost"), ordering="cost")
     def cost_display(self, obj: UsageSnapshot) -> str:
-        return _("unknown") if obj.cost is None else f"{obj.cost:.4f}"
+        # In the display currency by the one rounding rule (usage.currency.money), as on every
+        # page; the CSV export keeps the full figure.
+        return _("unknown") if obj.cost is None else money(obj.cost)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict | None = None
@@ -93,12 +97,19 @@ UNPRICED_PERIODS = {"7": 7, "30": 30, "90": 90, "all": None}
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(admin.ModelAdmin):
-    list_display = ("model", "input", "output", "cache_read", "cache_write", "taken_on", "source")
+    # The source (a long URL) is clipped to fit the column at 1280 px; whole in its title.
+    list_display = ("model", "input", "output", "cache_read", "cache_write", "taken_on",
+                    "source_short")
     list_editable = ("input", "output", "cache_read", "cache_write")
     search_fields = ("model",)
     list_filter = ("taken_on",)
     actions = ("recompute_cost",)
     change_list_template = "admin/usage/modelprice/change_list.html"
+
+    @admin.display(description=_("source"), ordering="source")
+    def source_short(self, obj: ModelPrice) -> str:
+        return format_html('<span class="clip" title="{}">{}</span>', obj.source, obj.source) \
+            if obj.source else "—"
 
     # Every change to a price is audited: it changes what people are told they spent.
     def save_model(self, request: HttpRequest, obj: ModelPrice, form: Any, change: bool) -> None:
@@ -210,12 +221,17 @@ class DisplayCurrencyAdmin(admin.ModelAdmin):
 
 @admin.register(SyncRun)
 class SyncRunAdmin(ReadOnlyAdmin):
-    list_display = (
-        "started_at", "ok", "mode", "records_read", "records_stored", "records_foreign",
-        "records_unissued", "records_quarantined", "records_incomplete", "people",
-        "duration_ms", "message",
-    )
+    # Fits the admin's column at 1280 px: the message clipped (whole in its title and on the
+    # run's page, with the foreign, unissued and incomplete counts and the people touched).
+    list_display = ("started_at", "ok", "mode", "records_read", "records_stored",
+                    "records_quarantined", "duration_ms", "message_short")
     list_filter = ("ok", "mode")
+
+    @admin.display(description=_("message"))
+    def message_short(self, obj: SyncRun) -> str:
+        return format_html('<span class="clip-wide" title="{}">{}</span>', obj.message,
+                           obj.message) if obj.message else "—"
+
     search_fields = ("message",)
     date_hierarchy = "started_at"
     show_full_result_count = False
@@ -343,10 +359,39 @@ class UsageColumns:
     def tokens(self, obj: object) -> int:
         return getattr(obj, "tokens_total", None) or 0
 
-    @admin.display(description=_("known cost (USD)"), ordering="cost_known")
+    @admin.display(description=_("known cost"), ordering="cost_known")
     def cost(self, obj: object) -> str:
         cost: Decimal | None = getattr(obj, "cost_known", None)
-        return "—" if cost is None else f"{cost:.2f}"
+        return "—" if cost is None else money(cost)
+
+
+class CostLimitsInDollars:
+    """The cost limit fields say what they hold. Limits are stored, entered and enforced in
+    US dollars (the relays that enforce limits themselves count in dollars, and a limit must
+    not move when staff change the display rate); with another display currency the help text
+    also gives each stored limit in it, as the quota bars show it."""
+
+    COST_LIMITS = ("limit_cost_day", "limit_cost_month")
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False,
+                 **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)  # type: ignore[misc]
+        currency = display_currency()
+        for name in self.COST_LIMITS:
+            field = form.base_fields.get(name)
+            if field is None:
+                continue
+            text = str(_("In US dollars (USD), as the relays enforce it; empty: no limit."))
+            if not currency.is_usd:
+                text += " " + str(_("Pages show amounts in %(code)s at %(rate)s %(code)s per "
+                                    "US dollar.") % {"code": currency.code,
+                                                     "rate": f"{currency.rate.normalize():f}"})
+                value = getattr(obj, name, None) if obj is not None else None
+                if value is not None:
+                    text += " " + str(_("This limit is %(amount)s there.")
+                                      % {"amount": money(value, currency=currency)})
+            field.help_text = text
+        return form
 
 
 class LimitsReleased:
@@ -393,9 +438,24 @@ admin.site.unregister(User)
 
 
 @admin.register(User)
-class PersonAdmin(LimitsReleased, UsageColumns, PersonKeysAdmin):
-    list_display = (*PersonKeysAdmin.list_display[:2], "key_count", "tokens", "cost",
-                    *PersonKeysAdmin.list_display[2:])
+class PersonAdmin(CostLimitsInDollars, LimitsReleased, UsageColumns, PersonKeysAdmin):
+    # Fits the admin's column at 1280 px: the address clipped (whole in its title), the
+    # last sign-in as a date; when they joined is a filter and on the person's page.
+    list_display = ("email_short", "name", "key_count", "tokens", "cost", "is_staff",
+                    "is_active", "last_seen")
+    list_display_links = ("email_short",)
+
+    @admin.display(description=_("email address"), ordering="email")
+    def email_short(self, obj: User) -> str:
+        return format_html('<span class="clip-wide" title="{}">{}</span>', obj.email, obj.email)
+
+    @admin.display(description=_("last login"), ordering="last_login")
+    def last_seen(self, obj: User) -> str:
+        if obj.last_login is None:
+            return "—"
+        when = timezone.localtime(obj.last_login)
+        return format_html('<time datetime="{}" title="{}">{}</time>', when.isoformat(),
+                           when.strftime("%Y-%m-%d %H:%M"), when.strftime("%Y-%m-%d"))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         keys = ApiKey.objects.filter(owner=OuterRef("pk")).order_by().values("owner")
@@ -418,7 +478,7 @@ admin.site.unregister(ApiKey)
 
 
 @admin.register(ApiKey)
-class KeyAdmin(LimitsReleased, UsageColumns, ApiKeyAdmin):
+class KeyAdmin(CostLimitsInDollars, LimitsReleased, UsageColumns, ApiKeyAdmin):
     list_display = (*ApiKeyAdmin.list_display, "tokens", "cost")
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
@@ -428,3 +488,11 @@ class KeyAdmin(LimitsReleased, UsageColumns, ApiKeyAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).annotate(**_usage_of(api_key=OuterRef("pk")))
+
+
+admin.site.unregister(LimitDefaults)
+
+
+@admin.register(LimitDefaults)
+class DefaultsAdmin(CostLimitsInDollars, LimitDefaultsAdmin):
+    """accounts' defaults for new people, with the cost limits' currency said."""

@@ -10,8 +10,7 @@ fallback, and what the tests and the browser read)."""
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -21,7 +20,8 @@ from django.utils.formats import number_format
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from usage.selectors import ALL_USAGE, CHART_DAYS, Daily, Totals
+from usage.currency import Currency, display_currency, money
+from usage.selectors import ALL_USAGE, CHART_DAYS, Daily, Totals, _add
 
 # The drawing, in viewBox units. 480 wide keeps the axis text legible when a 390 px phone
 # scales the whole chart down to ~360 px.
@@ -29,27 +29,56 @@ WIDTH, HEIGHT = 480, 220
 LEFT, RIGHT, TOP, BOTTOM = 58, 22, 10, 28
 PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 PALETTE = 10  # colour classes .series-0 ... .series-9 in charts.css
+OTHERS = "+others"  # the series the models past the palette are folded into (no model name)
 DEFAULT_DAYS = 30
-MEASURES = {"tokens": gettext_lazy("Tokens"), "cost": gettext_lazy("Cost (USD, known part)"),
+MEASURES = {"tokens": gettext_lazy("Tokens"),
+            "cost": gettext_lazy("Cost (%(code)s, known part)"),
             "requests": gettext_lazy("Requests")}
 
 
-def series_class(name: str) -> str:
-    """The colour class of a model: from a hash of its name, so a model has the same colour
-    on every chart and page, whatever else is drawn next to it."""
-    if name == ALL_USAGE:
-        return "series-all"
-    return f"series-{zlib.crc32(name.encode()) % PALETTE}"
+def series_colours(daily: Daily) -> dict[str, str]:
+    """The colour class of each series of one page's charts: the palette in the series' own
+    order (most tokens first, then by name), so no two series of a page share a colour and a
+    model keeps its colour on every chart of the page. (A hash of the model name gave two
+    pairs of six models one colour each.) A page draws at most PALETTE series: `fold` puts
+    the rest into OTHERS first, which has a grey of its own."""
+    colours = {ALL_USAGE: "series-all", OTHERS: "series-others"}
+    n = 0
+    for name in daily.series:
+        if name not in colours:
+            colours[name] = f"series-{n}"
+            n += 1
+    return colours
+
+
+def fold(daily: Daily, *, keep: int = PALETTE) -> Daily:
+    """`daily` with at most `keep` series: the biggest keep-1 and OTHERS for the rest
+    (their sum, so each day's and the chart's totals stay the same)."""
+    if len(daily.series) <= keep:
+        return daily
+    shown, rest = daily.series[:keep - 1], set(daily.series[keep - 1:])
+    cells: dict[tuple[date, str], Totals] = {}
+    for (day, name), t in daily.cells.items():
+        key = (day, OTHERS if name in rest else name)
+        cells[key] = _add(cells[key], t) if key in cells else t
+    others = Totals()
+    for name in rest:
+        others = _add(others, daily.per_series[name])
+    per_series = {name: daily.per_series[name] for name in shown} | {OTHERS: others}
+    return replace(daily, series=[*shown, OTHERS], cells=cells, per_series=per_series)
 
 
 def series_label(name: str) -> str:
+    if name == OTHERS:
+        return _("other models")
     return _("all usage") if name == ALL_USAGE else name
 
 
-def _value(t: Totals, measure: str) -> Decimal:
+def _value(t: Totals, measure: str, currency: Currency) -> Decimal:
     if measure == "requests":
         return Decimal(t.requests)
-    return Decimal(t.tokens) if measure == "tokens" else t.cost
+    # Costs are drawn in the display currency, so the axis is round in what it says.
+    return Decimal(t.tokens) if measure == "tokens" else currency.convert(t.cost)
 
 
 def nice_ceiling(top: Decimal) -> tuple[Decimal, Decimal]:
@@ -65,10 +94,14 @@ def nice_ceiling(top: Decimal) -> tuple[Decimal, Decimal]:
     return power * 40, power * 10  # not reached: 10 × power × 4 >= top always
 
 
-def compact(value: Decimal, measure: str) -> str:
-    """An axis label: 0, 500, 12k, 1.5M; $0.25, $12."""
+def compact(value: Decimal, measure: str, *, step: Decimal = Decimal(1),
+            currency: Currency | None = None) -> str:
+    """An axis label: 0, 500, 12k, 1.5M; ¥0.25, ¥12 (a scale mark in the display currency,
+    with the decimals its step needs: amounts themselves go through `money`)."""
     if measure == "cost":
-        return f"${value:,.2f}" if value < 10 else f"${value:,.0f}"
+        symbol = (currency or display_currency()).symbol
+        places = 0 if step >= 1 else max(2, -step.normalize().as_tuple().exponent)
+        return f"{symbol}{value:,.{places}f}"
     for size, suffix in ((Decimal(10) ** 9, "B"), (Decimal(10) ** 6, "M"), (Decimal(1000), "k")):
         if value >= size:
             return f"{(value / size).normalize():f}{suffix}"
@@ -120,15 +153,18 @@ class Stacked:
     baseline: int = HEIGHT - BOTTOM
 
 
-def _fmt(value: Decimal, measure: str) -> str:
+def _fmt(t: Totals, measure: str, currency: Currency) -> str:
     if measure == "cost":
-        return f"${value:,.4f}"
-    return number_format(int(value), force_grouping=True)
+        return money(t.cost, currency=currency)
+    return number_format(t.requests if measure == "requests" else t.tokens, force_grouping=True)
 
 
-def stacked(daily: Daily, *, measure: str) -> Stacked:
+def stacked(daily: Daily, *, measure: str, colours: dict[str, str] | None = None,
+            currency: Currency | None = None) -> Stacked:
     """One bar per day, one segment per series stacked bottom-up in `daily.series` order."""
-    top = max((_value(daily.per_day.get(d, Totals()), measure) for d in daily.days),
+    currency = currency or display_currency()
+    colours = {**series_colours(daily), **(colours or {})}  # never a series without one
+    top = max((_value(daily.per_day.get(d, Totals()), measure, currency) for d in daily.days),
               default=Decimal(0))
     axis_max, step = nice_ceiling(top)
     if measure != "cost" and step < 1:  # no quarter tokens (or requests) on the axis
@@ -141,24 +177,28 @@ def stacked(daily: Daily, *, measure: str) -> Stacked:
         y = float(TOP + PLOT_H)
         for name in daily.series:
             cell = daily.cells.get((day, name))
-            value = _value(cell, measure) if cell else Decimal(0)
+            value = _value(cell, measure, currency) if cell else Decimal(0)
             if value <= 0:
                 continue
             height = float(value) * scale
             y -= height
             segments.append(Segment(
                 x=round(LEFT + i * slot + (slot - bar) / 2, 2), y=round(y, 2),
-                width=round(bar, 2), height=round(height, 2), css=series_class(name),
-                title=f"{day:%Y-%m-%d} · {series_label(name)}: {_fmt(value, measure)}",
+                width=round(bar, 2), height=round(height, 2), css=colours[name],
+                title=f"{day:%Y-%m-%d} · {series_label(name)}: {_fmt(cell, measure, currency)}",
             ))
     ticks = [Tick(y=round(TOP + PLOT_H - float(step * n) * scale, 2),
-                  label=compact(step * n, measure)) for n in range(5)]
+                  label=compact(step * n, measure, step=step, currency=currency))
+             for n in range(5)]
     every = max(1, math.ceil(len(daily.days) / 6))
     labels = [DayLabel(x=round(LEFT + (i + 0.5) * slot, 2), label=f"{day.month}-{day.day}")
               for i, day in enumerate(daily.days) if (len(daily.days) - 1 - i) % every == 0]
+    title = str(MEASURES[measure])
+    if measure == "cost":
+        title %= {"code": currency.code}
     return Stacked(
-        measure=measure, title=str(MEASURES[measure]), segments=segments, ticks=ticks,
-        day_labels=labels, total=_value(daily.total, measure),
+        measure=measure, title=title, segments=segments, ticks=ticks,
+        day_labels=labels, total=_value(daily.total, measure, currency),
     )
 
 
@@ -203,20 +243,27 @@ def chart_days(query: QueryDict) -> tuple[int, bool]:
 
 
 def chart(daily: Daily, *, query: QueryDict, chart_id: str, title: str, unknown_days: bool = False,
-          measures: tuple[str, ...] = ("tokens", "cost")) -> Chart:
+          measures: tuple[str, ...] = ("tokens", "cost"),
+          colours: dict[str, str] | None = None) -> Chart:
+    """`colours`: a page drawing several Chart objects passes one `series_colours()` mapping
+    (of the series of all of them, folded alike) so that a model keeps its colour across
+    them; by default the colours are this chart's own."""
+    daily = fold(daily)
+    colours = {**series_colours(daily), **(colours or {})}  # never a series without one
+    currency = display_currency()
     choices = []
     for n in CHART_DAYS:
         q = query.copy()
         q["days"] = str(n)
         choices.append((n, f"?{q.urlencode()}", n == len(daily.days)))
     rows = [
-        DayRow(day, name, series_label(name), series_class(name), daily.cells[(day, name)])
+        DayRow(day, name, series_label(name), colours[name], daily.cells[(day, name)])
         for day in daily.days for name in daily.series if (day, name) in daily.cells
     ]
     return Chart(
         id=chart_id, title=title, days=len(daily.days), daily=daily,
-        charts=[stacked(daily, measure=m) for m in measures],
-        legend=[Legend(name, series_label(name), series_class(name), daily.per_series[name])
+        charts=[stacked(daily, measure=m, colours=colours, currency=currency) for m in measures],
+        legend=[Legend(name, series_label(name), colours[name], daily.per_series[name])
                 for name in daily.series],
         rows=rows, choices=choices, unknown_days=unknown_days,
     )

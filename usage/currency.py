@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 
 from usage.models import DisplayCurrency
 
@@ -56,3 +56,38 @@ def remember(currency: Currency, *, seconds: float = CACHE_SECONDS) -> None:
     """Puts `currency` in this process's memory (after a save, and for tests)."""
     _Memo.value = currency
     _Memo.expires = time.monotonic() + seconds
+
+
+# --- the one rounding rule ---------------------------------------------------------------------
+# Every amount a person or staff member reads (pages, the admin, chart axes and tooltips, quota
+# bars, emails) is written by `money()`: converted to the display currency first, then rounded
+# to the cent, half up, as a bill would be. Four places for small amounts and two for large
+# ones put 2 and 4 decimals in one column and showed one amount as $0.42 and $0.4218 on two
+# pages; a bill shows cents. What rounding hides is not lost: a usage under one cent reads
+# "< $0.01" (never a "free" $0.00), `money_exact()` gives the full figure for a title, and the
+# CSV export keeps full precision in its own columns (docs/money-and-charts.md).
+CENT = Decimal("0.01")
+EXACT = Decimal("0.000001")
+
+
+def money(usd: Decimal, *, currency: Currency | None = None, lower_bound: bool = False) -> str:
+    """`usd` (a stored amount, always US dollars) as shown: `¥14.20`, `$1,234.50`, `< $0.01`.
+    A `lower_bound` (the known part of a cost, shown after "≥") is rounded down instead, so
+    that "≥" stays true: `$0.006` known of more is `$0.00`, `$0.4218` is `$0.42`."""
+    currency = currency or display_currency()
+    amount = currency.convert(Decimal(usd))
+    rounded = amount.quantize(CENT, rounding=ROUND_DOWN if lower_bound else ROUND_HALF_UP)
+    sign = "-" if rounded < 0 else ""
+    if 0 < amount < CENT and not lower_bound:
+        return f"< {currency.symbol}0.01"
+    return f"{sign}{currency.symbol}{abs(rounded):,.2f}"
+
+
+def money_exact(usd: Decimal, *, currency: Currency | None = None) -> str | None:
+    """The amount to the millionth (`$0.023100`) when the cent rounding of `money()` changed
+    it; None when `money()` already shows it whole."""
+    currency = currency or display_currency()
+    amount = currency.convert(Decimal(usd))
+    if amount == amount.quantize(CENT):
+        return None
+    return f"{currency.symbol}{amount.quantize(EXACT, rounding=ROUND_HALF_UP):,f}"

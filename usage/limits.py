@@ -47,6 +47,7 @@ from pool.services import (
     keys_lifecycle,
     keys_reconcile_quietly,
 )
+from usage.currency import money
 from usage.models import LimitNotice, UsageSnapshot
 from usage.selectors import _decimal
 
@@ -357,7 +358,8 @@ def limits_release(*, now: datetime, person: User | None = None, key: ApiKey | N
 
 
 def _format_amount(measure: str, amount: Any) -> str:
-    return f"{amount:.2f} USD" if measure == "cost" else f"{amount:,}"
+    # Costs in the display currency by the one rounding rule, as the pages show them.
+    return money(amount) if measure == "cost" else f"{amount:,}"
 
 
 def _reset_text(when: datetime) -> str:
@@ -515,8 +517,8 @@ def _message(name: str, threshold: int, amount: Any, limit: Any, unpriced: int, 
     values = {
         "pct": threshold,
         "limit_name": LIMIT_NAMES[name],
-        "used": f"{amount:.2f} USD" if measure == "cost" else f"{amount:,}",
-        "limit": f"{limit:.2f} USD" if measure == "cost" else f"{limit:,}",
+        "used": _format_amount(measure, amount),
+        "limit": _format_amount(measure, limit),
         "reset": timezone.localtime(window.end, timezone.get_default_timezone()).strftime(
             "%Y-%m-%d %H:%M %Z"),
     }

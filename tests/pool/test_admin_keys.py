@@ -16,11 +16,24 @@ LIST = "/admin/pool/apikey/"
 
 def test_key_list_never_shows_a_full_key(admin_client):
     keys = pool_keys_create(count=3)
-    page = admin_client.get(LIST).content.decode()
+    page = admin_client.get(LIST, {"whose": "pool"}).content.decode()
     for key in keys:
         assert key.value not in page
         assert key.key_hash not in page
         assert f"sk-kp-…{key.last4}" in page
+
+
+def test_key_list_shows_peoples_keys_and_the_pool_apart_with_counts(admin_client):
+    pool = pool_keys_create(count=3)
+    owner = User.objects.create_user("ann@example.com")
+    ApiKey.objects.filter(pk=pool[0].pk).update(status=Status.ACTIVE, owner=owner, value=None)
+    page = admin_client.get(LIST).content.decode()  # people's keys by default
+    assert f"…{pool[0].last4}" in page and f"…{pool[1].last4}" not in page
+    assert "People&#x27;s keys: 1" in page and "Pool (unissued): 2" in page
+    page = admin_client.get(LIST, {"whose": "pool"}).content.decode()
+    assert f"…{pool[0].last4}" not in page and f"…{pool[2].last4}" in page
+    page = admin_client.get(LIST, {"whose": "all"}).content.decode()
+    assert all(f"…{k.last4}" in page for k in pool)
 
 
 def test_key_detail_never_shows_a_full_key(admin_client):
@@ -45,8 +58,8 @@ def test_key_list_query_count_is_pinned(admin_client, django_assert_num_queries)
     for owner, key in zip(owners, pool_keys_create(count=30)):
         ApiKey.objects.filter(pk=key.pk).update(status=Status.ACTIVE, owner=owner, value=None)
     # session, user, pool counts, is there a CLIProxyAPI (none in the environment here), list
-    # + filters (the upstream filter's choices); not per row
-    with django_assert_num_queries(9):
+    # + filters (the upstream filter's choices, the people's / pool counts); not per row
+    with django_assert_num_queries(10):
         assert admin_client.get(LIST).status_code == 200
 
 

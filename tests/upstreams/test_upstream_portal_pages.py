@@ -31,6 +31,7 @@ from accounts.services import api_token_new  # noqa: E402
 from pool.models import ApiKey, Upstream, key_digest  # noqa: E402
 from tests.accounts.mailbox import emailed_path  # noqa: E402
 from tests.fakes.crs import MODEL, PASSWORD, USAGE, USERNAME, FakeCrs  # noqa: E402
+from usage.currency import USD, money  # noqa: E402
 from usage.models import ModelPrice, UsageSnapshot  # noqa: E402
 
 pytestmark = pytest.mark.django_db
@@ -183,7 +184,7 @@ def test_one_person_with_a_cliproxyapi_key_and_a_crs_key_is_totalled_everywhere(
     page = client.get("/my-keys").content.decode()
     totals = page.split('class="totals"', 1)[1].split("</dl>", 1)[0]
     assert f"<dd>{ann_requests}</dd>" in totals and f"<dd>{ann_tokens:,}</dd>" in totals
-    assert f"${ann_cost:.4f}" in totals
+    assert money(ann_cost, currency=USD) in totals
     upstreams = re.findall(r'<td class="upstream" data-label="Upstream">([^<]*)</td>', page)
     assert sorted(upstreams) == ["CLIProxyAPI", "claude-relay-service"]
 

@@ -14,7 +14,10 @@ from django.http import QueryDict
 from django.utils import timezone
 
 from tests.usage.conftest import issue, served
-from usage.charts import chart, chart_days, nice_ceiling, series_class, stacked
+from usage.charts import (
+    OTHERS, PALETTE, chart, chart_days, fold, nice_ceiling, series_colours, stacked,
+)
+from usage.currency import USD, Currency, remember
 from usage.models import ModelPrice, UsageDay, UsageSnapshot
 from usage.selectors import daily_all_usage, daily_by_model
 
@@ -72,7 +75,9 @@ def test_the_page_shows_the_chart_whose_table_totals_match(client, ann):
     rows = re.findall(r'<tr><td><time datetime="([\d-]+)">', section)
     assert len(rows) == 2  # one row per non-empty (day, model)
     # The cost chart stacks the known part; the unpriced model is said to be unknown.
-    assert "unknown" in section and "$0.0060" in section
+    # $0.006 known, the rest unpriced: a lower bound, rounded down so that "≥" stays true,
+    # the exact figure in its title.
+    assert "unknown" in section and "≥ $0.00" in section and "Exactly $0.006000." in section
 
 
 def test_models_stack_biggest_first_and_keep_their_colour(ann):
@@ -88,9 +93,8 @@ def test_models_stack_biggest_first_and_keep_their_colour(ann):
     assert [s.title.split(" · ")[1].split(":")[0] for s in today] == daily.series
     for lower, upper in zip(today, today[1:]):
         assert upper.y + upper.height == pytest.approx(lower.y, abs=0.02)
-    # A model's colour depends on its name only, not on what else is drawn.
-    assert series_class("a-model") == series_class("a-model") != "series-all"
-    assert {s.css for s in today} == {series_class(m) for m in daily.series}
+    # Colours follow the same order: the palette's first three, one each.
+    assert [s.css for s in today] == ["series-0", "series-1", "series-2"]
 
 
 def test_an_empty_range_says_so_instead_of_drawing(client, ann):
@@ -192,3 +196,71 @@ def test_a_period_with_requests_but_no_tokens_gets_whole_token_ticks(ann):
     daily = daily_by_model(rows=UsageSnapshot.objects.all(), days=7)
     assert not daily.empty  # two requests happened
     assert [t.label for t in stacked(daily, measure="tokens").ticks] == ["0", "1", "2", "3", "4"]
+
+
+MODELS = ["claude-sonnet-4-5", "claude-opus-4-1", "gpt-5", "gpt-5-codex", "gemini-2.5-pro",
+          "claude-haiku-4-5", "deepseek-chat", "qwen3-coder", "kimi-k2", "glm-4.6", "o3",
+          "grok-4"]
+
+
+def _served_models(key, names: list[str]) -> None:
+    now = timezone.now()
+    for n, name in enumerate(names):  # the first the biggest
+        served(key, at=now - timedelta(days=n % 3), model=name, requests=1,
+               input_tokens=10_000 - 100 * n, output_tokens=0)
+
+
+def test_six_models_on_one_page_have_six_colours_the_same_on_both_charts(client, ann):
+    # Six models whose name hashes (the old rule) put two pairs on one colour each.
+    _served_models(ann.key, MODELS[:6])
+    client.force_login(ann.key.owner)
+    page = client.get("/my-keys").content.decode()
+    section = page.split('id="usage-chart"', 1)[1].split("</section>", 1)[0]
+    legend = dict(re.findall(r'<li data-series="([^"]+)"><svg class="swatch"[^>]*><rect '
+                             r'class="(series-[\w-]+)"', section))
+    assert list(legend) == MODELS[:6]  # most tokens first
+    assert list(legend.values()) == [f"series-{n}" for n in range(6)]
+    # Each chart's segments of a model carry the legend's colour.
+    for svg in section.split('<svg class="chart-svg"')[1:]:
+        for css, title in re.findall(r'<rect class="(series-[\w-]+)"[^>]*><title>([^<]+)', svg):
+            model = title.split(" · ")[1].split(":")[0]
+            assert legend[model] == css, (model, css)
+
+
+def test_more_models_than_colours_fold_the_smallest_into_other_models(ann):
+    _served_models(ann.key, MODELS)
+    daily = daily_by_model(rows=UsageSnapshot.objects.all(), days=7)
+    assert len(daily.series) == 12 > PALETTE
+    folded = fold(daily)
+    assert folded.series == [*MODELS[:PALETTE - 1], OTHERS]
+    # Nothing lost: the other models' sum is the rest, day by day.
+    assert folded.total == daily.total
+    rest = MODELS[PALETTE - 1:]
+    assert folded.per_series[OTHERS].tokens == sum(daily.per_series[m].tokens for m in rest)
+    for day in daily.days:
+        assert sum(t.tokens for (d, _n), t in folded.cells.items() if d == day) == \
+            daily.per_day.get(day, daily.total.__class__()).tokens
+    colours = series_colours(folded)
+    shown = [colours[name] for name in folded.series]
+    assert len(set(shown)) == len(shown) == PALETTE and shown[-1] == "series-others"
+    drawn = chart(daily, query=QueryDict(), chart_id="c", title="t")
+    assert [item.label for item in drawn.legend][-1] == "other models"
+
+
+def test_the_cost_axis_and_titles_are_in_the_display_currency(client, ann):
+    served(ann.key, at=timezone.now(), model="big-model", requests=1, input_tokens=1_000_000,
+           output_tokens=0)  # $2.00
+    remember(Currency("CNY", Decimal("7.1")))
+    try:
+        daily = daily_by_model(rows=UsageSnapshot.objects.all(), days=7)
+        drawn = stacked(daily, measure="cost")
+        assert drawn.title == "Cost (CNY, known part)"
+        assert drawn.total == Decimal("14.2")
+        assert [t.label for t in drawn.ticks] == ["¥0", "¥5", "¥10", "¥15", "¥20"]
+        assert drawn.segments[0].title.endswith(": ¥14.20")
+        client.force_login(ann.key.owner)
+        page = client.get("/my-keys").content.decode()
+        section = page.split('id="usage-chart"', 1)[1].split("</section>", 1)[0]
+        assert "$" not in section.replace('title="$2.00 at 7.1 CNY per US dollar."', "")
+    finally:
+        remember(USD, seconds=0)

@@ -10,7 +10,7 @@ from django.template import Context, Template
 
 from keyportal.models import AuditEvent
 from usage import currency as currency_module
-from usage.currency import USD, Currency, display_currency, remember
+from usage.currency import USD, Currency, display_currency, money, money_exact, remember
 from usage.models import DisplayCurrency
 from usage.selectors import Totals
 
@@ -21,9 +21,25 @@ def shown(totals: Totals) -> str:
     return Template("{% load usage_tags %}{% cost totals %}").render(Context({"totals": totals}))
 
 
-def test_usd_is_the_default_and_reads_as_before():
-    assert shown(Totals(3, 100, Decimal("12.3456"), 0)) == "$12.35"
-    assert shown(Totals(3, 100, Decimal("0.01234"), 0)) == "$0.0123"
+def test_usd_is_the_default_rounded_to_the_cent_with_the_exact_figure_in_a_title():
+    assert shown(Totals(3, 100, Decimal("2.5"), 0)) == "$2.50"  # whole: no title
+    assert shown(Totals(3, 100, Decimal("12.3456"), 0)) == \
+        '<span class="cost-exact" title="Exactly $12.345600.">$12.35</span>'
+    assert shown(Totals(3, 100, Decimal("0.01234"), 0)).endswith(">$0.01</span>")
+    assert shown(Totals(3, 100, Decimal("0.004"), 0)).endswith(">&lt; $0.01</span>")
+    assert shown(Totals(3, 100, Decimal(0), 0)) == "$0.00"
+
+
+def test_one_rounding_rule_two_places_half_up_and_lower_bounds_down():
+    cny = Currency("CNY", Decimal("7.1"))
+    assert [money(Decimal(v), currency=USD) for v in ("0.4218", "0.425", "1234.5", "0.0049")] \
+        == ["$0.42", "$0.43", "$1,234.50", "< $0.01"]
+    assert money(Decimal("0.4218"), currency=cny) == "¥2.99"  # converted, then rounded
+    # A lower bound ("≥") never rounds up past what is known.
+    assert money(Decimal("0.4258"), currency=USD, lower_bound=True) == "$0.42"
+    assert money(Decimal("0.006"), currency=USD, lower_bound=True) == "$0.00"
+    assert money_exact(Decimal("0.4218"), currency=USD) == "$0.421800"
+    assert money_exact(Decimal("0.42"), currency=USD) is None
 
 
 def test_cny_shows_yuan_with_the_dollars_in_a_title():

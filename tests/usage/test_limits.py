@@ -263,7 +263,7 @@ def test_unknown_cost_counts_as_zero_and_the_email_says_so(db):
     assert report.suspended == 0
     [message] = mail.outbox
     assert "80 %" in message.subject and "daily cost limit" in message.subject
-    assert "0.85 USD" in message.body and "1.00 USD" in message.body
+    assert "$0.85" in message.body and "$1.00" in message.body
     assert "3 requests on models without a known price are not counted" in message.body
 
 

@@ -99,8 +99,8 @@ def test_a_key_over_its_own_limit_keeps_its_holder_from_a_fresh_one(ann, ready_k
     used(key, 10, cost="2.50")
     refusal = key_issue_refusal(user=ann)
     assert refusal is not None and refusal.reason == "key_cost_month"
-    assert f"Your key “ci” ({key.masked}) has reached its monthly cost limit (2.50 USD of " \
-           f"2.00 USD)" in str(refusal)
+    assert f"Your key “ci” ({key.masked}) has reached its monthly cost limit ($2.50 of " \
+           f"$2.00)" in str(refusal)
     assert refusal.until == windows_at(timezone.now())["month"].end
     # A revoked key's own limit no longer matters: it cannot be used again.
     ApiKey.objects.filter(pk=key.pk).update(status=Status.REVOKED)

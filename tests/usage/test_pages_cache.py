@@ -49,7 +49,8 @@ def test_my_keys_shows_cache_reads_writes_and_the_hit_share(client, ann, ready_k
     assert "Cache writes" in page and "4,000" in page
     # 10,000 of 12,100 input tokens came from the cache.
     assert "82.6 %" in page
-    assert "$0.0231" in page and "≥" not in page  # 2 × $0.01155, exact
+    # 2 × $0.01155 = $0.0231: to the cent on the page, exact in its title.
+    assert "$0.02<" in page and "Exactly $0.023100." in page and "≥" not in page
 
 
 def test_the_key_page_shows_the_cache_too(client, ann, ready_keys, sonnet):
@@ -80,7 +81,8 @@ def test_a_request_whose_counts_the_proxy_lost_makes_the_cost_a_lower_bound(
     page = client.get("/my-keys").content.decode()
 
     # $0.01155 + 50 output tokens ($0.00075) known; the stream's input was lost at the proxy.
-    assert "≥ $0.0123" in page
+    # A lower bound rounds down ("≥" stays true); the title keeps the exact figure.
+    assert "≥ $0.01<" in page and "Exactly $0.012300." in page
     assert "lost part of the token counts of 1 requests" in page
     stats = client.get(f"/api/user-stats/{ann.email}").json()
     assert stats["incomplete_requests"] == 1 and stats["cost_complete"] is False

@@ -12,6 +12,7 @@ import requests
 from accounts.models import User
 from tests.fakes.proxy import MODELS
 from tests.usage.conftest import sync
+from usage.currency import USD, money, money_exact
 from usage.models import ModelPrice
 
 pytestmark = pytest.mark.django_db
@@ -73,7 +74,9 @@ def test_every_page_and_the_api_add_up_to_what_was_served(client, served, people
     client.force_login(ann)
     requests_, tokens, cost = totals_on(client.get("/my-keys").content.decode())
     assert (requests_, tokens) == (ann_requests, ann_tokens)
-    assert f"≥ ${ann_cost:,.4f}" in cost  # claude-mock has no price: a lower bound
+    # claude-mock has no price: a lower bound, in the one money format (exact in a title)
+    assert f"≥ {money(ann_cost, currency=USD, lower_bound=True)}" in cost
+    assert (money_exact(ann_cost, currency=USD) or "") in cost
     for pk in ann_keys:
         page = client.get(f"/my-keys/{pk}").content.decode()
         assert totals_on(page)[:2] == by_key[pk][:2]

@@ -11,26 +11,18 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext as _
 
-from usage.currency import display_currency
+from usage.currency import USD, display_currency, money, money_exact
 from usage.selectors import Totals
 
 register = template.Library()
 
 
-def _usd(value: Decimal) -> str:
-    return _money(value, "$")
-
-
-def _money(value: Decimal, symbol: str) -> str:
-    # Cents hide the cost of light use; four places show it without pretending precision.
-    return f"{symbol}{value:,.2f}" if value >= 1 else f"{symbol}{value:,.4f}"
-
-
 @register.simple_tag
 def cost(totals: Totals) -> SafeString:
-    """`$1.23`; `≥ $1.23` with a title when part of the usage has no price; `unknown` with a
-    title when none of it has. In another display currency (`¥8.73`), a title also gives the
-    dollars it was converted from and the rate."""
+    """`$1.23` (usage.currency.money: to the cent, `< $0.01` below one, the exact figure in a
+    title); `≥ $1.23` with a title when part of the usage has no price; `unknown` with a title
+    when none of it has. In another display currency (`¥8.73`), a title also gives the dollars
+    it was converted from and the rate."""
     status = totals.cost_status
     if status == "unknown":
         return format_html(
@@ -38,12 +30,15 @@ def cost(totals: Totals) -> SafeString:
             _("No price is known for the models used."), _("unknown"),
         )
     currency = display_currency()
-    amount = _money(currency.convert(totals.cost), currency.symbol)
+    amount = money(totals.cost, currency=currency, lower_bound=status == "partial")
     notes = []
+    exact = money_exact(totals.cost, currency=currency)
+    if exact is not None:  # the cent rounding hid something: the title keeps it
+        notes.append(_("Exactly %(amount)s.") % {"amount": exact})
     if not currency.is_usd:
         notes.append(_("%(usd)s at %(rate)s %(code)s per US dollar.") % {
-            "usd": _usd(totals.cost), "rate": f"{currency.rate.normalize():f}",
-            "code": currency.code,
+            "usd": money_exact(totals.cost, currency=USD) or money(totals.cost, currency=USD),
+            "rate": f"{currency.rate.normalize():f}", "code": currency.code,
         })
     if status == "partial":
         if totals.unpriced_requests:
@@ -61,7 +56,9 @@ def cost(totals: Totals) -> SafeString:
             '<span class="cost-partial" title="{}">≥ {}</span>', " ".join(notes), amount
         )
     if notes:
-        return format_html('<span class="cost-converted" title="{}">{}</span>', notes[0], amount)
+        return format_html('<span class="{}" title="{}">{}</span>',
+                           "cost-exact" if currency.is_usd else "cost-converted", " ".join(notes),
+                           amount)
     return format_html("{}", amount)
 
 
@@ -102,3 +99,10 @@ def window_cost(amount: Decimal, unpriced: int) -> SafeString:
     priced = 1 if amount or not unpriced else 0
     return cost(Totals(unpriced + priced, 0, amount, unpriced))
 
+
+
+@register.simple_tag(name="money")
+def money_tag(usd: Decimal | None) -> str:
+    """A plain amount stored in USD (a limit, a sum) in the display currency, by the one
+    rounding rule; `—` for none."""
+    return "—" if usd is None else money(usd)

@@ -18,21 +18,26 @@ from accounts.models import User
 from keyportal.audit import Action, audit_record
 from pool.models import ApiKey
 from pool.services import pool_keys_create
-from usage.models import ModelPrice, QuarantinedRecord, SyncRun
+from usage.models import DisplayCurrency, ModelPrice, QuarantinedRecord, SyncRun
 from usage.services import usage_ingest
 
 MODELS = {  # model -> (USD per 1M input, per 1M output), or None: no price (unpriced)
     "claude-sonnet-4-5": (Decimal("3"), Decimal("15")),
     "gpt-5-mini": (Decimal("0.25"), Decimal("2")),
     "gemini-2.5-pro": (Decimal("1.25"), Decimal("10")),
+    "claude-opus-4-1": (Decimal("15"), Decimal("75")),
+    "gpt-5-codex": (Decimal("1.25"), Decimal("10")),
+    "deepseek-chat": (Decimal("0.27"), Decimal("1.1")),
     "internal-llm-7b": None,  # a self-hosted model nobody priced
-}
+}  # seven: a page's chart gives each its own colour (usage/charts.py)
 PEOPLE = [  # email, name, share of the traffic, person limits
     ("li.wei@example.com", "李伟", 1.0, {"limit_tokens_month": 150_000_000}),
     ("zhang.min@example.com", "张敏", 0.6, {"limit_tokens_day": 80_000_000,
                                              "limit_cost_month": Decimal("900")}),
     ("ann@example.com", "Ann Example", 0.3, {}),
     ("bob@example.com", "Bob Example", 0.1, {}),
+    # A long address: the staff lists clip it rather than grow past their column.
+    ("alexandra.konstantinopoulou@platform-engineering.example.com", "Alexandra", 0.2, {}),
 ]
 
 
@@ -44,12 +49,18 @@ class Command(BaseCommand):
         parser.add_argument("--staff-password", required=True)
         parser.add_argument("--days", type=int, default=90)
         parser.add_argument("--seed", type=int, default=9)
+        parser.add_argument("--currency", default="",
+                            help="The display currency and its rate, e.g. CNY:7.1 (default: USD).")
 
     def handle(self, *args: Any, **options: Any) -> None:
         if User.objects.exists():
             raise CommandError("seed_demo only fills an empty database; this one has people.")
         rng = random.Random(options["seed"])
         now = timezone.now()
+        if options["currency"]:
+            code, _sep, rate = options["currency"].partition(":")
+            DisplayCurrency.objects.update_or_create(id=1, defaults={
+                "code": code, "rate": Decimal(rate or "1"), "rate_source": "demo"})
         with transaction.atomic():
             User.objects.create_superuser(options["staff_email"], options["staff_password"],
                                           name="Staff")
