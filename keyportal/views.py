@@ -55,9 +55,16 @@ def admin_login(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and response.status_code == 302 and request.user.is_authenticated:
         mark_password_signin(request)
         step = totp_step(request)
-        audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
-                     ip=client_ip(request),
-                     detail="admin password" + (f" (authenticator {step} next)" if step else ""))
+        # With an authenticator step owed, this is not a sign-in yet: a stolen password
+        # followed by a wrong code must not read as "signed in" in the audit log. SIGN_IN is
+        # written when the code is right (accounts/totp.py).
+        if step:
+            audit_record(action=Action.PASSWORD_ACCEPTED, actor=request.user,
+                         target=request.user, ip=client_ip(request),
+                         detail=f"admin password; authenticator {step} next")
+        else:
+            audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
+                         ip=client_ip(request), detail="admin password")
         if step:
             return _totp_redirect(request, response["Location"])
     return response
