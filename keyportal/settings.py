@@ -180,6 +180,8 @@ SERVER_EMAIL = DEFAULT_FROM_EMAIL
 PORTAL_HTTPS = env.bool("PORTAL_HTTPS", default=False)
 SESSION_COOKIE_SECURE = PORTAL_HTTPS or env.bool("SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# A refused form gets the portal's own page (translated, with a way on), not Django's.
+CSRF_FAILURE_VIEW = "keyportal.views.csrf_failure"
 LANGUAGE_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True

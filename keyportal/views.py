@@ -171,3 +171,15 @@ def admin_totp_setup(request: HttpRequest) -> HttpResponse:
         "qr": mark_safe(totp_qr_svg(device)),  # noqa: S308 - segno's own SVG, no user text
         "secret": totp_secret_text(device),
     }, status)
+
+
+# --- error pages ------------------------------------------------------------------------------
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """settings.CSRF_FAILURE_VIEW: the portal's own page, in the reader's language, with a way
+    on (Django's is bare English). `reason` names what was wrong with the token: Django logs
+    it already ("Forbidden (CSRF ...)"); it is never shown. No "back" link built from the
+    Referer: the page a form came from may be a sign-in or registration link, whose token
+    must not be echoed into another page."""
+    return TemplateResponse(request, "403_csrf.html", {}, status=403).render()
