@@ -35,7 +35,9 @@ from pool.services import (
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.upstreams.registry import cliproxyapi_endpoint, cliproxyapi_in_use, open_to
-from pool.views import key_addresses, key_limit_reached, key_shown, pool_empty
+from pool.views import (
+    key_addresses, key_limit_reached, key_shown, key_shown_redirect, pool_empty,
+)
 from usage.charts import chart_context
 from usage.models import SyncRun, UsageSnapshot
 from usage.limits import limit_reached
@@ -127,8 +129,8 @@ def key_add(request: HttpRequest) -> HttpResponse:
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
         )
         return _focus_after_settle(response, "#issued h2") if request.htmx else response
-    if not request.htmx:
-        return key_shown(request, issued, "pool/key_shown.html")
+    if not request.htmx:  # Post/Redirect/Get: a reload of the key's page never adds another
+        return key_shown_redirect(request, issued)
     # The new key's panel; out of band, the table (so it lists the new key too) and an empty
     # add form (Enter in the old one would issue a second key with the same label).
     response = key_shown(request, issued, "pool/key_shown.html#issued")

@@ -138,7 +138,7 @@ def test_revoked_row_keeps_its_usage(client, ann, proxy_keys):
 
 def test_adding_a_key_shows_it_once_without_htmx(client, ann, ready_keys):
     client.force_login(ann)
-    response = client.post("/my-keys/add", {"label": "  ci  "})
+    response = client.post("/my-keys/add", {"label": "  ci  "}, follow=True)
     assert response.status_code == 200
     assert "no-store" in response["Cache-Control"]
     key = ApiKey.objects.get(owner=ann)
@@ -185,8 +185,8 @@ def test_adding_keys_is_rate_limited_per_person(client, ann, settings, make_read
     settings.PORTAL_RATE_KEYS_PER_PERSON = 2
     make_ready_keys(3)
     client.force_login(ann)
-    assert client.post("/my-keys/add", {"label": "a"}).status_code == 200
-    assert client.post("/my-keys/add", {"label": "b"}).status_code == 200
+    assert client.post("/my-keys/add", {"label": "a"}, follow=True).status_code == 200
+    assert client.post("/my-keys/add", {"label": "b"}, follow=True).status_code == 200
     refused = client.post("/my-keys/add", {"label": "c"})
     assert refused.status_code == 400 and b"Please wait" in refused.content
     assert ApiKey.objects.filter(owner=ann).count() == 2
