@@ -114,6 +114,24 @@ def test_each_key_shows_its_usage_and_the_totals_are_on_top(client, ann, bob, ma
     assert "1,000" not in page  # Bob's usage is not Ann's
 
 
+def test_the_keys_come_first_then_the_add_form_quota_and_chart(client, ann, ready_keys):
+    key = key_assign(user=ann, label="laptop").key
+    served(key, at=timezone.now(), requests=2)
+    ann.limit_tokens_day = 1_000_000
+    ann.save()
+    client.force_login(ann)
+    page = client.get("/my-keys").content.decode()
+    order = [page.index(mark) for mark in (
+        '<dl class="totals"', f'<tr id="key-{key.pk}">', 'id="add-form"', 'id="quota"',
+        'id="usage-chart"',
+    )]
+    assert order == sorted(order)
+    totals = page.split('<dl class="totals"', 1)[1].split("</dl>", 1)[0]
+    # The three totals say they are all-time (the quota and chart below are day and month).
+    for label in ("All-time requests", "All-time tokens", "All-time cost"):
+        assert f"<dt>{label}</dt>" in totals
+
+
 def test_a_key_without_usage_shows_a_dash_for_its_cost(client, ann, ready_keys):
     key = key_assign(user=ann, label="new").key
     client.force_login(ann)
