@@ -195,9 +195,16 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         message = _("Key %(key)s has no label now.") % {"key": key.masked}
     if request.htmx:
-        # The row again, with its usage columns: read back through the annotated query.
-        row = keys_with_usage(owner=request.user).get(pk=key.pk)
-        response = render(request, "pool/key_rename.html#renamed", {"key": row, "message": message})
+        # The row again, with its usage columns: read back through the annotated query. The
+        # quota card (and a limit banner naming the key) carry the label too: they go along
+        # out of band, so no place on the page keeps the old one (one more query: the quota).
+        keys = _my_keys(request.user)
+        quota = quota_for(person=request.user, keys=keys)
+        row = next(k for k in keys if k.pk == key.pk)
+        response = render(request, "pool/key_rename.html#renamed", {
+            "key": row, "message": message, "quota": quota,
+            "limit": quota_limit_reached(quota),
+        })
         return _focus_after_settle(response, f"#rename-{key.pk}")
     messages.success(request, message)
     return HttpResponseRedirect(reverse("my-keys"), status=303)

@@ -54,3 +54,34 @@ def test_on_a_phone_the_keys_are_on_the_first_screen(live_server, page, dana_wit
     add_form, quota = page.locator("#add-form").bounding_box(), page.locator("#quota").bounding_box()
     assert box["y"] < add_form["y"] < quota["y"]
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+
+def test_a_rename_shows_the_new_label_everywhere_without_a_reload(live_server, page):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from pool.services import key_assign
+    from tests.pool.conftest import _make_ready_keys
+    from tests.usage.conftest import served
+
+    _make_ready_keys(1)
+    ann = Person.objects.create_user("ann@example.com", name="Ann")
+    key = key_assign(user=ann, label="old-box").key
+    ApiKey.objects.filter(pk=key.pk).update(limit_tokens_day=10)  # reached: a banner names it
+    served(key, at=timezone.now() - timedelta(minutes=1), input_tokens=50)
+    sign_in(page, live_server, ann)
+    page.goto(f"{live_server.url}/my-keys")
+    expect(page.locator("#quota")).to_contain_text("old-box")
+    expect(page.locator("#limit-banner")).to_contain_text("old-box")
+    page.evaluate("window.kpSamePage = true")  # gone if the page were loaded again
+
+    page.locator(f"#rename-{key.pk}").click()
+    page.locator(f"#key-{key.pk} input[name=label]").fill("desk")
+    page.locator(f"#key-{key.pk}").get_by_role("button", name="Save").click()
+
+    expect(page.locator(f"#key-{key.pk} th.label")).to_have_text("desk")
+    expect(page.locator("#quota")).to_contain_text("desk")
+    expect(page.locator("#limit-banner")).to_contain_text("desk")
+    assert "old-box" not in page.locator("main").inner_text()
+    assert page.evaluate("window.kpSamePage") is True
