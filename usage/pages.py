@@ -268,6 +268,10 @@ def _leaderboard_json(board: Leaderboard) -> JsonResponse:
     })
 
 
+# The chart's period for each leaderboard period (the chart draws 7, 30 or 90 days).
+LEADERBOARD_CHART_DAYS = {"today": 7, "7d": 7, "30d": 30, "all": 90}
+
+
 @staff_page_or_token
 @require_GET
 def staff_leaderboard(request: HttpRequest) -> HttpResponse:
@@ -290,8 +294,11 @@ def staff_leaderboard(request: HttpRequest) -> HttpResponse:
     return _admin_page(request, "usage/leaderboard.html", {
         "title": _("Leaderboard"), "board": board, "periods": PERIODS, "rankings": RANKINGS,
         "keys_url": keys_url,
+        # The chart follows the period picked above it (a day's board: the week around it;
+        # all time: its longest, 90 days) unless its own picker chose; its title says which.
         "usage_chart": chart_context(daily_all_usage, query=request.GET, chart_id="trend",
-                                     title=_("Daily trend of all usage")),
+                                     title=_("Daily trend of all usage, last %(days)s days"),
+                                     default_days=LEADERBOARD_CHART_DAYS[period]),
     })
 
 

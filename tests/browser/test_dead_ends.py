@@ -85,3 +85,33 @@ def test_a_rename_shows_the_new_label_everywhere_without_a_reload(live_server, p
     expect(page.locator("#limit-banner")).to_contain_text("desk")
     assert "old-box" not in page.locator("main").inner_text()
     assert page.evaluate("window.kpSamePage") is True
+
+
+STAFF_PASSWORD = "correct horse battery staple 9"
+
+
+def staff_sign_in(page, live_server, path: str) -> None:
+    Person.objects.create_user("ops@example.com", STAFF_PASSWORD, is_staff=True)
+    page.goto(f"{live_server.url}{path}")  # to the admin's sign-in first
+    page.locator("#id_username").fill("ops@example.com")
+    page.locator("#id_password").fill(STAFF_PASSWORD)
+    page.locator("input[type=submit]").click()
+
+
+def test_the_leaderboards_chart_follows_its_period_and_the_page_fits_a_phone(
+        live_server, page, dana_with_keys):
+    page.set_viewport_size(PHONE)
+    staff_sign_in(page, live_server, "/staff/leaderboard")
+    expect(page.locator("#leaderboard")).to_contain_text("dana.with.a.rather.long.address")
+    for period, days in (("today", 7), ("7d", 7), ("30d", 30), ("all", 90)):
+        page.goto(f"{live_server.url}/staff/leaderboard?period={period}&by=tokens")
+        chart = page.locator("#trend")
+        expect(chart.locator(".chart-days [aria-current=page]")).to_have_text(f"{days} days")
+        expect(chart.locator("h2")).to_contain_text(f"{days} days")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], (period, width)
+    # The chart's own picker keeps the period, and the chart's title says its own.
+    page.goto(f"{live_server.url}/staff/leaderboard?period=7d&by=tokens")
+    page.locator("#trend .chart-days").get_by_role("link", name="90 days").click()
+    expect(page.locator("#trend h2")).to_contain_text("90 days")
+    assert "period=7d" in page.url
