@@ -115,3 +115,17 @@ def test_the_leaderboards_chart_follows_its_period_and_the_page_fits_a_phone(
     page.locator("#trend .chart-days").get_by_role("link", name="90 days").click()
     expect(page.locator("#trend h2")).to_contain_text("90 days")
     assert "period=7d" in page.url
+
+
+def test_the_authenticator_qr_code_has_a_sane_size(live_server, page):
+    for viewport in ({"width": 1280, "height": 900}, PHONE):
+        page.context.clear_cookies()
+        Person.objects.filter(email="ops@example.com").delete()
+        page.set_viewport_size(viewport)
+        staff_sign_in(page, live_server, "/admin/totp/setup/")
+        qr = page.locator("svg.totp-qr")
+        expect(qr).to_be_visible()
+        box = qr.bounding_box()
+        assert 200 <= box["width"] <= 256 and abs(box["height"] - box["width"]) < 1, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
