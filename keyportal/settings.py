@@ -268,6 +268,13 @@ PORTAL_ESCROW_KEY = env.str("PORTAL_ESCROW_KEY", default="")
 # email and, when set, as a JSON POST to this URL.
 PORTAL_STAFF_WEBHOOK_URL = setting("PORTAL_STAFF_WEBHOOK_URL", "")
 PORTAL_WEBHOOK_TIMEOUT = number("PORTAL_WEBHOOK_TIMEOUT", "5", float)
+# The portal's own address as people open it (https://keys.example.com), for links in what
+# is sent outside a request (limit emails from the sync). Unset: guessed from ALLOWED_HOSTS,
+# and the system check (keyportal.W030) says so.
+PORTAL_BASE_URL = setting("PORTAL_BASE_URL", "")
+# Whom people ask about their keys and limits, named in limit emails (an address, a chat
+# channel, a URL). Unset: the email addresses of the active staff (at most three).
+PORTAL_SUPPORT_CONTACT = setting("PORTAL_SUPPORT_CONTACT", "")
 # Owners are emailed this many days before a key expires (once per key).
 PORTAL_EXPIRY_WARNING_DAYS = number("PORTAL_EXPIRY_WARNING_DAYS", "7")
 
