@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.urls import reverse
+from django.utils.translation import gettext as _
 
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
@@ -47,3 +48,16 @@ def support_contact() -> str:
     staff = (get_user_model().objects.filter(is_staff=True, is_active=True)
              .order_by("email").values_list("email", flat=True)[:3])
     return ", ".join(staff)
+
+
+def where_to_look() -> list[str]:
+    """The closing lines of an email to a person about their keys (limits, expiry), read far
+    from the portal: where they see their keys, and whom they ask. In the active language."""
+    url = portal_url("my-keys")
+    contact = support_contact()
+    return [
+        _("Your keys, their usage and limits: %(url)s") % {"url": url} if url
+        else _("Your keys, their usage and limits are on the portal's My keys page."),
+        _("Questions, or a higher limit: ask %(contact)s.") % {"contact": contact} if contact
+        else _("Questions, or a higher limit: ask the portal's staff."),
+    ]

@@ -34,7 +34,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from accounts.models import Limits, User
-from keyportal.links import portal_url, support_contact
+from keyportal.links import where_to_look
 from keyportal.notify import person_email
 from pool.models import ApiKey
 from pool.services import (
@@ -537,18 +537,5 @@ def _message(name: str, threshold: int, amount: Any, limit: Any, unpriced: int, 
     if unpriced:
         lines.append(_("%(n)d requests on models without a known price are not counted in this "
                        "cost.") % {"n": unpriced})
-    lines += _where_to_look()
+    lines += where_to_look()
     return {"subject": subject % values, "body": "\n\n".join(lines)}
-
-
-def _where_to_look() -> list[str]:
-    """The email is read far from the portal: where the person sees their keys, and whom they
-    ask (keyportal/links.py: PORTAL_BASE_URL, PORTAL_SUPPORT_CONTACT)."""
-    url = portal_url("my-keys")
-    contact = support_contact()
-    return [
-        _("Your keys, their usage and limits: %(url)s") % {"url": url} if url
-        else _("Your keys, their usage and limits are on the portal's My keys page."),
-        _("Questions, or a higher limit: ask %(contact)s.") % {"contact": contact} if contact
-        else _("Questions, or a higher limit: ask the portal's staff."),
-    ]
