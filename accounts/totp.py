@@ -14,7 +14,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.models import User
 from accounts.ratelimit import ADMIN_FAILED_BY_ACCOUNT, rate_hit, rate_hits, rate_reset
-from accounts.signin import totp_step_done
+from accounts.signin import TOTP_SETUP, totp_step, totp_step_done
 from keyportal.audit import Action, audit_record, client_ip
 
 DEVICE_NAME = "authenticator"
@@ -108,10 +108,17 @@ def totp_confirm(request: HttpRequest, code: str) -> bool:
         replaced = TOTPDevice.objects.filter(user=user).exclude(pk=device.pk).delete()[0]
         TOTPDevice.objects.filter(pk=device.pk).update(confirmed=True)
     device.confirmed = True
+    # Set up as the sign-in's own second step (the portal requires an app): only now is the
+    # staff member signed in (the password step audited "password accepted").
+    signing_in = totp_step(request) == TOTP_SETUP
     otp_login(request, device)
     totp_step_done(request)
     audit_record(action=Action.TOTP_ENABLED, actor=user, target=user, ip=client_ip(request),
                  after={"replaced": bool(replaced)})
+    if signing_in:
+        audit_record(action=Action.SIGN_IN, actor=user, target=user, ip=client_ip(request),
+                     detail="admin password + new authenticator code",
+                     after={"method": "password+totp"})
     return True
 
 

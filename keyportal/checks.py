@@ -211,3 +211,25 @@ def sqlite_file_mode(app_configs: Any = None, **kwargs: Any) -> list[Any]:
                 id="keyportal.W005",
             ))
     return problems
+
+
+@register()
+def portal_address_setting(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """Limit emails link to the portal: without PORTAL_BASE_URL the link is a guess (or
+    missing), which nothing else would say."""
+    from keyportal.links import portal_address
+
+    if settings.PORTAL_BASE_URL.strip():
+        if _bad_url(settings.PORTAL_BASE_URL.strip()):
+            return [Error("PORTAL_BASE_URL must be a full http(s) address, e.g. "
+                          "https://keys.example.com.", id="keyportal.E030")]
+        return []
+    address = portal_address()
+    found = (f"they link to {address.base}, guessed from ALLOWED_HOSTS" if address.base
+             else "they carry no link (ALLOWED_HOSTS names no host people can reach)")
+    return [Warning(
+        f"PORTAL_BASE_URL is not set: limit emails cannot know the portal's address, so {found}.",
+        hint="Set PORTAL_BASE_URL to the address people open the portal at, e.g. "
+             "https://keys.example.com.",
+        id="keyportal.W030",
+    )]

@@ -60,6 +60,9 @@ class AuditEvent(models.Model):
         PROXY_SETTING_CHANGED = "proxy_setting_changed", _("proxy setting changed")
         PROXY_UPSTREAM_CHANGED = "proxy_upstream_changed", _("proxy upstream account changed")
         PROXY_AUTH_FILE_CHANGED = "proxy_auth_file_changed", _("proxy auth file changed")
+        # A staff password was right but the authenticator code is still owed: not a sign-in
+        # yet (SIGN_IN is written once the code is right), but worth a trace.
+        PASSWORD_ACCEPTED = "password_accepted", _("password accepted, code pending")
 
     at = models.DateTimeField(_("when"), default=timezone.now, db_index=True)
     actor_kind = models.CharField(_("by"), max_length=8, choices=ActorKind.choices)

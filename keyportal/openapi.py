@@ -22,7 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.functional import Promise
-from django.utils.translation import gettext
+from django.utils.translation import gettext, pgettext
 from django.utils.translation import gettext_lazy as _
 
 OPENAPI_VERSION = "3.1.0"
@@ -396,7 +396,8 @@ def operations() -> tuple[Operation, ...]:
     from usage.export import COLUMNS, PRESETS
     from usage.selectors import PERIODS, RANKINGS
 
-    columns = ", ".join(str(c) for c in COLUMNS)
+    # The separator is translated too: Chinese lists take "、", not an ASCII comma.
+    columns = pgettext("list separator", ", ").join(str(c) for c in COLUMNS)
 
     return (
         Operation(
@@ -742,7 +743,7 @@ def type_label(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         text += ": " + ", ".join(str(v) for v in schema["enum"])
     if "default" in schema:
-        text += " (" + gettext("default: %(value)s") % {"value": schema["default"]} + ")"
+        text += " " + gettext("(default: %(value)s)") % {"value": schema["default"]}
     return text
 
 

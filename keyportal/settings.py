@@ -189,6 +189,8 @@ SERVER_EMAIL = DEFAULT_FROM_EMAIL
 PORTAL_HTTPS = env.bool("PORTAL_HTTPS", default=False)
 SESSION_COOKIE_SECURE = PORTAL_HTTPS or env.bool("SECURE_COOKIES", default=False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# A refused form gets the portal's own page (translated, with a way on), not Django's.
+CSRF_FAILURE_VIEW = "keyportal.views.csrf_failure"
 LANGUAGE_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -275,6 +277,13 @@ PORTAL_ESCROW_KEY = env.str("PORTAL_ESCROW_KEY", default="")
 # email and, when set, as a JSON POST to this URL.
 PORTAL_STAFF_WEBHOOK_URL = setting("PORTAL_STAFF_WEBHOOK_URL", "")
 PORTAL_WEBHOOK_TIMEOUT = number("PORTAL_WEBHOOK_TIMEOUT", "5", float)
+# The portal's own address as people open it (https://keys.example.com), for links in what
+# is sent outside a request (limit emails from the sync). Unset: guessed from ALLOWED_HOSTS,
+# and the system check (keyportal.W030) says so.
+PORTAL_BASE_URL = setting("PORTAL_BASE_URL", "")
+# Whom people ask about their keys and limits, named in limit emails (an address, a chat
+# channel, a URL). Unset: the email addresses of the active staff (at most three).
+PORTAL_SUPPORT_CONTACT = setting("PORTAL_SUPPORT_CONTACT", "")
 # Owners are emailed this many days before a key expires (once per key).
 PORTAL_EXPIRY_WARNING_DAYS = number("PORTAL_EXPIRY_WARNING_DAYS", "7")
 

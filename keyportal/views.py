@@ -61,10 +61,17 @@ def admin_login(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and response.status_code == 302 and request.user.is_authenticated:
         mark_password_signin(request)
         step = totp_step(request)
-        audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
-                     ip=client_ip(request),
-                     detail="admin password" + (f" (authenticator {step} next)" if step else ""),
-                     after={"method": "password"})
+        # With an authenticator step owed, this is not a sign-in yet: a stolen password
+        # followed by a wrong code must not read as "signed in" in the audit log. SIGN_IN is
+        # written when the code is right (accounts/totp.py).
+        if step:
+            audit_record(action=Action.PASSWORD_ACCEPTED, actor=request.user,
+                         target=request.user, ip=client_ip(request),
+                         detail=f"admin password; authenticator {step} next")
+        else:
+            audit_record(action=Action.SIGN_IN, actor=request.user, target=request.user,
+                         ip=client_ip(request), detail="admin password",
+                         after={"method": "password"})
         if step:
             return _totp_redirect(request, response["Location"])
     return response
@@ -171,3 +178,15 @@ def admin_totp_setup(request: HttpRequest) -> HttpResponse:
         "qr": mark_safe(totp_qr_svg(device)),  # noqa: S308 - segno's own SVG, no user text
         "secret": totp_secret_text(device),
     }, status)
+
+
+# --- error pages ------------------------------------------------------------------------------
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """settings.CSRF_FAILURE_VIEW: the portal's own page, in the reader's language, with a way
+    on (Django's is bare English). `reason` names what was wrong with the token: Django logs
+    it already ("Forbidden (CSRF ...)"); it is never shown. No "back" link built from the
+    Referer: the page a form came from may be a sign-in or registration link, whose token
+    must not be echoed into another page."""
+    return TemplateResponse(request, "403_csrf.html", {}, status=403).render()

@@ -27,6 +27,7 @@ from accounts.models import LimitDefaults, SignInLink, User
 from accounts.services import signin_link_redeem
 from keyportal.audit import Action, audit_record
 from keyportal.locks import LeaseHeld, lease
+from keyportal.links import where_to_look
 from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream, key_digest
@@ -918,6 +919,7 @@ def _expiry_warnings(*, now: datetime) -> int:
                 "label": key.label, "key": key.masked,
                 "when": timezone.localtime(key.expires_at).strftime("%Y-%m-%d %H:%M %Z"),
             }
+            body = "\n\n".join([body, *where_to_look()])
         person_email(to=key.owner.email, subject=subject, body=body)
         warned += 1
     return warned

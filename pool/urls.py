@@ -12,6 +12,7 @@ urlpatterns = [
     path("api/rename-key", views.api_rename_key, name="api-rename-key"),
     path("api/key-pool-status", views.api_key_pool_status, name="api-key-pool-status"),
     path("my-keys/test-key", views.key_test, name="key-test"),
+    path("my-keys/new-key", views.key_shown_page, name="key-shown"),
 ]
 
 # --- staff pages that run the proxy (issue 11; pool/staff_views.py) ---

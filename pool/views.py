@@ -1,6 +1,6 @@
 """People's keys: the registration link that issues the first key and the user side of the
 JSON API. The /my-keys pages show usage, so they live in the usage app (usage/pages.py) and
-reuse the helpers here (`key_shown`, `pool_empty`, `key_limit_reached`)."""
+reuse the helpers here (`key_shown`, `key_shown_redirect`, `pool_empty`, `key_limit_reached`)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import Any
 from django import forms
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.forms import EMAIL_MAX_LENGTH, EmailField
 from accounts.models import SignInLink, User, normalize_email
@@ -106,6 +107,36 @@ def key_shown(request: HttpRequest, issued: IssuedKey, template: str) -> HttpRes
     return response
 
 
+# Post/Redirect/Get for the page that shows a new key: the POST that made it keeps the value
+# in the session, one-shot, and redirects; the GET shows it and drops it in the same step. A
+# reload (or Back) then only GETs, and is told the key was already shown; it never re-posts
+# (which made a second key, or met Django's CSRF page once the sign-in had rotated the token).
+# The value never goes into a URL; it rests in the session store between the two requests only.
+SHOWN_KEY_SESSION = "keyportal_key_to_show"
+
+
+def key_shown_redirect(request: HttpRequest, issued: IssuedKey) -> HttpResponse:
+    """After a full-page POST that made a key: 303 to the page that shows it once."""
+    request.session[SHOWN_KEY_SESSION] = {"id": issued.key.pk, "value": issued.value}
+    return HttpResponseRedirect(reverse("key-shown"), status=303)
+
+
+@never_cache
+@login_required
+@require_GET
+def key_shown_page(request: HttpRequest) -> HttpResponse:
+    held = request.session.pop(SHOWN_KEY_SESSION, None)
+    key = None
+    if isinstance(held, dict):
+        key = (ApiKey.objects.filter(pk=held.get("id"), owner=request.user)
+               .select_related("upstream").first())
+    if key is None:  # shown already (a reload, Back), or never made in this session
+        response = render(request, "pool/key_already_shown.html")
+        add_never_cache_headers(response)
+        return response
+    return key_shown(request, IssuedKey(key=key, value=held["value"]), "pool/key_shown.html")
+
+
 def pool_empty(request: HttpRequest, template: str) -> HttpResponse:
     pool_empty_notify()
     # htmx swaps only 2xx answers; a full page says 503 so scripts and monitors see it.
@@ -159,7 +190,7 @@ def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
         # back) and works again once the limit resets.
         return render(request, "pool/key_refused.html", {"message": str(exc)}, status=403)
     link_login(request, user)
-    return key_shown(request, issued, "pool/key_shown.html")
+    return key_shown_redirect(request, issued)
 
 
 # --- JSON API (user side) -------------------------------------------------------------------

@@ -47,6 +47,8 @@ os.environ.update(
         "PORTAL_HSTS_INCLUDE_SUBDOMAINS": "true",
         "PORTAL_HSTS_PRELOAD": "false",
         "PORTAL_STAFF_SESSION_SECONDS": "43200",
+        "PORTAL_BASE_URL": "https://keys.example.com",
+        "PORTAL_SUPPORT_CONTACT": "",
     }
 )
 

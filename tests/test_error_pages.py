@@ -24,7 +24,14 @@ def _boom(request: HttpRequest) -> HttpResponse:
     raise RuntimeError(f"exploded with {settings.CLIPROXY_MANAGEMENT_KEY} {settings.SECRET_KEY}")
 
 
-urlpatterns = [path("boom", _boom), path("", include("keyportal.urls"))]
+def _denied(request: HttpRequest) -> HttpResponse:
+    from django.conf import settings
+    from django.core.exceptions import PermissionDenied
+
+    raise PermissionDenied(f"refused with {settings.CLIPROXY_MANAGEMENT_KEY}")
+
+
+urlpatterns = [path("boom", _boom), path("denied", _denied), path("", include("keyportal.urls"))]
 
 
 @pytest.fixture
@@ -75,3 +82,46 @@ def test_the_500_page_renders_with_no_context_and_no_database(production,
         body = get_template("500.html").render()
     assert "<title>Something went wrong · Key Portal</title>" in body
     assert "Sign in" in body  # no user in the context: the anonymous header
+
+
+LANGUAGES = [("en", "en", "Not allowed", "Back to the portal"),
+             ("zh-CN", "zh-hans", "无权访问", "返回门户")]
+
+
+@pytest.mark.urls(__name__)
+@pytest.mark.parametrize(("accept", "lang", "title", "back"), LANGUAGES)
+def test_a_refusal_gets_the_portals_403_in_the_readers_language(production, accept, lang, title,
+                                                                back):
+    response = Client().get("/denied", HTTP_ACCEPT_LANGUAGE=accept)
+    body = response.content.decode()
+    assert response.status_code == 403
+    assert f'<html lang="{lang}"' in body and f"<title>{title} · " in body
+    assert "css/portal.css" in body and 'href="/"' in body and back in body
+    assert MANAGEMENT_KEY not in body and "refused with" not in body
+
+
+EXPIRED = {"en": ("This form has expired", "Sign in", "CSRF verification failed"),
+           "zh-CN": ("此表单已过期", "登录", "CSRF verification failed")}
+
+
+@pytest.mark.parametrize("accept", ["en", "zh-CN"])
+def test_a_form_without_a_valid_token_gets_the_portals_csrf_page(production, ann, accept):
+    client = Client(enforce_csrf_checks=True, HTTP_ACCEPT_LANGUAGE=accept)
+    client.get("/login")  # the CSRF cookie, as a browser has it
+    stale = "x" * 64  # a token from an older page: the cookie's secret has moved on
+    response = client.post("/login", {"email": "ann@example.com", "csrfmiddlewaretoken": stale})
+    body = response.content.decode()
+    heading, sign_in, django_own = EXPIRED[accept]
+    assert response.status_code == 403
+    assert f"<h1>{heading}</h1>" in body and "css/portal.css" in body
+    assert 'href="/login"' in body and sign_in in body and 'href="/"' in body
+    # Neither Django's page nor its reason ("CSRF token incorrect"), nor the posted token.
+    assert django_own not in body and "incorrect" not in body and stale not in body
+
+
+def test_the_csrf_page_offers_my_keys_to_someone_signed_in(production, ann):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(ann)
+    response = client.post("/logout")  # no token at all
+    assert response.status_code == 403
+    assert b'href="/my-keys"' in response.content and b"ann@example.com" in response.content

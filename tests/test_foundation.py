@@ -169,3 +169,18 @@ def test_incomplete_relay_message_names_no_secret(settings):
     settings.CRS_ADMIN_PASSWORD = "s3cret-value"
     text = " ".join(f"{m.msg} {m.hint}" for m in run_checks())
     assert "CRS_ADMIN_USERNAME" in text and "s3cret-value" not in text
+
+
+def test_a_missing_portal_address_is_warned_with_what_emails_fall_back_to(settings):
+    from django.core.checks import run_checks
+
+    settings.PORTAL_BASE_URL = ""
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "keys.example.com"]
+    [warning] = [m for m in run_checks() if m.id == "keyportal.W030"]
+    assert "http://keys.example.com, guessed from ALLOWED_HOSTS" in warning.msg
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost", "*"]
+    [warning] = [m for m in run_checks() if m.id == "keyportal.W030"]
+    assert "carry no link" in warning.msg
+    assert "keyportal.W030" not in _check_ids({"PORTAL_BASE_URL": "https://keys.example.com"},
+                                              settings)
+    assert "keyportal.E030" in _check_ids({"PORTAL_BASE_URL": "keys.example.com"}, settings)

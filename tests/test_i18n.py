@@ -240,3 +240,52 @@ def test_ids_in_pages_never_carry_a_thousands_separator(client, big_ids, admin_u
     assert "li@example.com" in html
     found += [f"/staff/leaderboard: {attr}" for attr in re.findall(r'[\w-]+="[^"]*12,345[^"]*"', html)]
     assert not found, "add |unlocalize to these ids:\n" + "\n".join(found)
+
+
+# --- full-width punctuation in Chinese ------------------------------------------------------
+
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff"
+# An ASCII colon, comma, semicolon, "!" or "?" right after a Chinese character (a space between
+# allowed), where it ends a clause: followed by a space, the end, or more Chinese. Code keeps
+# its ASCII ("以 ?preset= 指定", "Authorization: Bearer"): there the mark is followed by code.
+_ASCII_AFTER_CJK = re.compile(rf"[{_CJK}] ?[:,;!?](?=\s|$|[{_CJK}])")
+# ASCII parentheses around Chinese words ("(3 分钟前)"); %(name)s placeholders are not that.
+_ASCII_PARENS_ON_CJK = re.compile(rf"(?<!%)\((?:(?!%\()[^()])*[{_CJK}][^()]*\)")
+
+
+def ascii_punctuation_in_chinese(text: str) -> list[str]:
+    return [text[max(m.start() - 12, 0):m.end() + 12]
+            for pattern in (_ASCII_AFTER_CJK, _ASCII_PARENS_ON_CJK) for m in pattern.finditer(text)]
+
+
+def test_the_punctuation_check_finds_ascii_marks_in_chinese_and_leaves_code_alone():
+    for bad in ("时段: 今天", "密钥,然后", "完成;", "(3 分钟前)", "您的新密钥: laptop"):
+        assert ascii_punctuation_in_chinese(bad), bad
+    for fine in ("时段：今天", "请以 ?from=YYYY-MM-DD 指定", "令牌：Authorization: Bearer kpt_…",
+                 "%(n)s 个请求（%(f)s 次失败）", "（至少：%(n)s）", "Key %(key)s: ok"):
+        assert not ascii_punctuation_in_chinese(fine), fine
+
+
+def test_chinese_translations_use_full_width_punctuation():
+    wrong = [(e.msgid, found) for e in parse_po(PO) for text in e.msgstr.values()
+             for found in ascii_punctuation_in_chinese(text)]
+    assert not wrong, wrong[:10]
+
+
+@pytest.mark.django_db
+def test_chinese_pages_glue_no_ascii_punctuation_to_chinese_words(client, settings):
+    from pool.services import key_assign
+    from tests.pool.conftest import _make_ready_keys
+    from accounts.models import User
+
+    _make_ready_keys(2)
+    ann = User.objects.create_user("ann@example.com", name="Ann", language="zh-hans")
+    client.force_login(ann)
+    client.post("/my-keys/add", {"label": "laptop"})
+    key = key_assign(user=ann, label="ci").key
+    pages = {path: client.get(path, HTTP_ACCEPT_LANGUAGE="zh-CN").content.decode()
+             for path in ("/my-keys/new-key", "/my-keys", f"/my-keys/{key.pk}", "/api/docs")}
+    assert "您的新密钥：laptop" in pages["/my-keys/new-key"]
+    for path, page in pages.items():
+        text = re.sub(r"<[^>]+>", "", re.sub(r"<(script|style)\b.*?</\1>", "", page, flags=re.S))
+        assert not ascii_punctuation_in_chinese(text), (path, ascii_punctuation_in_chinese(text))

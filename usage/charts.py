@@ -230,16 +230,17 @@ class Chart:
         return self.daily.empty
 
 
-def chart_days(query: QueryDict) -> tuple[int, bool]:
-    """The period asked for with ?days=, and whether the request was unusable."""
+def chart_days(query: QueryDict, default: int = DEFAULT_DAYS) -> tuple[int, bool]:
+    """The period asked for with ?days= (`default` without one), and whether the request was
+    unusable."""
     raw = query.get("days")
     if raw is None:
-        return DEFAULT_DAYS, False
+        return default, False
     try:
         days = int(raw)
     except ValueError:
-        return DEFAULT_DAYS, True
-    return (days, False) if days in CHART_DAYS else (DEFAULT_DAYS, True)
+        return default, True
+    return (days, False) if days in CHART_DAYS else (default, True)
 
 
 def chart(daily: Daily, *, query: QueryDict, chart_id: str, title: str, unknown_days: bool = False,
@@ -269,8 +270,11 @@ def chart(daily: Daily, *, query: QueryDict, chart_id: str, title: str, unknown_
     )
 
 
-def chart_context(daily_for: Any, *, query: QueryDict, chart_id: str, title: str) -> Chart:
-    """The chart for a page: reads ?days= from `query` and calls `daily_for(days=...)`."""
-    days, unknown = chart_days(query)
+def chart_context(daily_for: Any, *, query: QueryDict, chart_id: str, title: str,
+                  default_days: int = DEFAULT_DAYS) -> Chart:
+    """The chart for a page: reads ?days= from `query` (`default_days` without one) and calls
+    `daily_for(days=...)`. A `title` may name the period as `%(days)s`."""
+    days, unknown = chart_days(query, default_days)
+    title = title % {"days": days} if "%(days)" in title else title
     return chart(daily_for(days=days), query=query, chart_id=chart_id, title=title,
                  unknown_days=unknown)

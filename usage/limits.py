@@ -34,6 +34,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from accounts.models import Limits, User
+from keyportal.links import where_to_look
 from keyportal.notify import person_email
 from pool.models import ApiKey
 from pool.services import (
@@ -538,4 +539,5 @@ def _message(name: str, threshold: int, amount: Any, limit: Any, unpriced: int, 
     if unpriced:
         lines.append(_("%(n)d requests on models without a known price are not counted in this "
                        "cost.") % {"n": unpriced})
+    lines += where_to_look()
     return {"subject": subject % values, "body": "\n\n".join(lines)}

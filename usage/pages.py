@@ -35,7 +35,9 @@ from pool.services import (
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.upstreams.registry import cliproxyapi_endpoint, cliproxyapi_in_use, open_to
-from pool.views import key_addresses, key_limit_reached, key_shown, pool_empty
+from pool.views import (
+    key_addresses, key_limit_reached, key_shown, key_shown_redirect, pool_empty,
+)
 from usage.charts import chart_context
 from usage.models import SyncRun, UsageSnapshot
 from usage.limits import limit_reached
@@ -127,8 +129,8 @@ def key_add(request: HttpRequest) -> HttpResponse:
             request, "pool/key_shown.html#pool-empty" if request.htmx else "pool/pool_empty.html"
         )
         return _focus_after_settle(response, "#issued h2") if request.htmx else response
-    if not request.htmx:
-        return key_shown(request, issued, "pool/key_shown.html")
+    if not request.htmx:  # Post/Redirect/Get: a reload of the key's page never adds another
+        return key_shown_redirect(request, issued)
     # The new key's panel; out of band, the table (so it lists the new key too) and an empty
     # add form (Enter in the old one would issue a second key with the same label).
     response = key_shown(request, issued, "pool/key_shown.html#issued")
@@ -193,9 +195,16 @@ def key_rename_view(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         message = _("Key %(key)s has no label now.") % {"key": key.masked}
     if request.htmx:
-        # The row again, with its usage columns: read back through the annotated query.
-        row = keys_with_usage(owner=request.user).get(pk=key.pk)
-        response = render(request, "pool/key_rename.html#renamed", {"key": row, "message": message})
+        # The row again, with its usage columns: read back through the annotated query. The
+        # quota card (and a limit banner naming the key) carry the label too: they go along
+        # out of band, so no place on the page keeps the old one (one more query: the quota).
+        keys = _my_keys(request.user)
+        quota = quota_for(person=request.user, keys=keys)
+        row = next(k for k in keys if k.pk == key.pk)
+        response = render(request, "pool/key_rename.html#renamed", {
+            "key": row, "message": message, "quota": quota,
+            "limit": quota_limit_reached(quota),
+        })
         return _focus_after_settle(response, f"#rename-{key.pk}")
     messages.success(request, message)
     return HttpResponseRedirect(reverse("my-keys"), status=303)
@@ -259,6 +268,10 @@ def _leaderboard_json(board: Leaderboard) -> JsonResponse:
     })
 
 
+# The chart's period for each leaderboard period (the chart draws 7, 30 or 90 days).
+LEADERBOARD_CHART_DAYS = {"today": 7, "7d": 7, "30d": 30, "all": 90}
+
+
 @staff_page_or_token
 @require_GET
 def staff_leaderboard(request: HttpRequest) -> HttpResponse:
@@ -281,8 +294,11 @@ def staff_leaderboard(request: HttpRequest) -> HttpResponse:
     return _admin_page(request, "usage/leaderboard.html", {
         "title": _("Leaderboard"), "board": board, "periods": PERIODS, "rankings": RANKINGS,
         "keys_url": keys_url,
+        # The chart follows the period picked above it (a day's board: the week around it;
+        # all time: its longest, 90 days) unless its own picker chose; its title says which.
         "usage_chart": chart_context(daily_all_usage, query=request.GET, chart_id="trend",
-                                     title=_("Daily trend of all usage")),
+                                     title=_("Daily trend of all usage, last %(days)s days"),
+                                     default_days=LEADERBOARD_CHART_DAYS[period]),
     })
 
 

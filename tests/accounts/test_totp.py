@@ -76,6 +76,20 @@ def test_a_wrong_code_is_refused_with_a_sentence_and_audited(client, boss, devic
     assert AuditEvent.objects.filter(action=Action.TOTP_FAILED, target_id=str(boss.pk)).exists()
 
 
+def test_a_wrong_code_after_the_right_password_is_not_audited_as_a_sign_in(client, boss, device):
+    sign_in_by_password(client, boss.email)
+    client.post("/admin/totp/", {"code": wrong(device)})
+
+    assert not AuditEvent.objects.filter(action=Action.SIGN_IN).exists()
+    pending = AuditEvent.objects.get(action=Action.PASSWORD_ACCEPTED)
+    assert pending.actor == boss and pending.detail == "admin password; authenticator verify next"
+
+    device.refresh_from_db()
+    device.throttle_reset()  # django-otp's own throttle (1 s after a wrong code), not timed here
+    client.post("/admin/totp/", {"code": code(device), "next": "/admin/"})
+    assert AuditEvent.objects.filter(action=Action.SIGN_IN, actor=boss).count() == 1
+
+
 def test_a_code_cannot_be_used_twice(client, boss, device):
     sign_in_by_password(client, boss.email)
     used = code(device)
@@ -142,8 +156,12 @@ def test_required_totp_sends_staff_without_one_to_set_it_up(client, boss, settin
     assert client.get("/admin/").status_code == 302
     assert client.get(response["Location"]).status_code == 200
     pending = TOTPDevice.objects.get(user=boss, confirmed=False)
+    # Not signed in until the app is set up and its first code is right.
+    assert not AuditEvent.objects.filter(action=Action.SIGN_IN).exists()
     client.post("/admin/totp/setup/", {"code": code(pending)})
     assert client.get("/admin/").status_code == 200
+    assert AuditEvent.objects.get(action=Action.SIGN_IN).detail == \
+        "admin password + new authenticator code"
     # ...and it cannot be removed while required.
     client.post("/admin/totp/setup/", {"action": "remove"})
     assert TOTPDevice.objects.filter(user=boss, confirmed=True).exists()

@@ -97,7 +97,7 @@ def test_registration_link_creates_the_person_signs_in_and_shows_the_key_once(
     assert client.get(path).status_code == 200
     assert not User.objects.filter(email="new@example.com").exists()  # a GET does nothing
 
-    response = client.post(path)
+    response = client.post(path, follow=True)
 
     assert response.status_code == 200
     person = User.objects.get(email="new@example.com")
@@ -123,7 +123,7 @@ def test_registration_link_creates_the_person_signs_in_and_shows_the_key_once(
 @pytest.mark.django_db
 def test_registration_of_a_known_person_adds_a_key(client, ann, ready_keys):
     path = register(client, email="ann@example.com", name="Other", label="ci")
-    assert client.post(path).status_code == 200
+    assert client.post(path, follow=True).status_code == 200
     ann.refresh_from_db()
     assert ann.name == "Ann"  # a registration link does not rename anyone
     assert list(ApiKey.objects.filter(owner=ann).values_list("label", flat=True)) == ["ci"]
@@ -161,7 +161,7 @@ def test_empty_pool_tells_the_person_and_staff_and_leaves_nothing_half_done(
     assert len(mail.outbox) == 1
     # Once the pool has keys again, the same link completes the registration.
     make_ready_keys(1)
-    assert client.post(path).status_code == 200
+    assert client.post(path, follow=True).status_code == 200
     assert ApiKey.objects.get().owner.email == "new@example.com"
 
 
@@ -200,3 +200,57 @@ def test_32_threads_registering_at_once_get_32_different_keys(transactional_db, 
     owned = ApiKey.objects.filter(status=Status.ACTIVE)
     assert owned.count() == 32 and owned.values("owner").distinct().count() == 32
     assert ApiKey.objects.filter(status=Status.POOL).count() == 8
+
+
+# --- the key's page is safe to reload (Post/Redirect/Get) -----------------------------------
+
+
+@pytest.mark.django_db
+def test_the_registration_post_redirects_and_a_reload_says_the_key_was_shown(client, ready_keys):
+    path = register(client)
+    response = client.post(path)
+    # 303 to a page of its own: the value is in neither the URL nor the redirect.
+    assert response.status_code == 303 and response["Location"] == "/my-keys/new-key"
+    shown = client.get("/my-keys/new-key")
+    value = shown.content.decode().split('id="key-value">', 1)[1].split("<", 1)[0]
+    key = ApiKey.objects.get(owner__email="new@example.com")
+    assert key_digest(value) == key.key_hash and "no-store" in shown["Cache-Control"]
+    assert all(value not in str(v) for v in client.session.values())  # one-shot: gone
+
+    reload = client.get("/my-keys/new-key")
+    page = reload.content.decode()
+    assert reload.status_code == 200 and "This key was shown once" in page
+    assert 'href="/my-keys"' in page and value not in page and 'id="key-value"' not in page
+    assert ApiKey.objects.filter(owner=key.owner).count() == 1
+
+
+@pytest.mark.django_db
+def test_resubmitting_the_registration_form_gets_the_portals_page_not_djangos(ready_keys):
+    from django.test import Client
+
+    # A browser's Back then resubmit: the old page's token, after the sign-in rotated it.
+    client = Client(enforce_csrf_checks=True, HTTP_ACCEPT_LANGUAGE="zh-CN")
+    path = register(Client())
+    form = client.get(path).content.decode()
+    token = form.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+    assert client.post(path, {"csrfmiddlewaretoken": token}).status_code == 303
+
+    again = client.post(path, {"csrfmiddlewaretoken": token})
+    body = again.content.decode()
+    assert again.status_code == 403 and "此表单已过期" in body and 'href="/my-keys"' in body
+    assert "CSRF verification failed" not in body
+    assert ApiKey.objects.filter(owner__email="new@example.com").count() == 1
+
+
+@pytest.mark.django_db
+def test_the_key_page_shows_nothing_to_someone_else_or_anonymous(client, ann, bob, ready_keys):
+    client.force_login(ann)
+    client.post("/my-keys/add", {"label": "ci"})
+    # The one-shot value belongs to ann's session: bob's session has nothing to show.
+    other = client.__class__()
+    other.force_login(bob)
+    page = other.get("/my-keys/new-key").content.decode()
+    assert "This key was shown once" in page and 'id="key-value"' not in page
+    anonymous = client.__class__().get("/my-keys/new-key")
+    assert anonymous.status_code == 302 and anonymous["Location"].startswith("/login")
+    assert 'id="key-value"' in client.get("/my-keys/new-key").content.decode()

@@ -120,7 +120,7 @@ def test_the_key_shown_page_has_every_snippet_with_the_key_and_addresses(client,
                                                                         settings):
     settings.CLIPROXY_PUBLIC_URL = "https://proxy.example.com"
     client.force_login(ann)
-    response = client.post("/my-keys/add", {"label": "ci"})
+    response = client.post("/my-keys/add", {"label": "ci"}, follow=True)
     body = response.content.decode()
     value = re.search(r'<code id="key-value">([^<]+)</code>', body).group(1)
     snippets = dict(re.findall(r'<(?:pre|code) id="(snippet-[a-z-]+)">(.*?)</(?:pre|code)>', body,

@@ -75,6 +75,9 @@ def test_owners_are_warned_once_before_a_key_expires(key, ann, settings):
     [message] = mail.outbox
     assert message.to == [ann.email] and key.masked in message.body and "2026-11-30" in message.body
     assert key.last4 in message.subject and "sk-kp-" in message.subject
+    # The link to the keys page and whom to ask, as in limit emails.
+    assert "https://keys.example.com/my-keys" in message.body
+    assert "ask the portal's staff." in message.body
 
 
 def test_new_keys_get_the_default_lifetime(ann, make_ready_keys):

@@ -124,6 +124,29 @@ def test_htmx_rename_answers_the_row_the_sentence_and_where_focus_goes(client, a
     assert key.label == "ci" and len(renames()) == 1
 
 
+def test_htmx_rename_sends_the_quota_card_and_the_limit_banner_with_the_new_label(
+        client, ann, key):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests.usage.conftest import served
+
+    # The key's own daily limit is reached: the banner at the top names the key too.
+    ApiKey.objects.filter(pk=key.pk).update(limit_tokens_day=10)
+    served(key, at=timezone.now() - timedelta(minutes=1), input_tokens=50)
+    client.force_login(ann)
+    assert "“laptop”" in client.get("/my-keys").content.decode()
+
+    body = client.post(f"/my-keys/{key.pk}/rename", {"label": "ci"}, headers=HTMX).content.decode()
+
+    quota = body.split('<section class="card quota" id="quota"', 1)[1].split("</section>", 1)[0]
+    assert 'hx-swap-oob="true"' in quota and f"<h3>ci <code>{key.masked}</code></h3>" in quota
+    banner = body.split('id="limit-banner"', 1)[1].split("</section>", 1)[0]
+    assert 'hx-swap-oob="true"' in banner and "“ci”" in banner
+    assert "laptop" not in body
+
+
 # --- who may --------------------------------------------------------------------------------
 
 

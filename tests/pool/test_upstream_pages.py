@@ -190,7 +190,7 @@ def test_with_several_open_upstreams_the_person_picks(client, ann, fake_proxy, r
     assert refused.status_code == 400 and not ApiKey.objects.filter(owner=ann).exists()
 
     proxy_row = Upstream.objects.get(kind=Kind.CLIPROXYAPI)
-    shown = client.post("/my-keys/add", {"label": "laptop", "upstream": proxy_row.pk})
+    shown = client.post("/my-keys/add", {"label": "laptop", "upstream": proxy_row.pk}, follow=True)
     assert shown.status_code == 200
     key = ApiKey.objects.get(owner=ann)
     assert key.upstream_id is None and key.status == Status.ACTIVE  # a pool key
@@ -213,7 +213,7 @@ def test_the_registration_link_offers_the_upstreams_open_to_everyone(
     assert client.post(path, {"upstream": closed.pk}).status_code == 400
     assert not User.objects.filter(email="new@example.com").exists()
     proxy_row = Upstream.objects.get(kind=Kind.CLIPROXYAPI)
-    response = client.post(path, {"upstream": proxy_row.pk})
+    response = client.post(path, {"upstream": proxy_row.pk}, follow=True)
     assert response.status_code == 200 and 'id="key-value"' in response.content.decode()
     assert ApiKey.objects.get(owner__email="new@example.com").upstream_id is None
 

@@ -72,7 +72,7 @@ def register(client, email: str = "new@example.com", label: str = "laptop") -> s
     response = client.post("/register", {"email": email, "name": "New Person", "label": label})
     assert response.status_code == 200
     path = emailed_path()
-    shown = client.post(path)
+    shown = client.post(path, follow=True)
     assert shown.status_code == 200
     page = shown.content.decode()
     return page.split('id="key-value">', 1)[1].split("<", 1)[0]

@@ -78,7 +78,7 @@ def register(client, email: str) -> str:
     assert client.post("/register", {"email": email, "name": "Real", "label": "laptop"}
                        ).status_code == 200
     client.logout()
-    page = client.post(emailed_path()).content.decode()
+    page = client.post(emailed_path(), follow=True).content.decode()
     return page.split('id="key-value">', 1)[1].split("<", 1)[0]
 
 

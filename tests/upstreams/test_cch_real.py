@@ -96,7 +96,7 @@ def register(client, email: str, label: str = "laptop") -> str:
     """Registers through the pages; returns the key value the page shows once."""
     response = client.post("/register", {"email": email, "name": "New Person", "label": label})
     assert response.status_code == 200
-    shown = client.post(emailed_path())
+    shown = client.post(emailed_path(), follow=True)
     assert shown.status_code == 200
     return shown.content.decode().split('id="key-value">', 1)[1].split("<", 1)[0]
 

@@ -425,7 +425,7 @@ def test_registration_while_crs_is_away_says_so_and_the_link_works_later(crs, fa
     assert "could not make a key just now" in text and "127.0.0.1:9" not in text
     assert not User.objects.filter(email="dan@example.com").exists()
     settings.CRS_URL = fake.url
-    page = client.post(link)
+    page = client.post(link, follow=True)
     assert page.status_code == 200 and 'id="key-value">cr_' in page.content.decode()
 
 

@@ -116,7 +116,7 @@ def test_a_team_on_claude_relay_service_alone(real_crs: Relay, settings, client,
                                      "label": "laptop"}).status_code == 200
     link = emailed_path()
     assert client.get(link).status_code == 200
-    shown = client.post(link)
+    shown = client.post(link, follow=True)
     assert shown.status_code == 200
     value = _shown_value(shown.content)
     person = User.objects.get(email="carol@example.com")
@@ -138,7 +138,7 @@ def test_a_team_on_claude_relay_service_alone(real_crs: Relay, settings, client,
     assert _cost(key) == _bill(2) == Decimal("0.02310")
 
     # A second key, added on /my-keys, also at CRS and working at once.
-    added = client.post("/my-keys/add", {"label": "ci"})
+    added = client.post("/my-keys/add", {"label": "ci"}, follow=True)
     assert added.status_code == 200
     second_value = _shown_value(added.content)
     second = ApiKey.objects.get(owner=person, label="ci")

@@ -105,7 +105,7 @@ def test_with_only_crs_the_pages_work_without_any_cliproxyapi(client, crs, price
     confirm = client.get(path).content.decode()
     assert 'name="upstream"' not in confirm  # one upstream: nothing to pick
 
-    shown = client.post(path)
+    shown = client.post(path, follow=True)
     page = shown.content.decode()
     assert shown.status_code == 200
     value = key_value(page)
@@ -118,7 +118,7 @@ def test_with_only_crs_the_pages_work_without_any_cliproxyapi(client, crs, price
     my_keys = client.get("/my-keys").content.decode()
     assert 'name="upstream"' not in my_keys
     assert '<td class="upstream" data-label="Upstream">claude-relay-service</td>' in my_keys
-    added = client.post("/my-keys/add", {"label": "ci"})
+    added = client.post("/my-keys/add", {"label": "ci"}, follow=True)
     second = key_value(added.content.decode())
     assert second.startswith("cr_") and second != value and ask_crs(crs, second) == 200
 
@@ -154,7 +154,7 @@ def test_one_person_with_a_cliproxyapi_key_and_a_crs_key_is_totalled_everywhere(
     picker = client.get("/my-keys").content.decode()
     assert len(re.findall(r'name="upstream"', picker)) == 2
     relay = Upstream.objects.get(kind=Upstream.Kind.CRS)
-    shown = client.post("/my-keys/add", {"label": "relay", "upstream": relay.pk})
+    shown = client.post("/my-keys/add", {"label": "relay", "upstream": relay.pk}, follow=True)
     ann_crs = key_value(shown.content.decode())
     assert ann_crs.startswith("cr_")
     token = staff_token()

@@ -14,6 +14,7 @@ import pytest
 from django.core import mail
 from django.core.management import call_command
 
+from accounts.models import User
 from keyportal.models import AuditEvent
 from pool.models import ApiKey
 from tests.usage.conftest import issue
@@ -321,3 +322,34 @@ def test_only_usage_a_limit_can_look_at_is_summed(db):
     assert set(by_key) == {limited_key.key.pk, limited_person.key.pk}
     assert free.key.owner_id not in by_person
     assert by_key[limited_person.key.pk].tokens_day == 10
+
+
+def test_a_limit_email_links_to_my_keys_and_names_whom_to_ask(db, settings):
+    settings.PORTAL_BASE_URL = "https://keys.example.com/"
+    User.objects.create_user("ops@example.com", password="x" * 12, is_staff=True)
+    [held] = issue(1, ["ann@example.com"])
+    limit(held.key, limit_tokens_day=100)
+    row(held.key, at=NOW, tokens=80)
+    limits_enforce(now=NOW, reconcile=False)
+    [message] = mail.outbox
+    assert "https://keys.example.com/my-keys" in message.body
+    # Unset, whom to ask is the staff; set, the contact staff chose.
+    assert "ask ops@example.com." in message.body
+
+    settings.PORTAL_SUPPORT_CONTACT = "#ai-keys on Slack"
+    row(held.key, at=NOW - timedelta(hours=1), tokens=30)
+    limits_enforce(now=NOW + timedelta(minutes=1), reconcile=False)
+    assert "ask #ai-keys on Slack." in mail.outbox[-1].body
+
+
+def test_a_limit_email_in_chinese_and_without_a_known_address(db, settings):
+    settings.PORTAL_BASE_URL = ""
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]  # nothing people could open
+    [held] = issue(1, ["ann@example.com"])
+    User.objects.filter(pk=held.key.owner_id).update(language="zh-hans")
+    limit(held.key, limit_tokens_day=100)
+    row(held.key, at=NOW, tokens=80)
+    limits_enforce(now=NOW, reconcile=False)
+    [message] = mail.outbox
+    assert "http" not in message.body
+    assert "“我的密钥”页面" in message.body and "请联系门户的工作人员。" in message.body

@@ -90,3 +90,28 @@ def test_a_request_whose_counts_the_proxy_lost_makes_the_cost_a_lower_bound(
     # Staff see how many requests lost counts today.
     dashboard = admin_client.get("/admin/").content.decode()
     assert 'data-dash="incomplete">1' in dashboard
+
+
+def _note(page: str) -> str:
+    """The partial-cost note as visible text (not a title attribute), or "" when absent."""
+    if 'data-note="partial-cost"' not in page:
+        return ""
+    return page.split('data-note="partial-cost">', 1)[1].split("</p>", 1)[0]
+
+
+@pytest.mark.parametrize(("accept", "words", "lost"), [
+    ("en", "“≥” means at least", "The relay lost part of the token counts of 1 request,"),
+    ("zh-CN", "“≥”表示“至少”", "中转服务丢失了 1 个请求的部分令牌计数"),
+])
+def test_the_lower_bound_is_explained_in_words_on_the_page(client, ann, ready_keys, sonnet,
+                                                           accept, words, lost):
+    issued = key_assign(user=ann, label="laptop")
+    client.force_login(ann)
+    ingest(claude_record(issued.value))
+    for path in ("/my-keys", f"/my-keys/{issued.key.pk}"):  # exact: no note
+        assert _note(client.get(path, HTTP_ACCEPT_LANGUAGE=accept).content.decode()) == ""
+
+    ingest(claude_record(issued.value, stream=True))
+    for path in ("/my-keys", f"/my-keys/{issued.key.pk}"):
+        note = _note(client.get(path, HTTP_ACCEPT_LANGUAGE=accept).content.decode())
+        assert words in note and lost in note, path

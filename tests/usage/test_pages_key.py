@@ -72,6 +72,7 @@ def test_cost_partly_unknown_is_said(client, held):
     page = client.get(f"/my-keys/{ann.key.pk}").content.decode()
     totals = page.split('<dl class="totals"', 1)[1].split("</dl>", 1)[0]
     assert "≥ $1.00" in totals and "without a known price" in totals
+    assert "<dt>All-time cost</dt>" in totals  # the chart below is 30 days: the totals say theirs
 
 
 @pytest.mark.parametrize("hours", [1, 60])

@@ -114,6 +114,24 @@ def test_each_key_shows_its_usage_and_the_totals_are_on_top(client, ann, bob, ma
     assert "1,000" not in page  # Bob's usage is not Ann's
 
 
+def test_the_keys_come_first_then_the_add_form_quota_and_chart(client, ann, ready_keys):
+    key = key_assign(user=ann, label="laptop").key
+    served(key, at=timezone.now(), requests=2)
+    ann.limit_tokens_day = 1_000_000
+    ann.save()
+    client.force_login(ann)
+    page = client.get("/my-keys").content.decode()
+    order = [page.index(mark) for mark in (
+        '<dl class="totals"', f'<tr id="key-{key.pk}">', 'id="add-form"', 'id="quota"',
+        'id="usage-chart"',
+    )]
+    assert order == sorted(order)
+    totals = page.split('<dl class="totals"', 1)[1].split("</dl>", 1)[0]
+    # The three totals say they are all-time (the quota and chart below are day and month).
+    for label in ("All-time requests", "All-time tokens", "All-time cost"):
+        assert f"<dt>{label}</dt>" in totals
+
+
 def test_a_key_without_usage_shows_a_dash_for_its_cost(client, ann, ready_keys):
     key = key_assign(user=ann, label="new").key
     client.force_login(ann)
@@ -138,7 +156,7 @@ def test_revoked_row_keeps_its_usage(client, ann, proxy_keys):
 
 def test_adding_a_key_shows_it_once_without_htmx(client, ann, ready_keys):
     client.force_login(ann)
-    response = client.post("/my-keys/add", {"label": "  ci  "})
+    response = client.post("/my-keys/add", {"label": "  ci  "}, follow=True)
     assert response.status_code == 200
     assert "no-store" in response["Cache-Control"]
     key = ApiKey.objects.get(owner=ann)
@@ -185,8 +203,8 @@ def test_adding_keys_is_rate_limited_per_person(client, ann, settings, make_read
     settings.PORTAL_RATE_KEYS_PER_PERSON = 2
     make_ready_keys(3)
     client.force_login(ann)
-    assert client.post("/my-keys/add", {"label": "a"}).status_code == 200
-    assert client.post("/my-keys/add", {"label": "b"}).status_code == 200
+    assert client.post("/my-keys/add", {"label": "a"}, follow=True).status_code == 200
+    assert client.post("/my-keys/add", {"label": "b"}, follow=True).status_code == 200
     refused = client.post("/my-keys/add", {"label": "c"})
     assert refused.status_code == 400 and b"Please wait" in refused.content
     assert ApiKey.objects.filter(owner=ann).count() == 2
