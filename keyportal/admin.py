@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
 from django.contrib.auth.models import Group
 from django.http import HttpRequest
@@ -71,3 +73,103 @@ class AuthenticatorAdmin(admin.ModelAdmin):
 
     def delete_model(self, request: HttpRequest, obj: Authenticator) -> None:
         totp_remove(user=obj.user, by=request.user, ip=client_ip(request))
+
+
+# --- team chat webhooks and their deliveries (keyportal.notify) --------------------------------
+# The URL and the signing secret are write-only here: the form never shows them back and the
+# lists show the host only. Django's own change history names changed fields, not values.
+
+from django.contrib import messages  # noqa: E402
+from django.db.models import QuerySet  # noqa: E402
+from django.utils import timezone  # noqa: E402
+from django.utils.translation import gettext_lazy as _  # noqa: E402
+from django.utils.translation import ngettext  # noqa: E402
+
+from keyportal.forms import WebhookAdminForm  # noqa: E402
+from keyportal.models import Delivery, Webhook  # noqa: E402
+from keyportal.notify import STAFF_EVENTS, webhook_test  # noqa: E402
+from keyportal.services import webhook_save  # noqa: E402
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    form = WebhookAdminForm
+    list_display = ("name", "kind", "host", "owner", "enabled", "alerts", "created_at")
+    list_filter = ("kind", "enabled", ("owner", admin.EmptyFieldListFilter))
+    search_fields = ("name", "host", "owner__email")
+    list_select_related = ("owner",)
+    actions = ("send_test",)
+    fieldsets = (
+        (None, {"fields": ("name", "kind", "new_url", "new_secret", "clear_secret", "enabled",
+                           "events")}),
+    )
+
+    @admin.display(description=_("alerts"))
+    def alerts(self, obj: Webhook) -> str:
+        if obj.owner_id:
+            return str(_("the person's limit notices"))
+        if not obj.events:
+            return str(_("all staff alerts"))
+        return ", ".join(str(STAFF_EVENTS.get(e, e)) for e in obj.events)
+
+    def save_model(self, request: HttpRequest, obj: Webhook, form: WebhookAdminForm,
+                   change: bool) -> None:
+        webhook_save(webhook=obj, url=form.cleaned_data.get("new_url", ""),
+                     secret=form.cleaned_data.get("new_secret", ""),
+                     clear_secret=form.cleaned_data.get("clear_secret", False))
+
+    @admin.action(description=_("Send a test message"))
+    def send_test(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
+        count = 0
+        for hook in queryset:
+            webhook_test(webhook=hook)
+            count += 1
+        self.message_user(request, ngettext(
+            "A test message is on its way to %(count)d webhook; its result shows under "
+            "Deliveries in a few seconds.",
+            "Test messages are on their way to %(count)d webhooks; their results show under "
+            "Deliveries in a few seconds.", count) % {"count": count}, messages.SUCCESS)
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    """The outbox, read-only: what went out, what is retrying and why, what was given up."""
+
+    list_display = ("created_at", "target", "event", "status", "attempts", "last_error",
+                    "next_try", "tried_at")
+    list_filter = ("status", "event", "created_at")
+    list_select_related = ("webhook",)
+    search_fields = ("webhook__name", "webhook__host", "event", "subject")
+    fields = ("created_at", "target", "event", "subject", "body", "status", "attempts",
+              "last_error", "next_try_at", "tried_at", "sent_at")
+    readonly_fields = fields
+    actions = ("retry_now",)
+    show_full_result_count = False
+
+    @admin.display(description=_("webhook"), ordering="webhook__name")
+    def target(self, obj: Delivery) -> str:
+        if obj.webhook is None:
+            return "PORTAL_STAFF_WEBHOOK_URL"
+        return f"{obj.webhook.name} ({obj.webhook.host})"
+
+    @admin.display(description=_("next try"), ordering="next_try_at")
+    def next_try(self, obj: Delivery) -> Any:
+        return obj.next_try_at if obj.status == Delivery.Status.PENDING else "—"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Delivery | None = None) -> bool:
+        return False
+
+    @admin.action(description=_("Try again now"), permissions=["view"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        from keyportal.notify import kick
+
+        count = queryset.filter(status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED]
+                                ).update(status=Delivery.Status.PENDING, attempts=0,
+                                         next_try_at=timezone.now())
+        kick()
+        self.message_user(request, ngettext(
+            "%(count)d delivery will be tried again now.",
+            "%(count)d deliveries will be tried again now.", count) % {"count": count})

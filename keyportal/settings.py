@@ -266,6 +266,18 @@ PORTAL_ESCROW_KEY = env.str("PORTAL_ESCROW_KEY", default="")
 # email and, when set, as a JSON POST to this URL.
 PORTAL_STAFF_WEBHOOK_URL = setting("PORTAL_STAFF_WEBHOOK_URL", "")
 PORTAL_WEBHOOK_TIMEOUT = number("PORTAL_WEBHOOK_TIMEOUT", "5", float)
+# Team chat webhooks (docs/notifications.md): tries per alert before it is kept as failed,
+# with backoff between them (30 s, 2 min, 8 min, 32 min, ...).
+PORTAL_WEBHOOK_ATTEMPTS = max(number("PORTAL_WEBHOOK_ATTEMPTS", "6"), 1)
+# Send queued alerts at once in a background thread of the process that raised them. Off:
+# only `sync_usage` and `manage.py send_notifications` send them.
+PORTAL_WEBHOOK_BACKGROUND = env.bool("PORTAL_WEBHOOK_BACKGROUND", default=True)
+# Hosts a person's own webhook may point at (the chat platforms' robot hosts): a person must
+# not make the portal POST into the intranet. Staff webhooks may point anywhere.
+PORTAL_PERSON_WEBHOOK_HOSTS = env.list("PORTAL_PERSON_WEBHOOK_HOSTS", default=[
+    "oapi.dingtalk.com", "open.feishu.cn", "open.larksuite.com", "qyapi.weixin.qq.com",
+    "hooks.slack.com",
+])
 # Owners are emailed this many days before a key expires (once per key).
 PORTAL_EXPIRY_WARNING_DAYS = number("PORTAL_EXPIRY_WARNING_DAYS", "7")
 

@@ -24,6 +24,7 @@ from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
+from keyportal.notify import courier, deliveries_due, settle
 from pool.upstream import UpstreamError
 from pool.upstreams.registry import cliproxyapi_endpoint
 from usage.services import (
@@ -35,6 +36,7 @@ from usage.stream import StreamUnavailable, usage_stream_follow, usage_stream_of
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
 REPORT_AGAIN_AFTER = 60.0  # seconds before the same kind of database failure is told again
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+WEBHOOKS_EVERY = 30.0  # seconds between looks at the webhook outbox with --follow
 
 
 class Command(BaseCommand):
@@ -73,6 +75,12 @@ class Command(BaseCommand):
             stop.set()
 
         previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
+        # Webhook deliveries (keyportal.notify) go out in a thread beside the sync, never in
+        # its path: retries whenever they are due with --follow, what is due now otherwise.
+        mail_stop = threading.Event()
+        mail = (courier(stop=mail_stop, every=WEBHOOKS_EVERY if follow else None)
+                if settings.PORTAL_WEBHOOK_BACKGROUND and (follow or deliveries_due())
+                else None)
         try:
             if follow:
                 self._follow(mode, interval if interval is not None
@@ -82,6 +90,12 @@ class Command(BaseCommand):
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            # The sync's work is written by now; a one-shot run gives the deliveries it started
+            # at most one webhook timeout to finish (an unfinished one is sent by the next run).
+            mail_stop.set()
+            if mail is not None:
+                mail.join(timeout=settings.PORTAL_WEBHOOK_TIMEOUT + 1)
+            settle(timeout=settings.PORTAL_WEBHOOK_TIMEOUT + 1)
 
     def _once(self, mode: str | None, stop: threading.Event, caught: list[int]) -> None:
         try:
