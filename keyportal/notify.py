@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.mail import send_mail
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -149,10 +151,13 @@ def backoff(attempts: int) -> timedelta:
 
 
 def deliver_due(*, limit: int = 100) -> DeliveryRun:
-    """Sends every delivery that is due (new, or its retry time has come, or claimed by a
+    """Sends the deliveries that are due (new, or their retry time has come, or claimed by a
     worker that died), one at a time, each bounded by PORTAL_WEBHOOK_TIMEOUT."""
     run = DeliveryRun()
-    for pk in _claim(limit=limit):
+    for _ in range(limit):
+        pk = _claim_next()
+        if pk is None:
+            break
         outcome = _deliver(pk)
         if outcome == Delivery.Status.SENT:
             run.sent += 1
@@ -163,25 +168,35 @@ def deliver_due(*, limit: int = 100) -> DeliveryRun:
     return run
 
 
-def _claim(*, limit: int) -> list[int]:
+def _due(now: datetime) -> Q:
+    return (Q(status=Delivery.Status.PENDING, next_try_at__lte=now)
+            | Q(status=Delivery.Status.SENDING, claimed_until__lt=now))
+
+
+def _claim_next() -> int | None:
+    """Claims one due row for this worker. One at a time, just before it is sent: a claim
+    lasts one send, so a batch claimed up front could lapse behind a slow receiver and be
+    sent again by another worker; and several workers share the rows between them."""
     now = timezone.now()
-    due = (Q(status=Delivery.Status.PENDING, next_try_at__lte=now)
-           | Q(status=Delivery.Status.SENDING, claimed_until__lt=now))
+    due = _due(now)
     # Long enough for one send; a worker killed mid-send frees its row when this lapses.
-    until = now + timedelta(seconds=settings.PORTAL_WEBHOOK_TIMEOUT + 60)
-    claim = {"status": Delivery.Status.SENDING, "claimed_until": until}
+    claim = {"status": Delivery.Status.SENDING,
+             "claimed_until": now + timedelta(seconds=settings.PORTAL_WEBHOOK_TIMEOUT + 60)}
+    order = ("next_try_at", "pk")
     if connection.vendor == "postgresql":
-        # Rows another worker has locked are skipped, not waited for.
+        # A row another worker has locked is skipped, not waited for.
         with transaction.atomic():
-            pks = list(Delivery.objects.select_for_update(skip_locked=True).filter(due)
-                       .order_by("next_try_at", "pk").values_list("pk", flat=True)[:limit])
-            Delivery.objects.filter(pk__in=pks).update(**claim)
-        return pks
-    # SQLite: a conditional UPDATE per row, whose row count says who won it (the WHERE is
-    # evaluated again under the write lock, so of two workers one gets 1 and the other 0).
-    candidates = list(Delivery.objects.filter(due).order_by("next_try_at", "pk")
-                      .values_list("pk", flat=True)[:limit])
-    return [pk for pk in candidates if Delivery.objects.filter(due, pk=pk).update(**claim)]
+            pk = (Delivery.objects.select_for_update(skip_locked=True).filter(due)
+                  .order_by(*order).values_list("pk", flat=True).first())
+            if pk is not None:
+                Delivery.objects.filter(pk=pk).update(**claim)
+        return pk
+    # SQLite: a conditional UPDATE whose row count says who won the row (the WHERE is
+    # evaluated again under the write lock: of two workers, one gets 1 and the other 0).
+    for pk in Delivery.objects.filter(due).order_by(*order).values_list("pk", flat=True)[:10]:
+        if Delivery.objects.filter(due, pk=pk).update(**claim):
+            return pk
+    return None
 
 
 def _target(delivery: Delivery) -> tuple[str, str, str, str]:
@@ -230,13 +245,29 @@ def _record(delivery: Delivery, *, name: str, error: str, final: bool) -> str:
     else:
         status = Delivery.Status.PENDING
         fields = {"last_error": error[:300], "next_try_at": now + backoff(attempts)}
-    Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.SENDING).update(
-        status=status, attempts=attempts, tried_at=now, claimed_until=None, **fields)
+    # Retried on a busy database: the message is out, and a row left SENDING would be sent
+    # again once its claim lapsed.
+    _patiently(lambda: Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.SENDING)
+               .update(status=status, attempts=attempts, tried_at=now, claimed_until=None,
+                       **fields))
     if error:
         log.warning("Webhook %s: %s %s not delivered (attempt %d, %s): %s", name,
                     delivery.event, delivery.pk, attempts,
                     "given up" if status == Delivery.Status.FAILED else "will retry", error)
     return status
+
+
+def _patiently(write: Callable[[], Any], tries: int = 6) -> Any:
+    """A write tried again a few times when the database is busy (SQLite's lock outlasting
+    its busy timeout): every write here is conditional, so trying again is harmless."""
+    for attempt in range(tries):
+        try:
+            return write()
+        except OperationalError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
+    return None
 
 
 def _scrub(text: str, url: str, secret: str) -> str:
@@ -286,7 +317,7 @@ def kick() -> None:
 def _kick_run() -> None:
     try:
         while True:
-            deliver_due()
+            _patiently(deliver_due)
             with _kick_lock:
                 if not _kick_state["again"]:
                     _kick_state["thread"] = None
@@ -300,32 +331,23 @@ def _kick_run() -> None:
         connection.close()  # this thread's own connection
 
 
-def settle(*, timeout: float) -> None:
-    """Waits at most `timeout` seconds for this process's kick thread (a one-shot command
-    about to exit, whose daemon thread would otherwise die mid-send)."""
-    thread = _kick_state["thread"]
-    if thread is not None:
-        thread.join(timeout=timeout)
-
-
 def deliveries_due() -> bool:
-    now = timezone.now()
-    return Delivery.objects.filter(
-        Q(status=Delivery.Status.PENDING, next_try_at__lte=now)
-        | Q(status=Delivery.Status.SENDING, claimed_until__lt=now)
-    ).exists()
+    return Delivery.objects.filter(_due(timezone.now())).exists()
 
 
-def courier(*, stop: threading.Event, every: float | None) -> threading.Thread:
-    """A background thread that sends what is due now and then every `every` seconds until
-    `stop` is set (`every` None: once). `sync_usage` runs one beside its passes, so retries
-    go out wherever the sync runs, without holding up a pass."""
+def courier(*, stop: threading.Event, every: float | None, now: bool = True
+            ) -> threading.Thread:
+    """A background thread that sends what is due (at once when `now`) and then every `every`
+    seconds until `stop` is set (`every` None: once). `sync_usage` runs one beside its passes,
+    so retries go out wherever the sync runs, without holding up a pass."""
 
     def run() -> None:
         try:
+            if not now and (every is None or stop.wait(every)):
+                return
             while True:
                 try:
-                    deliver_due()
+                    _patiently(deliver_due)
                 except Exception as exc:  # noqa: BLE001 - a database hiccup: next round
                     log.warning("Webhook deliveries failed: %s", type(exc).__name__)
                 if every is None or stop.wait(every):
