@@ -11,8 +11,9 @@ Sources (docs/notifications.md cites them too):
   deployments answer `StatusCode` 0).
 - WeCom group robot: POST {"msgtype": "text", "text": {"content": ...}} (content at most 2048
   bytes), no signature (the key in the URL is the secret); success is `errcode` 0.
-- Slack incoming webhook: POST {"text": ...}; success is HTTP 200 with the body `ok`; errors
-  are HTTP 4xx with a word (`invalid_payload`, `no_text`, ...).
+- Slack incoming webhook: POST {"text": ...}; success is HTTP 200 (its body is `ok`); errors
+  are HTTP 400/403/404/410/500 with a word in the body (`invalid_payload`, `no_text`,
+  `channel_is_archived`, ...).
 - Generic JSON: the portal's own shape, {"event", "subject", "text", "data", "at"}; with a
   secret, an `X-Portal-Signature: sha256=<hex HmacSHA256(key=secret, msg=body)>` header.
 """
@@ -128,9 +129,11 @@ def _short(value: Any) -> str:
 def judge(*, kind: str, status: int, body: bytes) -> None:
     """Raises DeliveryError unless the answer is the platform's documented success."""
     if kind == "slack":
-        text = body.decode(errors="replace").strip()
-        if status == 200 and text == "ok":
+        # Slack's word: HTTP 200 is success (the body says "ok"); a refusal is 400/403/404/
+        # 410/500 with a word in the body (invalid_payload, channel_is_archived, ...).
+        if status == 200:
             return
+        text = body.decode(errors="replace").strip()
         raise DeliveryError(f"HTTP {status}: {_short(text) or 'no answer'}")
     if not 200 <= status < 300:
         raise DeliveryError(f"HTTP {status}")
