@@ -171,7 +171,8 @@ def post(request: Request, *, kind: str, timeout: float | None = None) -> None:
     except requests.ConnectTimeout:
         raise DeliveryError(f"could not connect within {timeout:g} s") from None
     except requests.ReadTimeout:
-        raise DeliveryError(f"no answer within {timeout:g} s") from None
+        # The same words as the deadline's: which of the two fires first is a race.
+        raise DeliveryError(f"no complete answer within {timeout:g} s") from None
     except requests.ConnectionError as exc:
         text = str(exc).lower()
         if "refused" in text:
