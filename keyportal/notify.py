@@ -40,6 +40,8 @@ STAFF_EVENTS: dict[str, Any] = {
     "pool_empty": _("The key pool is empty"),
     "unissued_key_used": _("Usage on keys nobody was given"),
     "implausible_key_list": _("The proxy's key list looks reset"),
+    "sync_failed": _("The usage sync fails (or works again)"),
+    "records_quarantined": _("Usage records set aside"),
 }
 PERSON_EVENT = "limit"
 TEST_EVENT = "test"
@@ -230,6 +232,9 @@ def _deliver(pk: int) -> str | None:
             post(build(kind=kind, url=url, secret=secret, message=message), kind=kind)
         except DeliveryError as exc:
             error = _scrub(str(exc), url, secret)
+        except Exception as exc:  # noqa: BLE001 - a URL requests cannot even parse, ...
+            # Its text may quote the URL: the type only. The row must not stay SENDING.
+            error = f"the request could not be made ({type(exc).__name__})"
         finally:
             _in_delivery.active = False
     return _record(delivery, name=name, error=error, final=final)
@@ -329,6 +334,16 @@ def _kick_run() -> None:
             _kick_state["thread"] = None
     finally:
         connection.close()  # this thread's own connection
+
+
+def deliveries_prune(*, keep_days: int | None = None) -> int:
+    """Deletes finished deliveries (sent or given up) older than PORTAL_WEBHOOK_KEEP_DAYS."""
+    keep = settings.PORTAL_WEBHOOK_KEEP_DAYS if keep_days is None else keep_days
+    deleted, _rows = Delivery.objects.filter(
+        status__in=[Delivery.Status.SENT, Delivery.Status.FAILED],
+        created_at__lt=timezone.now() - timedelta(days=keep),
+    ).delete()
+    return deleted
 
 
 def deliveries_due() -> bool:

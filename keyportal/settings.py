@@ -272,6 +272,8 @@ PORTAL_WEBHOOK_ATTEMPTS = max(number("PORTAL_WEBHOOK_ATTEMPTS", "6"), 1)
 # Send queued alerts at once in a background thread of the process that raised them. Off:
 # only `sync_usage` and `manage.py send_notifications` send them.
 PORTAL_WEBHOOK_BACKGROUND = env.bool("PORTAL_WEBHOOK_BACKGROUND", default=True)
+# Sent and given-up deliveries are deleted after this many days (send_notifications).
+PORTAL_WEBHOOK_KEEP_DAYS = max(number("PORTAL_WEBHOOK_KEEP_DAYS", "30"), 1)
 # Hosts a person's own webhook may point at (the chat platforms' robot hosts): a person must
 # not make the portal POST into the intranet. Staff webhooks may point anywhere.
 PORTAL_PERSON_WEBHOOK_HOSTS = env.list("PORTAL_PERSON_WEBHOOK_HOSTS", default=[

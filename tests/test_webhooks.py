@@ -49,6 +49,9 @@ def receivers():
 @pytest.fixture(autouse=True)
 def _quick(settings):
     settings.PORTAL_WEBHOOK_TIMEOUT = 1.0
+    # Sent by the tests' own deliver_due(), not by background threads (those have their
+    # tests in test_webhooks_pages.py, on a committed database).
+    settings.PORTAL_WEBHOOK_BACKGROUND = False
     settings.PORTAL_STAFF_WEBHOOK_URL = ""
 
 
@@ -382,3 +385,50 @@ def test_two_threads_never_deliver_one_row_twice_on_postgres(receivers, settings
     assert not errors
     texts = sorted(json.loads(x.body)["text"] for x in r.received)
     assert texts == sorted(f"alert {i}" for i in range(40))
+
+
+# --- the sync's own alerts: failing, back again, records set aside ----------------------------
+
+
+def test_a_failing_sync_is_told_once_per_half_hour_and_its_recovery_too(receivers, fake_proxy,
+                                                                       settings):
+    from tests.usage.conftest import sync
+
+    r = receivers("slack")
+    hook_for(r, events=["sync_failed"])
+    working = settings.CLIPROXY_URL
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        settings.CLIPROXY_URL = f"http://127.0.0.1:{s.getsockname()[1]}"  # nobody listens
+    for _ in range(3):
+        with pytest.raises(CommandError):
+            sync()
+    assert deliver_due().sent == 1  # three failed runs, one message
+    assert r.received[0].json["text"].startswith("Key Portal: the usage sync is failing\n\n"
+                                                 "The last usage sync did not finish:")
+    settings.CLIPROXY_URL = working
+    sync()
+    sync()
+    assert deliver_due().sent == 1  # it works again: said once
+    assert r.received[1].json == {"text": "Key Portal: the usage sync works again\n\n"
+                                          "The last usage sync finished without error."}
+
+
+def test_old_finished_deliveries_are_pruned_and_pending_ones_kept(settings):
+    from keyportal.notify import deliveries_prune
+
+    old = timezone.now() - timedelta(days=31)
+    for status in ("sent", "failed", "pending"):
+        Delivery.objects.create(event="e", subject="s", body="b", status=status, created_at=old)
+    Delivery.objects.create(event="e", subject="s", body="b", status="sent")
+    assert deliveries_prune() == 2
+    assert sorted(Delivery.objects.values_list("status", flat=True)) == ["pending", "sent"]
+
+
+def test_a_url_requests_cannot_use_is_a_failure_in_words_not_a_stuck_row(settings):
+    webhook_save(webhook=Webhook(name="odd", kind="slack"), url="http://127.0.0.1:99999/zzsecretzz")
+    alert()
+    assert deliver_due().retrying == 1
+    d = Delivery.objects.get()
+    assert d.status == Delivery.Status.PENDING and d.attempts == 1
+    assert d.last_error.startswith("the request") and "zzsecretzz" not in d.last_error
