@@ -82,6 +82,8 @@ class AuthenticatorAdmin(admin.ModelAdmin):
 from django.contrib import messages  # noqa: E402
 from django.db.models import QuerySet  # noqa: E402
 from django.utils import timezone  # noqa: E402
+from django.utils.decorators import method_decorator  # noqa: E402
+from django.views.decorators.debug import sensitive_post_parameters  # noqa: E402
 from django.utils.translation import gettext_lazy as _  # noqa: E402
 from django.utils.translation import ngettext  # noqa: E402
 
@@ -103,6 +105,11 @@ class WebhookAdmin(admin.ModelAdmin):
         (None, {"fields": ("name", "kind", "new_url", "new_secret", "clear_secret", "enabled",
                            "events")}),
     )
+
+    @method_decorator(sensitive_post_parameters("new_url", "new_secret"))
+    def changeform_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        # Django's error reports (and the debug page) then show these fields as stars.
+        return super().changeform_view(request, *args, **kwargs)
 
     @admin.display(description=_("alerts"))
     def alerts(self, obj: Webhook) -> str:

@@ -8,6 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 
 from keyportal.forms import PersonWebhookForm
@@ -16,6 +17,7 @@ from keyportal.notify import webhook_test
 from keyportal.services import person_webhook_delete, person_webhook_set
 
 
+@sensitive_post_parameters("new_url", "new_secret")
 @login_required
 @require_http_methods(["GET", "POST"])
 def my_notifications(request: HttpRequest) -> HttpResponse:

@@ -234,3 +234,31 @@ def test_a_down_receiver_does_not_hold_sync_usage_and_the_next_run_retries(fake_
     sync()  # the next run picks the retry up in its background thread
     wait_for(lambda: Delivery.objects.get().status == Delivery.Status.SENT, "the retry")
     assert failing_webhooks().count == 0
+
+
+@pytest.mark.django_db
+def test_error_reports_hide_the_url_and_secret_fields(rf, admin_user):
+    from django.contrib.admin.sites import site
+    from django.views.debug import SafeExceptionReporterFilter
+
+    from keyportal.person_views import my_notifications
+
+    post = {"new_url": "https://hooks.slack.com/services/zzsecretzz", "new_secret": "zzs",
+            "name": "n"}
+    request = rf.post("/admin/keyportal/webhook/add/", post)
+    request.user = admin_user
+    admin = site._registry[Webhook]
+    try:
+        admin.changeform_view(request)  # no session or CSRF here: it may refuse; the marking
+    except Exception:  # noqa: BLE001 - is what this test is about
+        pass
+    request2 = rf.post("/my-keys/notifications", post)
+    request2.user = admin_user
+    try:
+        my_notifications(request2)
+    except Exception:  # noqa: BLE001
+        pass
+    for r in (request, request2):
+        cleaned = SafeExceptionReporterFilter().get_post_parameters(r)
+        assert cleaned["new_url"] != post["new_url"] and cleaned["new_secret"] != "zzs"
+        assert cleaned["name"] == "n"
