@@ -1,16 +1,26 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
+
+from django.contrib import admin, messages
 from django.contrib.auth.models import Group
+from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
+from django.views.decorators.debug import sensitive_post_parameters
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts.models import Authenticator
 from accounts.totp import totp_remove
 from keyportal.audit import client_ip
-from keyportal.models import AuditEvent
+from keyportal.forms import WebhookAdminForm
+from keyportal.models import AuditEvent, Delivery, Webhook
+from keyportal.notify import STAFF_EVENTS, webhook_test
+from keyportal.services import webhook_save
 
 
 @admin.register(AuditEvent)
@@ -106,3 +116,97 @@ for _model in (EmailAddress, EmailConfirmation, SocialAccount, SocialApp, Social
         admin.site.unregister(_model)
     except admin.sites.NotRegistered:
         pass
+
+
+# --- team chat webhooks and their deliveries (keyportal.notify) --------------------------------
+# The URL and the signing secret are write-only here: the form never shows them back and the
+# lists show the host only. Django's own change history names changed fields, not values.
+
+
+@admin.register(Webhook)
+class WebhookAdmin(admin.ModelAdmin):
+    form = WebhookAdminForm
+    list_display = ("name", "kind", "host", "owner", "enabled", "alerts", "created_at")
+    list_filter = ("kind", "enabled", ("owner", admin.EmptyFieldListFilter))
+    search_fields = ("name", "host", "owner__email")
+    list_select_related = ("owner",)
+    actions = ("send_test",)
+    fieldsets = (
+        (None, {"fields": ("name", "kind", "new_url", "new_secret", "clear_secret", "enabled",
+                           "events")}),
+    )
+
+    @method_decorator(sensitive_post_parameters("new_url", "new_secret"))
+    def changeform_view(self, request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        # Django's error reports (and the debug page) then show these fields as stars.
+        return super().changeform_view(request, *args, **kwargs)
+
+    @admin.display(description=_("alerts"))
+    def alerts(self, obj: Webhook) -> str:
+        if obj.owner_id:
+            return str(_("the person's limit notices"))
+        if not obj.events:
+            return str(_("all staff alerts"))
+        return ", ".join(str(STAFF_EVENTS.get(e, e)) for e in obj.events)
+
+    def save_model(self, request: HttpRequest, obj: Webhook, form: WebhookAdminForm,
+                   change: bool) -> None:
+        webhook_save(webhook=obj, url=form.cleaned_data.get("new_url", ""),
+                     secret=form.cleaned_data.get("new_secret", ""),
+                     clear_secret=form.cleaned_data.get("clear_secret", False))
+
+    @admin.action(description=_("Send a test message"))
+    def send_test(self, request: HttpRequest, queryset: QuerySet[Webhook]) -> None:
+        count = 0
+        for hook in queryset:
+            webhook_test(webhook=hook)
+            count += 1
+        self.message_user(request, ngettext(
+            "A test message is on its way to %(count)d webhook; its result shows under "
+            "Deliveries in a few seconds.",
+            "Test messages are on their way to %(count)d webhooks; their results show under "
+            "Deliveries in a few seconds.", count) % {"count": count}, messages.SUCCESS)
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    """The outbox, read-only: what went out, what is retrying and why, what was given up."""
+
+    list_display = ("created_at", "target", "event", "status", "attempts", "last_error",
+                    "next_try", "tried_at")
+    list_filter = ("status", "event", "created_at")
+    list_select_related = ("webhook",)
+    search_fields = ("webhook__name", "webhook__host", "event", "subject")
+    fields = ("created_at", "target", "event", "subject", "body", "status", "attempts",
+              "last_error", "next_try_at", "tried_at", "sent_at")
+    readonly_fields = fields
+    actions = ("retry_now",)
+    show_full_result_count = False
+
+    @admin.display(description=_("webhook"), ordering="webhook__name")
+    def target(self, obj: Delivery) -> str:
+        if obj.webhook is None:
+            return "PORTAL_STAFF_WEBHOOK_URL"
+        return f"{obj.webhook.name} ({obj.webhook.host})"
+
+    @admin.display(description=_("next try"), ordering="next_try_at")
+    def next_try(self, obj: Delivery) -> Any:
+        return obj.next_try_at if obj.status == Delivery.Status.PENDING else "—"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Delivery | None = None) -> bool:
+        return False
+
+    @admin.action(description=_("Try again now"), permissions=["view"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        from keyportal.notify import kick
+
+        count = queryset.filter(status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED]
+                                ).update(status=Delivery.Status.PENDING, attempts=0,
+                                         next_try_at=timezone.now())
+        kick()
+        self.message_user(request, ngettext(
+            "%(count)d delivery will be tried again now.",
+            "%(count)d deliveries will be tried again now.", count) % {"count": count})

@@ -90,3 +90,93 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M} {self.actor_label or self.actor_kind} {self.action}"
+
+
+# --- team chat notifications (issue 17, point 6) ----------------------------------------------
+# Imported from pool: the same sealing as pool keys and upstream secrets (pool/escrow.py, a
+# leaf module that imports no model), so a copy of the database alone reveals no webhook.
+from pool.fields import SealedValueField  # noqa: E402
+
+
+class Webhook(models.Model):
+    """Where alerts go besides email: a team chat robot or a JSON endpoint. Staff webhooks
+    (no owner) take staff alerts; a person's own webhook takes their limit notices.
+
+    `url` and `secret` are secrets: a chat robot's URL alone lets anyone post into the team's
+    chat. They are sealed in the database, never shown back (the admin form is write-only),
+    and lists show `host` only."""
+
+    class Kind(models.TextChoices):
+        DINGTALK = "dingtalk", _("DingTalk robot")
+        FEISHU = "feishu", _("Feishu / Lark bot")
+        WECOM = "wecom", _("WeCom group robot")
+        SLACK = "slack", _("Slack incoming webhook")
+        JSON = "json", _("Generic JSON")
+
+    name = models.CharField(_("name"), max_length=100)
+    kind = models.CharField(_("kind"), max_length=16, choices=Kind.choices)
+    url = SealedValueField(_("webhook URL"))
+    secret = SealedValueField(_("signing secret"), blank=True, default="")
+    # The URL's host, kept apart so that lists never open (or show) the sealed URL.
+    host = models.CharField(_("host"), max_length=255, editable=False)
+    enabled = models.BooleanField(_("enabled"), default=True)
+    # Staff alert names (keyportal.notify.STAFF_EVENTS) this webhook takes; empty: all.
+    events = models.JSONField(_("events"), default=list, blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, verbose_name=_("person"), null=True, blank=True,
+        on_delete=models.CASCADE, related_name="webhooks",
+        help_text=_("Empty for a staff webhook; a person's own webhook takes their limit notices."),
+    )
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("webhook")
+        verbose_name_plural = _("webhooks")
+        ordering = ["name", "pk"]
+        constraints = [
+            # A person has at most one webhook (their page edits it in place).
+            models.UniqueConstraint(fields=["owner"], name="webhook_one_per_person",
+                                    condition=models.Q(owner__isnull=False)),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.host})"
+
+
+class Delivery(models.Model):
+    """The outbox: one row per webhook and alert, written where the alert is raised and sent
+    by a worker outside the caller's path (keyportal.notify). A row with no webhook is for
+    PORTAL_STAFF_WEBHOOK_URL, which stays in the environment and is never stored."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        SENDING = "sending", _("sending")
+        SENT = "sent", _("sent")
+        FAILED = "failed", _("failed")
+
+    webhook = models.ForeignKey(Webhook, verbose_name=_("webhook"), null=True, blank=True,
+                                on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(_("event"), max_length=64)
+    subject = models.CharField(_("subject"), max_length=255)
+    body = models.TextField(_("text"))
+    data = models.JSONField(_("data"), default=dict, blank=True)  # never a secret
+    status = models.CharField(_("status"), max_length=8, choices=Status.choices,
+                              default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(_("attempts"), default=0)
+    next_try_at = models.DateTimeField(_("next try"), default=timezone.now)
+    # While SENDING: when the claim lapses (a worker killed mid-send frees its rows).
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    # In words, without the URL or the secret ("connection refused", "HTTP 500", ...).
+    last_error = models.CharField(_("last error"), max_length=300, blank=True)
+    tried_at = models.DateTimeField(_("last try"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created"), default=timezone.now, db_index=True)
+    sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("delivery")
+        verbose_name_plural = _("deliveries")
+        ordering = ["-created_at", "-pk"]
+        indexes = [models.Index(fields=["status", "next_try_at"], name="delivery_due")]
+
+    def __str__(self) -> str:
+        return f"{self.event} #{self.pk}"

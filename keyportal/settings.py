@@ -284,6 +284,20 @@ PORTAL_BASE_URL = setting("PORTAL_BASE_URL", "")
 # Whom people ask about their keys and limits, named in limit emails (an address, a chat
 # channel, a URL). Unset: the email addresses of the active staff (at most three).
 PORTAL_SUPPORT_CONTACT = setting("PORTAL_SUPPORT_CONTACT", "")
+# Team chat webhooks (docs/notifications.md): tries per alert before it is kept as failed,
+# with backoff between them (30 s, 2 min, 8 min, 32 min, ...).
+PORTAL_WEBHOOK_ATTEMPTS = max(number("PORTAL_WEBHOOK_ATTEMPTS", "6"), 1)
+# Send queued alerts at once in a background thread of the process that raised them. Off:
+# only `sync_usage` and `manage.py send_notifications` send them.
+PORTAL_WEBHOOK_BACKGROUND = env.bool("PORTAL_WEBHOOK_BACKGROUND", default=True)
+# Sent and given-up deliveries are deleted after this many days (send_notifications).
+PORTAL_WEBHOOK_KEEP_DAYS = max(number("PORTAL_WEBHOOK_KEEP_DAYS", "30"), 1)
+# Hosts a person's own webhook may point at (the chat platforms' robot hosts): a person must
+# not make the portal POST into the intranet. Staff webhooks may point anywhere.
+PORTAL_PERSON_WEBHOOK_HOSTS = env.list("PORTAL_PERSON_WEBHOOK_HOSTS", default=[
+    "oapi.dingtalk.com", "open.feishu.cn", "open.larksuite.com", "qyapi.weixin.qq.com",
+    "hooks.slack.com",
+])
 # Owners are emailed this many days before a key expires (once per key).
 PORTAL_EXPIRY_WARNING_DAYS = number("PORTAL_EXPIRY_WARNING_DAYS", "7")
 

@@ -5,7 +5,7 @@ from django.urls import include, path
 from django.utils.translation import gettext_lazy as _
 
 from accounts import views as accounts_views
-from keyportal import openapi_views
+from keyportal import openapi_views, person_views
 from keyportal import views as keyportal_views
 
 admin.site.site_header = _("Key Portal")
@@ -17,6 +17,7 @@ urlpatterns = [
     path("admin/totp/", keyportal_views.admin_totp, name="admin-totp"),
     path("admin/totp/setup/", keyportal_views.admin_totp_setup, name="admin-totp-setup"),
     path("admin/", admin.site.urls),
+    path("my-keys/notifications", person_views.my_notifications, name="my-notifications"),
     path("", include("accounts.urls")),
     path("", include("pool.urls")),
     path("", include("usage.urls")),

@@ -35,7 +35,7 @@ from django.utils.translation import gettext_lazy
 
 from accounts.models import Limits, User
 from keyportal.links import where_to_look
-from keyportal.notify import person_email
+from keyportal.notify import person_notify
 from pool.models import ApiKey
 from pool.services import (
     LIMIT_REASONS,
@@ -493,7 +493,7 @@ def _notify(*, subject: str, to: User, limits: Any, used: Used | None,
         # Written in the person's language (cron has no request to take one from).
         with translation.override(to.email_language):
             message = _message(name, threshold, amount, limit, unpriced, window, key)
-        if person_email(to=to.email, **message):
+        if person_notify(user=to, **message):
             sent += 1
         else:
             # Not delivered: release the claims so that the next sync tries again.

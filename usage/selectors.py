@@ -21,6 +21,7 @@ from django.utils.translation import ngettext
 from accounts.models import User
 from keyportal.checks import is_loopback
 from keyportal.models import AuditEvent
+from keyportal.notify import failing_webhooks
 from pool.models import ApiKey, Upstream
 from pool.selectors import (
     HEALTH_CACHE_KEY, KnownHealth, Probes, health_known, pool_status, upstream_probes,
@@ -481,6 +482,8 @@ class Dashboard:
     backlog: SyncBacklog | None = None
     upstreams: list[KnownHealth] = field(default_factory=list)
     now: datetime | None = None  # when it was read: the ages shown count from it
+    # Staff webhooks whose latest delivery failed (keyportal.notify.failing_webhooks).
+    webhooks_failing: list[str] = field(default_factory=list)
 
     @property
     def pool_low(self) -> bool:
@@ -490,7 +493,7 @@ class Dashboard:
     def alerts(self) -> bool:
         return bool(self.pool_low or (self.sync is not None and not self.sync.ok)
                     or self.quarantined_week or self.proxy_refused or self.key_list_refused
-                    or self.unpriced_models)
+                    or self.unpriced_models or self.webhooks_failing)
 
     @property
     def changes(self) -> dict[str, str]:
@@ -600,6 +603,7 @@ def admin_dashboard(*, now: datetime, days: int = DASHBOARD_DAYS) -> Dashboard:
         top_people=_top_people(since=month_since, limit=DASHBOARD_TOP),
         top_models=top_models[:DASHBOARD_TOP],
         last_ok_sync=last_ok, backlog=backlog, upstreams=health, now=now,
+        webhooks_failing=failing_webhooks().names,
     )
 
 

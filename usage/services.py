@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import (
     DatabaseError, DataError, IntegrityError, InterfaceError, OperationalError, connection,
     transaction,
@@ -1212,10 +1213,54 @@ def _record(
             with transaction.atomic():
                 run = SyncRun.objects.create(**fields)
                 SyncRun.objects.filter(pk__lte=run.pk - KEEP_SYNC_RUNS).delete()
-            return
         except _DB_DOWN:
             pass
+        else:
+            _notify_run_safely(ok=ok, message=message, quarantined=result.quarantined)
+            return
     spool.run_save(fields)
+
+
+# Staff hear of a failing sync or of records set aside at most once per half hour (the shared
+# cache says so across processes): a follower failing every 15 s is one message, not 120 an
+# hour. When a failing sync runs again, they hear that too.
+SYNC_ALERT_EVERY = timedelta(minutes=30)
+SYNC_FAILING_NOTIFIED = "sync:failing-notified"  # told in the last half hour
+SYNC_FAILING_TOLD = "sync:failing-told"  # told, and no sync has succeeded since
+QUARANTINE_NOTIFIED = "sync:quarantine-notified"
+
+
+def _notify_run_safely(*, ok: bool, message: str, quarantined: int) -> None:
+    try:
+        _notify_run(ok=ok, message=message, quarantined=quarantined)
+    except DatabaseError:
+        pass  # the alert waits for a run that reaches the database
+
+
+def _notify_run(*, ok: bool, message: str, quarantined: int) -> None:
+    every = SYNC_ALERT_EVERY.total_seconds()
+    if not ok and cache.add(SYNC_FAILING_NOTIFIED, True, every):
+        cache.set(SYNC_FAILING_TOLD, True, None)  # until a sync succeeds, however long
+        staff_alert(
+            event="sync_failed",
+            subject=_("Key Portal: the usage sync is failing"),
+            body=_("The last usage sync did not finish:\n\n%(why)s\n\nUsage, costs and limits "
+                   "wait until a sync succeeds. The admin's sync runs list has each run's "
+                   "result.") % {"why": message},
+        )
+    elif ok and cache.get(SYNC_FAILING_TOLD):
+        cache.delete_many([SYNC_FAILING_TOLD, SYNC_FAILING_NOTIFIED])
+        staff_alert(event="sync_failed", subject=_("Key Portal: the usage sync works again"),
+                    body=_("The last usage sync finished without error."))
+    if quarantined and cache.add(QUARANTINE_NOTIFIED, True, every):
+        staff_alert(
+            event="records_quarantined",
+            subject=_("Key Portal: usage records were set aside"),
+            body=_("%(n)d usage records could not be counted and were set aside (Usage → "
+                   "Quarantined usage records in the admin); the rest was counted.")
+            % {"n": quarantined},
+            data={"records": quarantined},
+        )
 
 
 def _runs_restore() -> None:

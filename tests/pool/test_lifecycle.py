@@ -12,7 +12,7 @@ from django.core import mail
 
 from accounts.models import LimitDefaults
 from keyportal.models import AuditEvent
-from keyportal.notify import staff_alert
+from keyportal.notify import deliver_due, staff_alert
 from pool.models import ApiKey
 from pool.services import key_assign, keys_lifecycle
 
@@ -99,6 +99,8 @@ def test_staff_alerts_go_by_email_and_webhook(admin_user, settings):
         hook = rsps.post("http://127.0.0.1:9/hook", json={})
         assert staff_alert(event="pool_empty", subject="Pool empty", body="refill it",
                            data={"unused": 0})
+        assert not hook.calls  # queued in the outbox, sent by a worker (keyportal.notify)
+        assert deliver_due().sent == 1
         payload = json.loads(hook.calls[0].request.body)
     assert payload["event"] == "pool_empty" and payload["data"] == {"unused": 0}
     assert mail.outbox[0].to == [admin_user.email]
@@ -109,6 +111,7 @@ def test_a_failing_webhook_does_not_stop_the_email(admin_user, settings):
     with responses.RequestsMock() as rsps:
         rsps.post("http://127.0.0.1:9/hook", status=500)
         assert staff_alert(event="x", subject="s", body="b")
+        assert deliver_due().retrying == 1
     assert len(mail.outbox) == 1
 
 

@@ -8,6 +8,7 @@ import pytest
 import responses
 from django.core import mail
 
+from keyportal.notify import deliver_due
 from pool.services import pool_keys_create
 from tests.usage.conftest import sync
 from usage.models import UnissuedKeyUsage
@@ -25,6 +26,7 @@ def test_usage_on_an_unissued_key_reaches_the_webhook_masked(fake_proxy, setting
         rsps.add_passthru(fake_proxy.url)
         hook = rsps.post(HOOK, json={})
         sync()
+        assert deliver_due().sent == 1
         [call] = hook.calls
     payload = json.loads(call.request.body)
     assert payload["event"] == "unissued_key_used"

@@ -24,6 +24,7 @@ from django.db import DatabaseError
 from django.utils.translation import gettext as _
 
 from keyportal.locks import Held
+from keyportal.notify import courier, deliveries_due
 from pool.upstream import UpstreamError
 from pool.upstreams.registry import cliproxyapi_endpoint
 from usage.services import (
@@ -35,6 +36,7 @@ from usage.stream import StreamUnavailable, usage_stream_follow, usage_stream_of
 RETENTION_DEFAULT = 60  # the proxy's redis-usage-queue-retention-seconds, unless raised
 REPORT_AGAIN_AFTER = 60.0  # seconds before the same kind of database failure is told again
 SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+WEBHOOKS_EVERY = 30.0  # seconds between looks at the webhook outbox with --follow
 
 
 class Command(BaseCommand):
@@ -73,6 +75,13 @@ class Command(BaseCommand):
             stop.set()
 
         previous = {s: signal.signal(s, on_signal) for s in SIGNAL_NAMES}
+        # Webhook deliveries (keyportal.notify) go out in a thread beside the sync, never in
+        # its path: retries whenever they are due with --follow, what is due now otherwise.
+        mail_stop = threading.Event()
+        if settings.PORTAL_WEBHOOK_BACKGROUND:
+            due = self._deliveries_due()  # looked at here, so an empty outbox costs no thread
+            if follow or due:
+                courier(stop=mail_stop, every=WEBHOOKS_EVERY if follow else None, now=due)
         try:
             if follow:
                 self._follow(mode, interval if interval is not None
@@ -82,6 +91,15 @@ class Command(BaseCommand):
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            # Never waited for: a receiver that hangs must not hold the run's exit. A send cut
+            # short by the exit is claimed again when its claim lapses, by the next run.
+            mail_stop.set()
+
+    def _deliveries_due(self) -> bool:
+        try:
+            return deliveries_due()
+        except DatabaseError:
+            return False  # the sync itself reports the database in its own words
 
     def _once(self, mode: str | None, stop: threading.Event, caught: list[int]) -> None:
         try:
