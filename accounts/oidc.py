@@ -311,8 +311,12 @@ def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
         name = next((p["name"] for p in oidc_providers() if p["id"] == provider_id), provider_id)
         return render(request, "accounts/signin_refused.html", {
             "provider": name,
-            "message": _("%(provider)s cannot be reached right now. Please try again later, "
-                         "or sign in with an emailed link.") % {"provider": name},
+            "message": (
+                _("%(provider)s cannot be reached right now. Please try again later, "
+                  "or sign in with an emailed link.")
+                if settings.PORTAL_EMAIL_LINK_SIGNIN else
+                _("%(provider)s cannot be reached right now. Please try again later.")
+            ) % {"provider": name},
         }, status=503)
 
 
