@@ -47,6 +47,7 @@ from accounts.platforms import (
     PortalDingTalkAdapter,
     PortalFeishuAdapter,
     identity,
+    no_address_message,
     platform_name,
     platform_providers,
 )
@@ -275,7 +276,7 @@ def _finish_platform(request: HttpRequest, sociallogin: SocialLogin) -> HttpResp
     if not who.email:
         provider_signin_refused(provider=method, email="", ip=client_ip(request),
                                 reason="no trusted email address")
-        return _refused(request, name, who.missing)
+        return _refused(request, name, no_address_message(method))
     try:
         user = person_for_provider(
             # Neither platform has a "verified" flag: `identity` returns only an address the

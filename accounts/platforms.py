@@ -10,14 +10,16 @@ verified an address, so `identity` picks the one address that the company, not t
 vouches for (docs/sign-in.md explains the choice):
 - Feishu: `enterprise_email`, the mailbox the company's Feishu tenant issued; the directory's
   `email` only with PORTAL_FEISHU_TRUST_EMAIL.
-- DingTalk: `email` of contact/users/me, the account's own address, only with
-  PORTAL_DINGTALK_TRUST_EMAIL (the portal cannot tell who set it otherwise)."""
+- DingTalk: `org_email`, the company mailbox in the organisation's directory entry (looked up
+  with the app's credentials); `email` of contact/users/me, the account's own address, only
+  with PORTAL_DINGTALK_TRUST_EMAIL."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 from allauth.socialaccount.adapter import get_adapter
 from allauth.socialaccount.models import SocialApp, SocialLogin
 from allauth.socialaccount.providers.dingtalk.client import DingTalkOAuth2Client
@@ -114,9 +116,56 @@ class PortalDingTalkAdapter(DingTalkOAuth2Adapter):
             answer = session.get(self.profile_url, headers=headers)
             answer.raise_for_status()
             data = _json(answer)
-        if not data.get("openId"):
-            raise OAuth2Error("DingTalk's user answer has no openId")
+            if not data.get("openId") or not data.get("unionId"):
+                raise OAuth2Error("DingTalk's user answer has no openId or unionId")
+            data["org"] = _dingtalk_org_member(session, app, str(data["unionId"]))
         return self.get_provider().sociallogin_from_response(request, data)
+
+
+# The organisation's directory entry (with its company mailbox, org_email) of the person who
+# signed in: contact/users/me only has the account's own address. DingTalk's errcode for "no
+# such person in this organisation" (someone from outside the company consented).
+DINGTALK_NOT_A_MEMBER = 60121
+ORG_FIELDS = ("userid", "name", "org_email", "email", "active")
+
+
+def _dingtalk_org_member(session: Any, app: SocialApp, union_id: str) -> dict | None:
+    """The person's entry in the app's organisation (ORG_FIELDS), None when not a member.
+
+    Three calls with the app's own credentials (an internal app's Client ID and secret are its
+    AppKey and AppSecret): the app's access token, then the person's userid from their
+    unionId, then their entry. The app needs the directory read permission
+    (通讯录个人信息读权限 / 成员信息读权限); without it the sign-in fails, audited with
+    DingTalk's errcode. The app token travels in the URL of the two directory calls, so no
+    URL goes into an error message."""
+    api = settings.PORTAL_DINGTALK_API_URL.rstrip("/")
+    oapi = settings.PORTAL_DINGTALK_OAPI_URL.rstrip("/")
+    try:
+        answer = session.post(f"{api}/v1.0/oauth2/accessToken",
+                              json={"appKey": app.client_id, "appSecret": app.secret})
+        data = _json(answer)
+        if answer.status_code != 200 or not data.get("accessToken"):
+            raise OAuth2Error(f"DingTalk refused the app credentials: {data.get('code')}")
+        app_token = {"access_token": str(data["accessToken"])}
+        answer = session.post(f"{oapi}/topapi/user/getbyunionid", params=app_token,
+                              json={"unionid": union_id})
+        data = _json(answer)
+        if data.get("errcode") == DINGTALK_NOT_A_MEMBER:
+            return None
+        user_id = (data.get("result") or {}).get("userid") if data.get("errcode") == 0 else None
+        if not user_id:
+            raise OAuth2Error(f"DingTalk's user id lookup failed: errcode {data.get('errcode')} "
+                              f"{str(data.get('errmsg'))[:200]}")
+        answer = session.post(f"{oapi}/topapi/v2/user/get", params=app_token,
+                              json={"userid": user_id, "language": "en_US"})
+        data = _json(answer)
+        entry = data.get("result")
+        if data.get("errcode") != 0 or not isinstance(entry, dict):
+            raise OAuth2Error(f"DingTalk's directory lookup failed: errcode "
+                              f"{data.get('errcode')} {str(data.get('errmsg'))[:200]}")
+    except requests.RequestException as e:
+        raise OAuth2Error(f"DingTalk's directory could not be read: {type(e).__name__}") from None
+    return {k: entry[k] for k in ORG_FIELDS if k in entry}
 
 
 class PortalDingTalkProvider(DingTalkProvider):
@@ -202,25 +251,26 @@ class PortalFeishuProvider(FeishuProvider):
 class PlatformIdentity:
     email: str  # "" when the platform gave no address the portal trusts
     name: str
-    missing: str  # why there is no address, for the person (when `email` is "")
 
 
 def identity(sociallogin: SocialLogin) -> PlatformIdentity:
     """The address a DingTalk or Feishu sign-in vouches for (see the module's docstring)."""
     data = sociallogin.account.extra_data or {}
     if sociallogin.provider.id == METHOD_FEISHU:
-        name = str(data.get("name") or data.get("en_name") or "")
         email = str(data.get("enterprise_email") or "")
         if not email and settings.PORTAL_FEISHU_TRUST_EMAIL:
             email = str(data.get("email") or "")
-        return PlatformIdentity(email=email, name=name, missing=_(
-            "%(platform)s gave no company email address for your account, so the portal "
-            "cannot tell who you are. Ask your administrator to give you a company mailbox "
-            "there."
-        ) % {"platform": platform_name(METHOD_FEISHU)})
-    name = str(data.get("nick") or "")
-    email = str(data.get("email") or "") if settings.PORTAL_DINGTALK_TRUST_EMAIL else ""
-    return PlatformIdentity(email=email, name=name, missing=_(
-        "%(platform)s gave no email address the portal may trust for your account. Ask your "
-        "administrator to set up sign-in with %(platform)s (the app's email permission)."
-    ) % {"platform": platform_name(METHOD_DINGTALK)})
+        return PlatformIdentity(email=email, name=str(data.get("name") or data.get("en_name") or ""))
+    org = data.get("org") or {}
+    email = str(org.get("org_email") or "")
+    if not email and settings.PORTAL_DINGTALK_TRUST_EMAIL:
+        email = str(data.get("email") or "")
+    return PlatformIdentity(email=email, name=str(org.get("name") or data.get("nick") or ""))
+
+
+def no_address_message(provider_id: str) -> str:
+    return _(
+        "%(platform)s gave no company email address for your account, so the portal "
+        "cannot tell who you are. Ask your administrator to give you a company mailbox "
+        "there."
+    ) % {"platform": platform_name(provider_id)}

@@ -383,11 +383,13 @@ SOCIALACCOUNT_PROVIDERS: dict[str, Any] = {
 # address counts as the person's is the portal's decision, explained in docs/sign-in.md.
 PORTAL_DINGTALK_CLIENT_ID = env.str("PORTAL_DINGTALK_CLIENT_ID", default="")
 PORTAL_DINGTALK_CLIENT_SECRET = env.str("PORTAL_DINGTALK_CLIENT_SECRET", default="")
-# DingTalk's `email` is the account's own address, not one the company issued: trusted only
-# when the operator says their DingTalk addresses are managed by the company.
+# DingTalk's identity is the company mailbox (org_email) in the organisation's directory. The
+# account's own `email` is not one the company issued: trusted only when the operator says so.
 PORTAL_DINGTALK_TRUST_EMAIL = env.bool("PORTAL_DINGTALK_TRUST_EMAIL", default=False)
 PORTAL_DINGTALK_LOGIN_URL = setting("PORTAL_DINGTALK_LOGIN_URL", "https://login.dingtalk.com")
 PORTAL_DINGTALK_API_URL = setting("PORTAL_DINGTALK_API_URL", "https://api.dingtalk.com")
+# The older API host, where the directory entry (with the company mailbox) is read.
+PORTAL_DINGTALK_OAPI_URL = setting("PORTAL_DINGTALK_OAPI_URL", "https://oapi.dingtalk.com")
 PORTAL_FEISHU_APP_ID = env.str("PORTAL_FEISHU_APP_ID", default="")
 PORTAL_FEISHU_APP_SECRET = env.str("PORTAL_FEISHU_APP_SECRET", default="")
 # Feishu's open platform; Lark (the international edition) is https://open.larksuite.com.

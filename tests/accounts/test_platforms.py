@@ -48,6 +48,7 @@ def platforms(settings, fake) -> FakePlatforms:
     settings.SOCIALACCOUNT_PROVIDERS = providers
     settings.PORTAL_DINGTALK_LOGIN_URL = fake.url
     settings.PORTAL_DINGTALK_API_URL = fake.url
+    settings.PORTAL_DINGTALK_OAPI_URL = fake.url
     settings.PORTAL_FEISHU_URL = fake.url
     return fake
 
@@ -71,8 +72,12 @@ def feishu_person(**fields):
             "en_name": "Ann", "tenant_key": "736588c9260f175d", **fields}
 
 
-def dingtalk_person(**fields):
-    return {"openId": "oid-bo", "unionId": "uid-bo", "nick": "Bo", "stateCode": "86", **fields}
+def dingtalk_person(org_email: str | None = None, member: bool = True, **fields):
+    """contact/users/me's fields, and under "org" the organisation's directory entry."""
+    org = {"userid": "manager4220", "name": "Bo Li", "active": True, "email": "bo@gmail.com",
+           "org_email": org_email} if member else None
+    return {"openId": "oid-bo", "unionId": "uid-bo", "nick": "Bo", "stateCode": "86",
+            "org": org, **fields}
 
 
 # --- Feishu -----------------------------------------------------------------------------------
@@ -162,13 +167,52 @@ def test_lark_is_named_lark(client, platforms, settings):
 # --- DingTalk ---------------------------------------------------------------------------------
 
 
+def test_dingtalk_first_sign_in_creates_the_person_from_the_company_mailbox(client, platforms):
+    response = sign_in(client, platforms, "dingtalk",
+                       **dingtalk_person(org_email="Bo@Example.com", email="bo@gmail.com"))
+    assert response.status_code == 303 and response["Location"] == "/my-keys"
+    bo = User.objects.get()
+    assert (bo.email, bo.name) == ("bo@example.com", "Bo Li") and signed_in_as(client) == bo
+    link = SocialAccount.objects.get(user=bo)
+    assert link.provider == "dingtalk" and link.uid == "oid-bo"
+    assert link.extra_data["org"]["userid"] == "manager4220"
+    assert AuditEvent.objects.get(action=Action.SIGN_IN).after == {
+        "method": "dingtalk", "provider": "dingtalk"}
+    assert [p for _, p in platforms.requests[-5:]] == [
+        "/v1.0/oauth2/userAccessToken", "/v1.0/contact/users/me", "/v1.0/oauth2/accessToken",
+        "/topapi/user/getbyunionid", "/topapi/v2/user/get"]
+
+
+def test_dingtalk_someone_outside_the_organisation_is_refused(client, platforms, settings):
+    settings.PORTAL_DINGTALK_TRUST_EMAIL = True  # and has no address of their own either
+    response = sign_in(client, platforms, "dingtalk", **dingtalk_person(member=False))
+    assert response.status_code == 403
+    assert "gave no company email address" in response.content.decode()
+    assert not User.objects.exists()
+
+
+def test_dingtalk_without_the_directory_permission_is_a_sentence(client, platforms):
+    platforms.directory_errcode = 60011
+    try:
+        response = sign_in(client, platforms, "dingtalk",
+                           **dingtalk_person(org_email="bo@example.com"))
+    finally:
+        platforms.directory_errcode = 0
+    assert response.status_code == 403
+    assert "The sign-in with DingTalk did not complete" in response.content.decode()
+    row = AuditEvent.objects.get(action=Action.SIGN_IN_REFUSED)
+    assert "errcode 60011" in row.detail and "access_token" not in row.detail
+    assert not User.objects.exists()
+
+
+
 def test_dingtalk_sign_in_creates_then_finds_the_person_when_its_email_is_trusted(
         client, platforms, settings):
     settings.PORTAL_DINGTALK_TRUST_EMAIL = True
     response = sign_in(client, platforms, "dingtalk", **dingtalk_person(email="Bo@example.com"))
     assert response.status_code == 303 and response["Location"] == "/my-keys"
     bo = User.objects.get()
-    assert bo.email == "bo@example.com" and bo.name == "Bo" and signed_in_as(client) == bo
+    assert bo.email == "bo@example.com" and bo.name == "Bo Li" and signed_in_as(client) == bo
     assert SocialAccount.objects.get(user=bo).uid == "oid-bo"
     other = Client()
     assert sign_in(other, platforms, "dingtalk",
@@ -181,7 +225,7 @@ def test_dingtalk_sign_in_creates_then_finds_the_person_when_its_email_is_truste
 def test_dingtalk_email_is_not_trusted_by_default(client, platforms):
     response = sign_in(client, platforms, "dingtalk", **dingtalk_person(email="bo@example.com"))
     assert response.status_code == 403
-    assert "gave no email address the portal may trust" in response.content.decode()
+    assert "gave no company email address" in response.content.decode()
     assert not User.objects.exists() and not SocialAccount.objects.exists()
 
 
@@ -189,7 +233,7 @@ def test_dingtalk_without_an_email_is_refused(client, platforms, settings):
     settings.PORTAL_DINGTALK_TRUST_EMAIL = True
     response = sign_in(client, platforms, "dingtalk", **dingtalk_person())
     assert response.status_code == 403
-    assert "gave no email address" in response.content.decode()
+    assert "gave no company email address" in response.content.decode()
     assert not User.objects.exists()
     assert AuditEvent.objects.get(action=Action.SIGN_IN_REFUSED).detail == (
         "dingtalk: no trusted email address")
@@ -206,6 +250,7 @@ def test_dingtalk_other_domain_is_refused(client, platforms, settings):
     ("/v1.0/oauth2/userAccessToken", "500"),
     ("/v1.0/oauth2/userAccessToken", "malformed"),
     ("/v1.0/contact/users/me", "malformed"),
+    ("/topapi/v2/user/get", "500"),
 ])
 def test_dingtalk_error_answers_are_a_sentence(client, platforms, settings, path, fault):
     settings.PORTAL_DINGTALK_TRUST_EMAIL = True

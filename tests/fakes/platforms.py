@@ -14,6 +14,15 @@ DingTalk ("new" OAuth 2.0 sign-in of internal apps):
 - GET https://api.dingtalk.com/v1.0/contact/users/me, header x-acs-dingtalk-access-token
   -> {nick, avatarUrl, mobile, openId, unionId, email, stateCode} (email only with the app's
   email permission) https://open.dingtalk.com/document/orgapp/dingtalk-retrieve-user-information
+- POST https://api.dingtalk.com/v1.0/oauth2/accessToken, JSON {appKey, appSecret} ->
+  {accessToken, expireIn} (the internal app's own token)
+  https://open.dingtalk.com/document/orgapp/obtain-the-access_token-of-an-internal-app
+- POST https://oapi.dingtalk.com/topapi/user/getbyunionid?access_token=, JSON {unionid} ->
+  {errcode: 0, errmsg, result: {contact_type, userid}}; errcode 60121 when the person is not
+  in the organisation https://open.dingtalk.com/document/orgapp/query-a-user-by-the-union-id
+- POST https://oapi.dingtalk.com/topapi/v2/user/get?access_token=, JSON {userid, language} ->
+  {errcode: 0, errmsg, result: {userid, unionid, name, email, org_email, active, ...}}
+  https://open.dingtalk.com/document/orgapp/query-user-details
 
 Feishu (web app sign-in, "login pre-authorization code"):
 - browser: GET https://open.feishu.cn/open-apis/authen/v1/index?app_id&redirect_uri&state,
@@ -53,6 +62,7 @@ class FakePlatforms(FakeRelayServer):
         self.codes: dict[str, dict[str, Any]] = {}  # authorization code -> the person
         self.tokens: dict[str, dict[str, Any]] = {}  # user access token -> the person
         self.app_tokens: set[str] = set()
+        self.directory_errcode = 0
         self.requests: list[tuple[str, str]] = []
         super().__init__()
 
@@ -86,7 +96,17 @@ class FakePlatforms(FakeRelayServer):
             person = self.tokens.get(headers.get("x-acs-dingtalk-access-token") or "")
             if person is None:
                 return 401, {"code": "InvalidAuthentication", "message": "不合法的token"}
-            return 200, {k: v for k, v in person.items() if v is not None}
+            return 200, {k: v for k, v in person.items() if v is not None and k != "org"}
+        if path == "/v1.0/oauth2/accessToken" and method == "POST":
+            if not _json_request(headers) or not isinstance(body, dict):
+                return 400, {"code": "MissingParameter", "message": "body must be JSON"}
+            if (body.get("appKey"), body.get("appSecret")) != (DINGTALK_ID, DINGTALK_SECRET):
+                return 400, {"code": "invalidClientIdOrSecret", "message": "无效的appKey或appSecret"}
+            token = secrets.token_hex(16)
+            self.app_tokens.add(token)
+            return 200, {"accessToken": token, "expireIn": 7200}
+        if path.startswith("/topapi/") and method == "POST":
+            return self._dingtalk_directory(path, query, body, headers)
         if path == "/open-apis/auth/v3/app_access_token/internal" and method == "POST":
             return self._feishu_app_token(body, headers)
         if path == "/open-apis/authen/v1/access_token" and method == "POST":
@@ -113,6 +133,31 @@ class FakePlatforms(FakeRelayServer):
         self.tokens[token] = person
         return 200, {"accessToken": token, "refreshToken": secrets.token_hex(16),
                      "expireIn": 7200, "corpId": "ding0123456789"}
+
+    def _dingtalk_directory(self, path: str, query: dict[str, str], body: Any,
+                            headers: Any) -> tuple[int, Any]:
+        if query.get("access_token") not in self.app_tokens:
+            return 200, {"errcode": 40014, "errmsg": "不合法的access_token"}
+        if self.directory_errcode:  # the app lacks the directory permission, say
+            return 200, {"errcode": self.directory_errcode, "errmsg": "没有调用该接口的权限"}
+        if not _json_request(headers) or not isinstance(body, dict):
+            return 200, {"errcode": 40035, "errmsg": "缺少参数 json"}
+        # The latest sign-in first: a test's person wins over earlier tests' with the same ids.
+        people = list(reversed(self.tokens.values()))
+        members = [p["org"] for p in people if p.get("org")]
+        if path == "/topapi/user/getbyunionid":
+            person = next((p for p in people if p.get("unionId") == body.get("unionid")), {})
+            if person.get("org"):
+                return 200, {"errcode": 0, "errmsg": "ok", "request_id": "r1", "result": {
+                    "contact_type": 0, "userid": person["org"]["userid"]}}
+            return 200, {"errcode": 60121, "errmsg": "找不到该用户", "request_id": "r1"}
+        if path == "/topapi/v2/user/get":
+            for org in members:
+                if org["userid"] == body.get("userid"):
+                    return 200, {"errcode": 0, "errmsg": "ok", "request_id": "r2",
+                                 "result": {**org, "dept_id_list": [1], "admin": False}}
+            return 200, {"errcode": 60121, "errmsg": "找不到该用户", "request_id": "r2"}
+        return 404, {"errcode": 404, "errmsg": "not found"}
 
     def _feishu_app_token(self, body: Any, headers: Any) -> tuple[int, Any]:
         if not _json_request(headers) or not isinstance(body, dict):
