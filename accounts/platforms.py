@@ -65,6 +65,10 @@ def platform_form_origins() -> list[str]:
         origins.append(settings.PORTAL_DINGTALK_LOGIN_URL.rstrip("/"))
     if METHOD_FEISHU in on:
         origins.append(settings.PORTAL_FEISHU_URL)
+        # open.feishu.cn's authorization page sends the browser on to accounts.feishu.cn (and
+        # Lark's likewise), still within the button's form navigation.
+        if "://open." in settings.PORTAL_FEISHU_URL:
+            origins.append(settings.PORTAL_FEISHU_URL.replace("://open.", "://accounts.", 1))
     return origins
 
 

@@ -416,7 +416,9 @@ SOCIALACCOUNT_PROVIDERS["feishu"] = {
 }
 # The emailed link beside the providers (true), or the providers only (false; a system check
 # refuses false when no provider is on).
-PORTAL_EMAIL_LINK_SIGNIN = env.bool("PORTAL_EMAIL_LINK_SIGNIN", default=True)
+# Left empty (as in .env.example) it stays on.
+PORTAL_EMAIL_LINK_SIGNIN = (env.bool("PORTAL_EMAIL_LINK_SIGNIN")
+                            if env.str("PORTAL_EMAIL_LINK_SIGNIN", default="") else True)
 # A provider sign-in opens the admin for staff, without the portal's password and
 # authenticator app: only for providers that enforce MFA themselves (docs/sign-in.md).
 PORTAL_PROVIDER_OPENS_ADMIN = env.bool("PORTAL_PROVIDER_OPENS_ADMIN", default=False)
