@@ -64,7 +64,26 @@ class FakePlatforms(FakeRelayServer):
         self.app_tokens: set[str] = set()
         self.directory_errcode = 0
         self.requests: list[tuple[str, str]] = []
+        # Who signs in when a real browser reaches the authorization page (it consents at
+        # once, as for someone who consented before).
+        self.browser_person: dict[str, Any] = {}
         super().__init__()
+
+    def _handler(self) -> Any:
+        base, fake = super()._handler(), self
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def do_GET(self) -> None:
+                if urlsplit(self.path).path in ("/oauth2/auth", "/open-apis/authen/v1/index"):
+                    back = fake.consent(f"{fake.url}{self.path}", **fake.browser_person)
+                    self.send_response(302)
+                    self.send_header("Location", back)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self._serve()
+
+        return Handler
 
     # -- the browser at the platform --
 
