@@ -363,3 +363,17 @@ def test_the_setting_opens_nothing_for_people_who_are_not_staff(client, platform
     assert signed_in_as(client) is not None
     admin = client.get("/admin/")
     assert admin.status_code == 302 and "/admin/login/" in admin["Location"]
+
+
+def test_staff_see_the_platform_a_person_signs_in_with(client, platforms, admin_client, settings):
+    sign_in(client, platforms, "feishu", **feishu_person(enterprise_email="ivy@example.com"))
+    ivy = User.objects.get(email="ivy@example.com")
+    page = admin_client.get(f"/admin/accounts/user/{ivy.pk}/change/").content.decode()
+    assert "Feishu (subject ou_ann, last " in page and "emailed link" in page
+    assert "ivy@example.com" in admin_client.get(
+        "/admin/accounts/user/?provider=feishu").content.decode()
+    assert "ivy@example.com" not in admin_client.get(
+        "/admin/accounts/user/?provider=dingtalk").content.decode()
+    settings.PORTAL_EMAIL_LINK_SIGNIN = False  # then not a method anyone has
+    page = admin_client.get(f"/admin/accounts/user/{ivy.pk}/change/").content.decode()
+    assert "Feishu (subject ou_ann, last " in page and "emailed link" not in page
