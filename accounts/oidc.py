@@ -5,8 +5,8 @@ allauth stops at "this provider says the person is X": from there the portal dec
 for an emailed link (accounts/services.py `person_for_provider`), signs the person in as a
 person (accounts/signin.py `provider_login`) and audits it. allauth's own account flow
 (its sign-up, its e-mail addresses, its log-in) is never reached: `pre_social_login` always
-answers. DingTalk and Feishu (allauth's `dingtalk` and `feishu` providers) are meant to come
-through the same adapter.
+answers. DingTalk and Feishu (allauth's `dingtalk` and `feishu` providers, with the portal's
+adapters in accounts/platforms.py) come through the same adapter and `person_for_provider`.
 
 Two checks are added to allauth's: the id_token's signature is always checked against the
 provider's keys (allauth skips it when the token came straight from the token endpoint, which

@@ -16,8 +16,10 @@ vouches for (docs/sign-in.md explains the choice):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from allauth.socialaccount.adapter import get_adapter
@@ -60,16 +62,19 @@ def platform_providers() -> list[dict[str, str]]:
 def platform_form_origins() -> list[str]:
     """Where the platforms' buttons lead (the sign-in page's form-action policy)."""
     on = {p["id"] for p in platform_providers()}
-    origins = []
+    urls = []
     if METHOD_DINGTALK in on:
-        origins.append(settings.PORTAL_DINGTALK_LOGIN_URL.rstrip("/"))
+        urls.append(settings.PORTAL_DINGTALK_LOGIN_URL)
     if METHOD_FEISHU in on:
-        origins.append(settings.PORTAL_FEISHU_URL)
+        urls.append(settings.PORTAL_FEISHU_URL)
         # open.feishu.cn's authorization page sends the browser on to accounts.feishu.cn (and
         # Lark's likewise), still within the button's form navigation.
         if "://open." in settings.PORTAL_FEISHU_URL:
-            origins.append(settings.PORTAL_FEISHU_URL.replace("://open.", "://accounts.", 1))
-    return origins
+            urls.append(settings.PORTAL_FEISHU_URL.replace("://open.", "://accounts.", 1))
+    # Only scheme://host[:port] goes into the header, whatever else the setting holds.
+    parts = [urlsplit(url) for url in urls]
+    return [f"{p.scheme}://{p.netloc}" for p in parts
+            if p.scheme in ("http", "https") and re.fullmatch(r"[A-Za-z0-9.\-:\[\]]+", p.netloc)]
 
 
 def _json(answer: Any) -> dict:

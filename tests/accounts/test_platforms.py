@@ -160,8 +160,11 @@ def test_feishu_refusing_the_app_secret_is_a_sentence(client, platforms, setting
 
 def test_lark_is_named_lark(client, platforms, settings):
     settings.PORTAL_FEISHU_URL = platforms.url + "/larksuite"  # only the name is looked at
-    page = client.get("/login").content.decode()
+    response = client.get("/login")
+    page = response.content.decode()
     assert "Sign in with Lark" in page and "Sign in with Feishu" not in page
+    policy = response["Content-Security-Policy"]  # the origin only, never a path
+    assert f"{platforms.url} " in policy + " " and "/larksuite" not in policy
 
 
 # --- DingTalk ---------------------------------------------------------------------------------
