@@ -380,3 +380,18 @@ def test_staff_see_the_platform_a_person_signs_in_with(client, platforms, admin_
     settings.PORTAL_EMAIL_LINK_SIGNIN = False  # then not a method anyone has
     page = admin_client.get(f"/admin/accounts/user/{ivy.pk}/change/").content.decode()
     assert "Feishu (subject ou_ann, last " in page and "emailed link" not in page
+
+
+def test_the_platforms_codes_and_app_secrets_never_reach_the_log(settings):
+    from keyportal.logging import redact
+
+    settings.PORTAL_DINGTALK_CLIENT_SECRET = "ding-secret-value-123"
+    settings.PORTAL_FEISHU_APP_SECRET = "feishu-secret-value-456"
+    line = ("GET /auth/dingtalk/login/callback/?authCode=abcdef123456&state=XyZ987 "
+            "GET /auth/feishu/login/callback/?code=fei789code&state=Q1 "
+            "app_secret=feishu-secret-value-456 clientSecret=ding-secret-value-123")
+    cleaned = redact(line)
+    for secret in ("abcdef123456", "XyZ987", "fei789code", "feishu-secret-value-456",
+                   "ding-secret-value-123"):
+        assert secret not in cleaned
+    assert "/auth/dingtalk/login/callback/?authCode=[redacted]&state=[redacted]" in cleaned
