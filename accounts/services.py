@@ -241,7 +241,9 @@ def person_for_provider(
                      "person deactivated", user=existing)
     if existing is None and mailbox_full(email=email):
         raise refuse(
-            _("This mailbox already has an account. Sign in with an emailed link."),
+            _("This mailbox already has an account. Sign in with an emailed link.")
+            if settings.PORTAL_EMAIL_LINK_SIGNIN else
+            _("This mailbox already has an account. Ask your administrator."),
             "mailbox already has an account",
         )
     with transaction.atomic():

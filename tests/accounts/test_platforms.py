@@ -395,3 +395,20 @@ def test_the_platforms_codes_and_app_secrets_never_reach_the_log(settings):
                    "ding-secret-value-123"):
         assert secret not in cleaned
     assert "/auth/dingtalk/login/callback/?authCode=[redacted]&state=[redacted]" in cleaned
+
+
+@pytest.mark.parametrize("links, advice", [(True, "Sign in with an emailed link"),
+                                           (False, "Ask your administrator")])
+def test_a_full_mailbox_is_refused_with_advice_that_fits(client, platforms, settings, links,
+                                                         advice):
+    settings.PORTAL_FOLD_PLUS_ADDRESSING = False
+    User.objects.create_user("ann+old@example.com")  # stored before folding was on
+    settings.PORTAL_FOLD_PLUS_ADDRESSING = True
+    settings.PORTAL_EMAIL_LINK_SIGNIN = links
+    # Feishu's company mailbox with a +tag the portal has never seen: a second person.
+    response = sign_in(client, platforms, "feishu",
+                       **feishu_person(enterprise_email="ann+new@example.com"))
+    assert response.status_code == 403
+    html = response.content.decode()
+    assert "This mailbox already has an account" in html and advice in html
+    assert User.objects.count() == 1
