@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 from django.contrib.auth.forms import UserChangeForm as BaseUserChangeForm
@@ -17,7 +18,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiToken, LimitDefaults, Limits, User, normalize_email
-from accounts.oidc import oidc_providers
+from accounts.oidc import signin_providers
 from accounts.services import api_token_new, api_tokens_revoke
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
 
@@ -99,7 +100,7 @@ class SignInProviderFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
         # From settings, not from the rows: the filter costs the list page no query.
         return [("any", _("an identity provider")), ("none", _("emailed link only"))] + [
-            (p["id"], p["name"]) for p in oidc_providers()
+            (p["id"], p["name"]) for p in signin_providers()
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
@@ -166,8 +167,8 @@ class UserAdmin(BaseUserAdmin):
         provider the person signed in with, with their subject there and the last time."""
         if obj.pk is None:
             return "—"
-        names = {p["id"]: p["name"] for p in oidc_providers()}
-        methods = [str(_("emailed link"))]
+        names = {p["id"]: p["name"] for p in signin_providers()}
+        methods = [str(_("emailed link"))] if settings.PORTAL_EMAIL_LINK_SIGNIN else []
         if obj.is_staff and obj.has_usable_password():
             methods.append(str(_("password (admin)")))
         for account in obj.socialaccount_set.order_by("provider", "uid"):

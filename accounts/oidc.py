@@ -5,8 +5,8 @@ allauth stops at "this provider says the person is X": from there the portal dec
 for an emailed link (accounts/services.py `person_for_provider`), signs the person in as a
 person (accounts/signin.py `provider_login`) and audits it. allauth's own account flow
 (its sign-up, its e-mail addresses, its log-in) is never reached: `pre_social_login` always
-answers. DingTalk and Feishu (allauth's `dingtalk` and `feishu` providers) are meant to come
-through the same adapter.
+answers. DingTalk and Feishu (allauth's `dingtalk` and `feishu` providers, with the portal's
+adapters in accounts/platforms.py) come through the same adapter and `person_for_provider`.
 
 Two checks are added to allauth's: the id_token's signature is always checked against the
 provider's keys (allauth skips it when the token came straight from the token endpoint, which
@@ -42,6 +42,15 @@ from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
+from accounts.platforms import (
+    PLATFORMS,
+    PortalDingTalkAdapter,
+    PortalFeishuAdapter,
+    identity,
+    no_address_message,
+    platform_name,
+    platform_providers,
+)
 from accounts.services import SignInRefused, person_for_provider, provider_signin_refused
 from accounts.signin import provider_login
 from keyportal.audit import client_ip
@@ -53,6 +62,14 @@ def oidc_providers() -> list[dict[str, str]]:
     """The OpenID Connect providers that are on (from settings), for the sign-in page."""
     apps = settings.SOCIALACCOUNT_PROVIDERS.get("openid_connect", {}).get("APPS", [])
     return [{"id": app["provider_id"], "name": app["name"]} for app in apps]
+
+
+def signin_providers() -> list[dict[str, str]]:
+    """Every identity provider that is on (OpenID Connect, DingTalk, Feishu), with the
+    address its button posts to, for the sign-in pages and the admin."""
+    return [
+        {**p, "url": reverse("openid_connect_login", args=[p["id"]])} for p in oidc_providers()
+    ] + platform_providers()
 
 
 # A host[:port] that can go into a policy header as it is (no spaces, quotes or ";").
@@ -212,10 +229,11 @@ class PortalSocialAccountAdapter(DefaultSocialAccountAdapter):
         provider_signin_refused(
             provider=provider.sub_id, email="", ip=client_ip(request), reason=reason
         )
+        name = platform_name(provider.id) if provider.id in PLATFORMS else provider.name
         raise ImmediateHttpResponse(_refused(
-            request, provider.name,
+            request, name,
             _("The sign-in with %(provider)s did not complete. Please try again.")
-            % {"provider": provider.name},
+            % {"provider": name},
         ))
 
 
@@ -231,6 +249,8 @@ def _claims(sociallogin: SocialLogin) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _finish(request: HttpRequest, sociallogin: SocialLogin) -> HttpResponse:
     provider = sociallogin.provider
+    if provider.id in PLATFORMS:
+        return _finish_platform(request, sociallogin)
     claims, address = _claims(sociallogin)
     try:
         user = person_for_provider(
@@ -244,6 +264,30 @@ def _finish(request: HttpRequest, sociallogin: SocialLogin) -> HttpResponse:
     except SignInRefused as refused:
         return _refused(request, provider.name, refused.message)
     provider_login(request, user, method=METHOD_OIDC)
+    return HttpResponseRedirect(reverse("my-keys"), status=303)
+
+
+def _finish_platform(request: HttpRequest, sociallogin: SocialLogin) -> HttpResponse:
+    """DingTalk or Feishu vouched for someone: the address it gives that the portal trusts
+    (accounts/platforms.py `identity`) is the identity, then as for OpenID Connect."""
+    method = sociallogin.provider.id
+    name = platform_name(method)
+    who = identity(sociallogin)
+    if not who.email:
+        provider_signin_refused(provider=method, email="", ip=client_ip(request),
+                                reason="no trusted email address")
+        return _refused(request, name, no_address_message(method))
+    try:
+        user = person_for_provider(
+            # Neither platform has a "verified" flag: `identity` returns only an address the
+            # company vouches for, so it counts as verified.
+            provider=method, provider_name=name, uid=sociallogin.account.uid,
+            email=who.email, email_verified=True, name=who.name,
+            claims=sociallogin.account.extra_data or {}, method=method, ip=client_ip(request),
+        )
+    except SignInRefused as refused:
+        return _refused(request, name, refused.message)
+    provider_login(request, user, method=method)
     return HttpResponseRedirect(reverse("my-keys"), status=303)
 
 
@@ -268,8 +312,12 @@ def oidc_login(request: HttpRequest, provider_id: str) -> HttpResponse:
         name = next((p["name"] for p in oidc_providers() if p["id"] == provider_id), provider_id)
         return render(request, "accounts/signin_refused.html", {
             "provider": name,
-            "message": _("%(provider)s cannot be reached right now. Please try again later, "
-                         "or sign in with an emailed link.") % {"provider": name},
+            "message": (
+                _("%(provider)s cannot be reached right now. Please try again later, "
+                  "or sign in with an emailed link.")
+                if settings.PORTAL_EMAIL_LINK_SIGNIN else
+                _("%(provider)s cannot be reached right now. Please try again later.")
+            ) % {"provider": name},
         }, status=503)
 
 
@@ -280,5 +328,28 @@ def oidc_callback(request: HttpRequest, provider_id: str) -> HttpResponse:
     try:
         view = PortalOIDCCallbackView.adapter_view(PortalOIDCAdapter(request, provider_id))
         return view(request)
+    except SocialApp.DoesNotExist:
+        raise Http404 from None
+
+
+PLATFORM_ADAPTERS = {"dingtalk": PortalDingTalkAdapter, "feishu": PortalFeishuAdapter}
+
+
+@never_cache
+@require_POST
+def platform_login(request: HttpRequest, platform: str) -> HttpResponse:
+    """The DingTalk or Feishu button: off to the platform (POST only, as oidc_login)."""
+    try:
+        return OAuth2LoginView.adapter_view(PLATFORM_ADAPTERS[platform])(request)
+    except SocialApp.DoesNotExist:  # not configured: the button is not shown either
+        raise Http404 from None
+
+
+@never_cache
+@require_GET
+def platform_callback(request: HttpRequest, platform: str) -> HttpResponse:
+    """Where DingTalk (with `authCode`) or Feishu (with `code`) sends the browser back."""
+    try:
+        return OAuth2CallbackView.adapter_view(PLATFORM_ADAPTERS[platform])(request)
     except SocialApp.DoesNotExist:
         raise Http404 from None

@@ -219,12 +219,16 @@ def person_for_provider(
     email = normalize_email(email)
     # Providers send a JSON boolean; some older ones the string "true".
     if not email or email_verified not in (True, "true", "True"):
-        raise refuse(
+        message = (
             _("%(provider)s did not confirm that this email address is yours, so the portal "
               "cannot sign you in with it. Ask your administrator to verify your address "
-              "there, or sign in with an emailed link.") % {"provider": provider_name},
-            "email missing or not verified",
+              "there, or sign in with an emailed link.")
+            if settings.PORTAL_EMAIL_LINK_SIGNIN else  # no link to offer instead
+            _("%(provider)s did not confirm that this email address is yours, so the portal "
+              "cannot sign you in with it. Ask your administrator to verify your address "
+              "there.")
         )
+        raise refuse(message % {"provider": provider_name}, "email missing or not verified")
     if not email_domain_allowed(email):
         raise refuse(
             _("Only addresses at %(domains)s can use this portal.")
@@ -237,7 +241,9 @@ def person_for_provider(
                      "person deactivated", user=existing)
     if existing is None and mailbox_full(email=email):
         raise refuse(
-            _("This mailbox already has an account. Sign in with an emailed link."),
+            _("This mailbox already has an account. Sign in with an emailed link.")
+            if settings.PORTAL_EMAIL_LINK_SIGNIN else
+            _("This mailbox already has an account. Ask your administrator."),
             "mailbox already has an account",
         )
     with transaction.atomic():

@@ -2,7 +2,8 @@
 session that came from one is a person's session: the admin, the /staff/ pages and the staff
 API ask for a password sign-in first, even when the person is staff. A sign-in through the
 company's identity provider (accounts/oidc.py) is a person's session too: the portal does not
-know what the provider asked for (a second factor or not)."""
+know what the provider asked for (a second factor or not), unless the operator says so with
+PORTAL_PROVIDER_OPENS_ADMIN (for providers that enforce MFA)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,13 @@ def link_login(request: HttpRequest, user: User) -> None:
 
 def provider_login(request: HttpRequest, user: User, *, method: str) -> None:
     """Signs `user` in after their identity provider vouched for them: a person's session,
-    marked with the method, which never opens the admin or the staff pages."""
+    marked with the method, which opens the admin and the staff pages for staff only with
+    PORTAL_PROVIDER_OPENS_ADMIN."""
     login(request, user, backend="django.contrib.auth.backends.ModelBackend")
     request.session[SIGNIN_METHOD_KEY] = BY_PROVIDER_PREFIX + method
+    if settings.PORTAL_PROVIDER_OPENS_ADMIN and user.is_staff:
+        # This session opens the admin (staff_with_password): it lasts a staff session.
+        request.session.set_expiry(settings.PORTAL_STAFF_SESSION_SECONDS)
     if not user.language:
         person_language_set(user=user, language=translation.get_language())
 
@@ -113,8 +118,12 @@ def staff_with_password(request: HttpRequest) -> bool:
     user = request.user
     if not (user.is_active and user.is_staff):
         return False
-    if signed_in_by_link(request) or signed_in_by_provider(request):
+    if signed_in_by_link(request):
         return False
+    if signed_in_by_provider(request):
+        # PORTAL_PROVIDER_OPENS_ADMIN trusts the provider's own sign-in (and its MFA) in place
+        # of the portal's password and authenticator app.
+        return bool(settings.PORTAL_PROVIDER_OPENS_ADMIN)
     if totp_step(request):
         return False
     if request.session.get(TOTP_VERIFIED_KEY) and not user.is_verified():

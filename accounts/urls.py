@@ -15,4 +15,12 @@ urlpatterns = [
     path("auth/oidc/<str:provider_id>/login/", oidc.oidc_login, name="openid_connect_login"),
     path("auth/oidc/<str:provider_id>/login/callback/", oidc.oidc_callback,
          name="openid_connect_callback"),
+    # DingTalk and Feishu, under the names allauth's adapters reverse ("<id>_callback").
+    path("auth/dingtalk/login/", oidc.platform_login, {"platform": "dingtalk"},
+         name="dingtalk_login"),
+    path("auth/dingtalk/login/callback/", oidc.platform_callback, {"platform": "dingtalk"},
+         name="dingtalk_callback"),
+    path("auth/feishu/login/", oidc.platform_login, {"platform": "feishu"}, name="feishu_login"),
+    path("auth/feishu/login/callback/", oidc.platform_callback, {"platform": "feishu"},
+         name="feishu_callback"),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib.auth import logout
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.translation import gettext as _
@@ -15,7 +15,8 @@ from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
 from accounts.forms import LoginForm, RegisterForm
 from accounts.models import SignInLink
-from accounts.oidc import oidc_providers, provider_form_origins
+from accounts.oidc import provider_form_origins, signin_providers
+from accounts.platforms import platform_form_origins
 from accounts.ratelimit import link_requests_limited
 from accounts.services import (
     LinkInvalid,
@@ -52,7 +53,11 @@ def _link_form(
     request: HttpRequest, form: LoginForm | RegisterForm, *, purpose: str, template: str
 ) -> HttpResponse:
     # The identity providers that are on: a button each on the sign-in page.
-    context = {"form": form, "providers": oidc_providers()}
+    links = settings.PORTAL_EMAIL_LINK_SIGNIN
+    context = {"form": form, "providers": signin_providers(), "links": links}
+    if request.method == "POST" and not links:
+        # PORTAL_EMAIL_LINK_SIGNIN is off: no link is sent, whatever the form says.
+        return render(request, template, context, status=403)
     if request.method == "POST" and form.is_valid():
         email = form.cleaned_data["email"]
         if too_many(request, email, purpose):
@@ -72,6 +77,19 @@ def _link_form(
     return render(request, template, context, status=status)
 
 
+def with_provider_form_action(response: HttpResponse) -> HttpResponse:
+    origins = provider_form_origins() + platform_form_origins()
+    if origins:  # the provider buttons' POST is redirected to the provider
+        response["Content-Security-Policy"] = policy_with_form_action(*origins)
+    return response
+
+
+def links_off() -> None:
+    """PORTAL_EMAIL_LINK_SIGNIN is off: a link sent before still opens nothing."""
+    if not settings.PORTAL_EMAIL_LINK_SIGNIN:
+        raise Http404
+
+
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
     return redirect("my-keys" if request.user.is_authenticated else "login")
@@ -83,16 +101,15 @@ def login_view(request: HttpRequest) -> HttpResponse:
         return redirect("my-keys")
     form = LoginForm(request.POST if request.method == "POST" else None)
     response = _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
-    origins = provider_form_origins()
-    if origins:  # the provider buttons' POST is redirected to the provider
-        response["Content-Security-Policy"] = policy_with_form_action(*origins)
-    return response
+    return with_provider_form_action(response)
 
 
 @require_http_methods(["GET", "POST"])
 def register_view(request: HttpRequest) -> HttpResponse:
     form = RegisterForm(request.POST if request.method == "POST" else None)
-    return _link_form(request, form, purpose=Purpose.REGISTER, template="accounts/register.html")
+    response = _link_form(request, form, purpose=Purpose.REGISTER,
+                          template="accounts/register.html")
+    return with_provider_form_action(response)
 
 
 def link_gone(request: HttpRequest) -> HttpResponse:
@@ -103,6 +120,7 @@ def link_gone(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def login_link(request: HttpRequest, token: str) -> HttpResponse:
     """GET shows a button and uses nothing (mail scanners fetch links); POST signs in."""
+    links_off()
     if request.method == "GET":
         link = signin_link_peek(token=token, purpose=Purpose.LOGIN)
         if link is None:

@@ -233,3 +233,21 @@ def portal_address_setting(app_configs: Any = None, **kwargs: Any) -> list[Any]:
              "https://keys.example.com.",
         id="keyportal.W030",
     )]
+
+
+@register()
+def signin_methods(app_configs: Any = None, **kwargs: Any) -> list[Any]:
+    """With the emailed link off, an identity provider is the only way in: without one, no
+    person could sign in at all."""
+    if getattr(settings, "PORTAL_EMAIL_LINK_SIGNIN", True):
+        return []
+    from accounts.oidc import signin_providers
+
+    if signin_providers():
+        return []
+    return [Error(
+        "PORTAL_EMAIL_LINK_SIGNIN is off but no identity provider is on: nobody could sign in.",
+        hint="Turn on a provider (PORTAL_OIDC_DISCOVERY_URL, PORTAL_DINGTALK_CLIENT_ID or "
+             "PORTAL_FEISHU_APP_ID; docs/sign-in.md) or set PORTAL_EMAIL_LINK_SIGNIN=true.",
+        id="keyportal.E018",
+    )]

@@ -15,7 +15,8 @@ from django.conf import settings
 LINK_TOKEN = re.compile(r"(/(?:login|register)/)(?!callback/)[^/\s?#\"'<>]+")
 # The identity provider's answer on the callback (?code=...&state=...): a code works once and
 # only with the session that asked for it, but it is a credential all the same.
-OIDC_QUERY = re.compile(r"([?&](?:code|state|id_token|access_token)=)[^&\s#\"'<>]+")
+# DingTalk answers with `authCode` instead of `code`.
+OIDC_QUERY = re.compile(r"([?&](?:code|authCode|state|id_token|access_token)=)[^&\s#\"'<>]+")
 
 
 class RedactSecretsFilter(logging.Filter):
@@ -40,9 +41,11 @@ def redact(text: str) -> str:
     secret = getattr(settings, "CLIPROXY_MANAGEMENT_KEY", "")
     if secret:
         text = text.replace(secret, "[management key]")
-    client_secret = getattr(settings, "PORTAL_OIDC_CLIENT_SECRET", "")
-    if len(client_secret) >= 8:  # a shorter one would mask ordinary words, and is no secret
-        text = text.replace(client_secret, "[client secret]")
+    for name in ("PORTAL_OIDC_CLIENT_SECRET", "PORTAL_DINGTALK_CLIENT_SECRET",
+                 "PORTAL_FEISHU_APP_SECRET"):
+        client_secret = getattr(settings, name, "")
+        if len(client_secret) >= 8:  # a shorter one would mask ordinary words: no secret
+            text = text.replace(client_secret, "[client secret]")
     text = OIDC_QUERY.sub(r"\1[redacted]", text)
     prefix = getattr(settings, "PORTAL_KEY_PREFIX", "")
     if prefix:

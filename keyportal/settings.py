@@ -68,6 +68,8 @@ INSTALLED_APPS = [
     "allauth.account",
     "allauth.socialaccount",
     "allauth.socialaccount.providers.openid_connect",
+    "allauth.socialaccount.providers.dingtalk",
+    "allauth.socialaccount.providers.feishu",
     "keyportal",
     "accounts",
     "pool",
@@ -399,6 +401,50 @@ SOCIALACCOUNT_PROVIDERS: dict[str, Any] = {
         ] if PORTAL_OIDC_DISCOVERY_URL else [],
     }
 }
+# --- Sign-in through DingTalk and Feishu / Lark (docs/sign-in.md, accounts/platforms.py) ------
+# Each is off until its app id is set. Their user-info answers carry no "verified" flag: which
+# address counts as the person's is the portal's decision, explained in docs/sign-in.md.
+PORTAL_DINGTALK_CLIENT_ID = env.str("PORTAL_DINGTALK_CLIENT_ID", default="")
+PORTAL_DINGTALK_CLIENT_SECRET = env.str("PORTAL_DINGTALK_CLIENT_SECRET", default="")
+# DingTalk's identity is the company mailbox (org_email) in the organisation's directory. The
+# account's own `email` is not one the company issued: trusted only when the operator says so.
+PORTAL_DINGTALK_TRUST_EMAIL = env.bool("PORTAL_DINGTALK_TRUST_EMAIL", default=False)
+PORTAL_DINGTALK_LOGIN_URL = setting("PORTAL_DINGTALK_LOGIN_URL", "https://login.dingtalk.com")
+PORTAL_DINGTALK_API_URL = setting("PORTAL_DINGTALK_API_URL", "https://api.dingtalk.com")
+# The older API host, where the directory entry (with the company mailbox) is read.
+PORTAL_DINGTALK_OAPI_URL = setting("PORTAL_DINGTALK_OAPI_URL", "https://oapi.dingtalk.com")
+PORTAL_FEISHU_APP_ID = env.str("PORTAL_FEISHU_APP_ID", default="")
+PORTAL_FEISHU_APP_SECRET = env.str("PORTAL_FEISHU_APP_SECRET", default="")
+# Feishu's open platform; Lark (the international edition) is https://open.larksuite.com.
+PORTAL_FEISHU_URL = setting("PORTAL_FEISHU_URL", "https://open.feishu.cn").rstrip("/")
+# Feishu's `enterprise_email` is the company's mailbox and always counts; its `email` (the
+# contact address in the directory) only when the operator trusts it.
+PORTAL_FEISHU_TRUST_EMAIL = env.bool("PORTAL_FEISHU_TRUST_EMAIL", default=False)
+for _name, _id, _secret in (("DINGTALK", PORTAL_DINGTALK_CLIENT_ID, PORTAL_DINGTALK_CLIENT_SECRET),
+                            ("FEISHU", PORTAL_FEISHU_APP_ID, PORTAL_FEISHU_APP_SECRET)):
+    if _id and not _secret:
+        raise ImproperlyConfigured(f"The {_name.title()} app id is set but its secret is not: "
+                                   f"give both (docs/sign-in.md).")
+SOCIALACCOUNT_PROVIDERS["dingtalk"] = {
+    "provider_class": "accounts.platforms.PortalDingTalkProvider",
+    # DingTalk's authorization page asks for prompt=consent.
+    "AUTH_PARAMS": {"prompt": "consent"},
+    "APPS": [{"client_id": PORTAL_DINGTALK_CLIENT_ID, "secret": PORTAL_DINGTALK_CLIENT_SECRET}]
+    if PORTAL_DINGTALK_CLIENT_ID else [],
+}
+SOCIALACCOUNT_PROVIDERS["feishu"] = {
+    "provider_class": "accounts.platforms.PortalFeishuProvider",
+    "APPS": [{"client_id": PORTAL_FEISHU_APP_ID, "secret": PORTAL_FEISHU_APP_SECRET}]
+    if PORTAL_FEISHU_APP_ID else [],
+}
+# The emailed link beside the providers (true), or the providers only (false; a system check
+# refuses false when no provider is on).
+# Left empty (as in .env.example) it stays on.
+PORTAL_EMAIL_LINK_SIGNIN = (env.bool("PORTAL_EMAIL_LINK_SIGNIN")
+                            if env.str("PORTAL_EMAIL_LINK_SIGNIN", default="") else True)
+# A provider sign-in opens the admin for staff, without the portal's password and
+# authenticator app: only for providers that enforce MFA themselves (docs/sign-in.md).
+PORTAL_PROVIDER_OPENS_ADMIN = env.bool("PORTAL_PROVIDER_OPENS_ADMIN", default=False)
 SOCIALACCOUNT_ADAPTER = "accounts.oidc.PortalSocialAccountAdapter"
 ACCOUNT_ADAPTER = "accounts.oidc.PortalAccountAdapter"
 # Seconds each call to the identity provider (discovery, token, keys, userinfo) may take.

@@ -46,7 +46,8 @@ def admin_login(request: HttpRequest) -> HttpResponse:
             "You signed in with an emailed link, which opens your own keys only. "
             "The admin and the staff pages need your password: sign in with it below."
         ))
-    elif request.method == "GET" and signed_in_by_provider(request) and request.user.is_staff:
+    elif (request.method == "GET" and signed_in_by_provider(request) and request.user.is_staff
+          and not settings.PORTAL_PROVIDER_OPENS_ADMIN):
         messages.warning(request, _(
             "You signed in with your company account, which opens your own keys only. "
             "The admin and the staff pages need your password: sign in with it below."

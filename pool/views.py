@@ -24,7 +24,7 @@ from accounts.ratelimit import rate_limited
 from accounts.selectors import person_by_email, person_email
 from accounts.services import LinkInvalid, person_get_or_create, signin_link_peek
 from accounts.signin import link_login
-from accounts.views import link_gone
+from accounts.views import link_gone, links_off
 from keyportal.api import ApiError, api_token_of, api_view, body_int, body_str, json_body
 from keyportal.audit import client_ip
 from pool.forms import KeyAddForm, KeyLabelForm, KeyRevokeForm
@@ -163,6 +163,7 @@ def key_limit_reached(user: User) -> bool:
 def register_confirm(request: HttpRequest, token: str) -> HttpResponse:
     """The registration link. GET only shows a button (mail scanners fetch links); POST uses
     the link, signs the person in and shows their first key, once."""
+    links_off()  # PORTAL_EMAIL_LINK_SIGNIN off: a link sent before opens nothing
     link = signin_link_peek(token=token, purpose=SignInLink.Purpose.REGISTER)
     if link is None:
         return link_gone(request)

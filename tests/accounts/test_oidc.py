@@ -382,3 +382,14 @@ def test_only_plain_origins_reach_the_policy_header():
     for bad in ("https://a.example.com;script-src *@x/", "javascript:alert(1)", "", "/relative",
                 "https://user:pw@a.example.com/"):
         assert portal_oidc._origin(bad) == ""
+
+
+def test_with_emailed_links_off_a_refusal_offers_no_link(client, corp, settings):
+    corp.user("sub-dee", email="dee@example.com", email_verified=False)
+    assert "or sign in with an emailed link" in sign_in(client, corp, "sub-dee").content.decode()
+    settings.PORTAL_EMAIL_LINK_SIGNIN = False
+    response = sign_in(client, corp, "sub-dee")
+    assert response.status_code == 403
+    html = response.content.decode()
+    assert "did not confirm that this email address is yours" in html
+    assert "emailed link" not in html
