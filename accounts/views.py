@@ -13,7 +13,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
-from accounts.forms import LoginForm, RegisterForm
+from accounts.forms import LdapLoginForm, LoginForm, RegisterForm
+from accounts.ldap import ldap_enabled
 from accounts.models import SignInLink
 from accounts.oidc import oidc_providers, provider_form_origins
 from accounts.ratelimit import link_requests_limited
@@ -48,11 +49,28 @@ def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -
     )
 
 
+def login_page_context(
+    request: HttpRequest, *, form: LoginForm | RegisterForm | None = None,
+    ldap_form: LdapLoginForm | None = None,
+) -> dict:
+    """What the sign-in page shows: the emailed-link form, a button per identity provider
+    that is on, and the company-account (LDAP) form when a directory is configured."""
+    if ldap_form is None and ldap_enabled():
+        ldap_form = LdapLoginForm()
+    return {"form": form or LoginForm(), "providers": oidc_providers(), "ldap_form": ldap_form}
+
+
+def with_provider_policy(response: HttpResponse) -> HttpResponse:
+    origins = provider_form_origins()
+    if origins:  # the provider buttons' POST is redirected to the provider
+        response["Content-Security-Policy"] = policy_with_form_action(*origins)
+    return response
+
+
 def _link_form(
     request: HttpRequest, form: LoginForm | RegisterForm, *, purpose: str, template: str
 ) -> HttpResponse:
-    # The identity providers that are on: a button each on the sign-in page.
-    context = {"form": form, "providers": oidc_providers()}
+    context = login_page_context(request, form=form)
     if request.method == "POST" and form.is_valid():
         email = form.cleaned_data["email"]
         if too_many(request, email, purpose):
@@ -82,11 +100,9 @@ def login_view(request: HttpRequest) -> HttpResponse:
     if request.method == "GET" and request.user.is_authenticated:
         return redirect("my-keys")
     form = LoginForm(request.POST if request.method == "POST" else None)
-    response = _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
-    origins = provider_form_origins()
-    if origins:  # the provider buttons' POST is redirected to the provider
-        response["Content-Security-Policy"] = policy_with_form_action(*origins)
-    return response
+    return with_provider_policy(
+        _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
+    )
 
 
 @require_http_methods(["GET", "POST"])
