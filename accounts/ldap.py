@@ -145,7 +145,9 @@ def _raise_for(error: Exception) -> NoReturn:
         # The search base is not there, or not visible to whoever searched (OpenLDAP answers
         # so when its rules hide the base from anonymous readers): nobody to find.
         raise WrongCredentials(f"search found no base: {type(error).__name__}") from None
-    unreachable = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.CONNECT_ERROR, ldap.TIMELIMIT_EXCEEDED)
+    # libldap answers CONNECT_ERROR when TLS fails (an untrusted certificate): the portal's
+    # settings to fix, not a directory that is down (SERVER_DOWN) or slow.
+    unreachable = (ldap.SERVER_DOWN, ldap.TIMEOUT, ldap.TIMELIMIT_EXCEEDED)
     raise DirectoryError(
         type(error).__name__, unreachable=isinstance(error, unreachable)
     ) from None

@@ -337,3 +337,49 @@ def test_the_sign_in_path_is_not_mistaken_for_a_link_token_in_the_logs():
     assert redact("POST /login/ldap HTTP/1.1") == "POST /login/ldap HTTP/1.1"
     assert "ldapx1234" not in redact("GET /login/ldapx1234 HTTP/1.1")
     assert "abcdef123456" not in redact("GET /login/abcdef123456 HTTP/1.1")
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"PORTAL_LDAP_URL": "ldap://127.0.0.1:9"}, "PORTAL_LDAP_USER_SEARCH_BASE"),
+    ({"PORTAL_LDAP_URL": "ldap://127.0.0.1:9", "PORTAL_LDAP_USER_SEARCH_BASE": "dc=x",
+      "PORTAL_LDAP_USER_FILTER": "(uid=ann)"}, "must contain %(user)s"),
+])
+def test_an_incomplete_directory_setting_stops_the_portal_with_a_sentence(env, named):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"], cwd=root,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "keyportal.settings", **env},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and named in result.stderr
+    complete = {**env, "PORTAL_LDAP_USER_SEARCH_BASE": "dc=x",
+                "PORTAL_LDAP_USER_FILTER": "(uid=%(user)s)"}
+    control = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"], cwd=root,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "keyportal.settings", **complete},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert control.returncode == 0, control.stderr
+
+
+def test_starttls_with_the_directorys_ca_file(client, settings):
+    with running_slapd(tls=True) as secured:
+        settings.PORTAL_LDAP_URL = secured.url
+        settings.PORTAL_LDAP_USER_SEARCH_BASE = PEOPLE_DN
+        settings.PORTAL_LDAP_BIND_DN = SERVICE_DN
+        settings.PORTAL_LDAP_BIND_PASSWORD = SERVICE_PASSWORD
+        settings.PORTAL_LDAP_START_TLS = True
+        # control: without the CA, the server's certificate is not trusted and nothing is sent
+        response = sign_in(Client(), "bo", "bo-secret")
+        assert response.status_code == 503
+        assert "refused the portal&#x27;s request" in response.content.decode()
+        assert "refused the portal: CONNECT_ERROR" in refusal().detail
+        settings.PORTAL_LDAP_CA_FILE = secured.ca_file
+        assert sign_in(client, "bo", "bo-secret").status_code == 303
+    assert signed_in_as(client).email == "bo@example.com"

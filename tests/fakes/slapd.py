@@ -52,6 +52,7 @@ PEOPLE = (
 class Slapd:
     url: str
     port: int
+    ca_file: str = ""  # with tls=True: the CA that signed the server's certificate
 
 
 def slapd_or_skip() -> None:
@@ -83,12 +84,51 @@ def _ldif() -> str:
     return "\n".join(entries)
 
 
-def _config(root: Path, *, anonymous_search: bool) -> str:
+def _certificates(root: Path) -> Path:
+    """A throw-away CA and a certificate for 127.0.0.1 signed by it (for StartTLS); returns
+    the CA's file, which the portal is given as PORTAL_LDAP_CA_FILE."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test directory CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (root / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (root / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (root / "key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return root / "ca.pem"
+
+
+def _config(root: Path, *, anonymous_search: bool, tls: bool) -> str:
     # Passwords are readable by nobody and usable for binds; the people's entries by the
     # service account always, and by anonymous readers only when the test says so (many
     # directories, Active Directory among them, refuse anonymous searches).
     anonymous = "by anonymous read" if anonymous_search else "by anonymous none"
-    return f"""
+    tls_lines = (f"TLSCACertificateFile {root}/ca.pem\nTLSCertificateFile {root}/cert.pem\n"
+                 f"TLSCertificateKeyFile {root}/key.pem\n") if tls else ""
+    return tls_lines + f"""
 include /etc/ldap/schema/core.schema
 include /etc/ldap/schema/cosine.schema
 include /etc/ldap/schema/inetorgperson.schema
@@ -132,13 +172,14 @@ def _answers(url: str) -> bool:
 
 
 @contextmanager
-def running_slapd(*, anonymous_search: bool = True) -> Iterator[Slapd]:
+def running_slapd(*, anonymous_search: bool = True, tls: bool = False) -> Iterator[Slapd]:
     slapd_or_skip()
     with tempfile.TemporaryDirectory(prefix="keyportal-slapd-") as tmp:
         root = Path(tmp)
         (root / "db").mkdir()
         conf = root / "slapd.conf"
-        conf.write_text(_config(root, anonymous_search=anonymous_search))
+        ca_file = str(_certificates(root)) if tls else ""
+        conf.write_text(_config(root, anonymous_search=anonymous_search, tls=tls))
         (root / "people.ldif").write_text(_ldif())
         subprocess.run([SLAPADD, "-f", str(conf), "-l", str(root / "people.ldif")],
                        check=True, capture_output=True, timeout=60)
@@ -157,7 +198,7 @@ def running_slapd(*, anonymous_search: bool = True) -> Iterator[Slapd]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"slapd did not answer on {url} in {STARTUP_DEADLINE}s")
                 time.sleep(0.05)  # polling for a state, bounded by the deadline above
-            yield Slapd(url=url, port=port)
+            yield Slapd(url=url, port=port, ca_file=ca_file)
         finally:
             process.terminate()
             try:
