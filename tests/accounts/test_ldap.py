@@ -383,3 +383,13 @@ def test_starttls_with_the_directorys_ca_file(client, settings):
         settings.PORTAL_LDAP_CA_FILE = secured.ca_file
         assert sign_in(client, "bo", "bo-secret").status_code == 303
     assert signed_in_as(client).email == "bo@example.com"
+
+
+def test_staff_see_who_signs_in_with_the_company_directory(client, directory, admin_client):
+    assert sign_in(client, "bo", "bo-secret").status_code == 303
+    bo = User.objects.get(email="bo@example.com")
+    User.objects.create_user("link-only@example.com")
+    page = admin_client.get(f"/admin/accounts/user/{bo.pk}/change/").content.decode()
+    assert f"company directory (LDAP) (subject uid=bo,{PEOPLE_DN}" in page
+    listed = admin_client.get("/admin/accounts/user/?provider=ldap").content.decode()
+    assert "bo@example.com" in listed and "link-only@example.com" not in listed
