@@ -26,7 +26,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 from django.views.decorators.http import require_POST
 
-from accounts.forms import LdapLoginForm
+from accounts.forms import LdapLoginForm, LoginForm
 from accounts.models import User
 from accounts.ratelimit import ldap_attempt_limited, ldap_failure_count
 from accounts.services import SignInRefused, person_for_provider, provider_signin_refused
@@ -255,9 +255,13 @@ def _login_page(request: HttpRequest, ldap_form: LdapLoginForm, status: int) -> 
     # The same page as /login, with the emailed-link form and the provider buttons beside.
     from accounts.views import login_page_context, with_provider_policy
 
+    link_form = LoginForm()
+    # The cursor goes back to this form (its password), not to the emailed-link form's address.
+    link_form.fields["email"].widget.attrs.pop("autofocus", None)
+    ldap_form.fields["password"].widget.attrs["autofocus"] = True
     return with_provider_policy(render(
-        request, "accounts/login.html", login_page_context(request, ldap_form=ldap_form),
-        status=status,
+        request, "accounts/login.html",
+        login_page_context(request, form=link_form, ldap_form=ldap_form), status=status,
     ))
 
 
