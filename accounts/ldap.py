@@ -153,7 +153,7 @@ def _raise_for(error: Exception) -> NoReturn:
     ) from None
 
 
-@sensitive_variables("password")
+@sensitive_variables()  # every local: the password also passes through django-auth-ldap's frames
 def directory_account(*, request: HttpRequest, username: str, password: str) -> DirectoryAccount:
     """The directory account `username` names, once the directory accepted `password` for it.
 
@@ -209,7 +209,7 @@ def _is_email(value: str) -> bool:
     return True
 
 
-@sensitive_variables("password")
+@sensitive_variables()  # every local: the password also passes through django-auth-ldap's frames
 def ldap_sign_in(*, request: HttpRequest, username: str, password: str) -> User:
     """The person whose company account this is, after the directory accepted the password;
     created on their first sign-in (accounts/services.py `person_for_provider`). Refusals are

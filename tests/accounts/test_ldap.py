@@ -393,3 +393,38 @@ def test_staff_see_who_signs_in_with_the_company_directory(client, directory, ad
     assert f"company directory (LDAP) (subject uid=bo,{PEOPLE_DN}" in page
     listed = admin_client.get("/admin/accounts/user/?provider=ldap").content.decode()
     assert "bo@example.com" in listed and "link-only@example.com" not in listed
+
+
+def test_a_server_error_during_the_bind_shows_no_password_in_its_report(directory, monkeypatch):
+    import sys
+
+    import ldap.ldapobject
+    from django.test import RequestFactory
+    from django.views.debug import ExceptionReporter
+
+    from accounts.ldap import directory_account
+
+    def broken(self, who, cred, *args, **kwargs):
+        if cred == secret:
+            raise RuntimeError("the bind broke")
+        return original(self, who, cred, *args, **kwargs)
+
+    # Built, so that the report's source lines (shown around each frame) do not hold it.
+    secret = "-".join(["ann", "secret", "xyzzy"])
+    original = ldap.ldapobject.SimpleLDAPObject.simple_bind_s
+    monkeypatch.setattr(ldap.ldapobject.SimpleLDAPObject, "simple_bind_s", broken)
+    request = RequestFactory().post(LOGIN)
+    try:
+        directory_account(request=request, username="ann", password=secret)
+    except RuntimeError:
+        kind, error, tb = sys.exc_info()
+        # The report from the sign-in's own frames down (this test's frame, which holds the
+        # password as a literal, is not the portal's).
+        while tb is not None and tb.tb_frame.f_code.co_name != "sensitive_variables_wrapper":
+            tb = tb.tb_next
+        assert tb is not None
+        report = ExceptionReporter(request, kind, error, tb).get_traceback_html()
+    else:
+        pytest.fail("the bind did not break")
+    assert "the bind broke" in report and "bind_password" in report  # frames and their locals
+    assert "ann-secret-xyzzy" not in report and SERVICE_PASSWORD not in report
