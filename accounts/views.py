@@ -57,7 +57,8 @@ def login_page_context(
     that is on, and the company-account (LDAP) form when a directory is configured."""
     if ldap_form is None and ldap_enabled():
         ldap_form = LdapLoginForm()
-    return {"form": form or LoginForm(), "providers": oidc_providers(), "ldap_form": ldap_form}
+    return {"form": form if form is not None else LoginForm(), "providers": oidc_providers(),
+            "ldap_form": ldap_form}
 
 
 def with_provider_policy(response: HttpResponse) -> HttpResponse:

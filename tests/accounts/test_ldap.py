@@ -428,3 +428,15 @@ def test_a_server_error_during_the_bind_shows_no_password_in_its_report(director
         pytest.fail("the bind did not break")
     assert "the bind broke" in report and "bind_password" in report  # frames and their locals
     assert "ann-secret-xyzzy" not in report and SERVICE_PASSWORD not in report
+
+
+def test_staff_can_delete_a_person_who_signed_in_with_the_directory(client, directory,
+                                                                    admin_client):
+    # The delete page lists the person's related rows by their names: the directory link is
+    # not one of allauth's providers, and must not break it.
+    assert sign_in(client, "bo", "bo-secret").status_code == 303
+    bo = User.objects.get(email="bo@example.com")
+    page = admin_client.get(f"/admin/accounts/user/{bo.pk}/delete/")
+    assert page.status_code == 200
+    admin_client.post(f"/admin/accounts/user/{bo.pk}/delete/", {"post": "yes"})
+    assert not User.objects.filter(pk=bo.pk).exists() and not SocialAccount.objects.exists()
