@@ -440,3 +440,20 @@ def test_staff_can_delete_a_person_who_signed_in_with_the_directory(client, dire
     assert page.status_code == 200
     admin_client.post(f"/admin/accounts/user/{bo.pk}/delete/", {"post": "yes"})
     assert not User.objects.filter(pk=bo.pk).exists() and not SocialAccount.objects.exists()
+
+
+@pytest.mark.parametrize("url,start_tls,ids", [
+    ("ldap://dc1.corp.example.com", False, ["accounts.W001"]),  # passwords in the clear
+    ("ldap://dc1.corp.example.com", True, []),
+    ("ldaps://dc1.corp.example.com", False, []),
+    ("ldap://127.0.0.1:3890", False, []),  # on this machine
+    ("http://dc1.corp.example.com", False, ["accounts.E001"]),
+    ("", False, []),  # off
+])
+def test_the_directory_settings_are_checked(settings, url, start_tls, ids):
+    from django.core.checks import run_checks
+
+    settings.PORTAL_LDAP_URL = url
+    settings.PORTAL_LDAP_START_TLS = start_tls
+    found = [m.id for m in run_checks() if m.id.startswith("accounts.")]
+    assert found == ids
