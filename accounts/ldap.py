@@ -7,7 +7,11 @@ It is never in AUTHENTICATION_BACKENDS, so the admin's password form and anythin
 calls django.contrib.auth.authenticate() never reaches the directory: staff keep their own
 password. Its own user creation (a Django user named after the LDAP username) is skipped: the
 person is the directory's email address, found or created by `person_for_provider` as for an
-OpenID Connect sign-in (accounts/services.py), and signed in as a person's session."""
+OpenID Connect sign-in (accounts/services.py), and signed in as a person's session.
+
+That split goes through django-auth-ldap's per-sign-in object `_LDAPUser` (its
+`_authenticate_user_dn`, its attributes and connection): not its public API, hence the exact
+pin in requirements.txt; tests/accounts/test_ldap.py covers each path against a real slapd."""
 
 from __future__ import annotations
 
@@ -79,10 +83,8 @@ def _backend() -> Any:
     """A django-auth-ldap backend configured from the PORTAL_LDAP_* settings at call time (a
     new one per sign-in: it holds the connection, and tests change the settings)."""
     import ldap
-    from django_auth_ldap.backend import LDAPBackend
+    from django_auth_ldap.backend import LDAPBackend, ldap_error
     from django_auth_ldap.config import LDAPSearch, LDAPSettings
-
-    from django_auth_ldap.backend import ldap_error
 
     ldap_error.connect(_search_failed, sender=LDAPBackend, dispatch_uid="portal-ldap-search")
     backend = LDAPBackend()
