@@ -55,11 +55,10 @@ run: setup
 	@echo "  1. First staff account:  $(BIN)/python manage.py createsuperuser"
 	@echo "  2. Point it at your relay in .env: CLIPROXY_URL + CLIPROXY_MANAGEMENT_KEY, or CRS_URL +"
 	@echo "     CRS_ADMIN_USERNAME + CRS_ADMIN_PASSWORD, or CCH_URL + CCH_ADMIN_TOKEN (docs/upstreams.md),"
-	@echo "     and the address people's tools use (CLIPROXY_PUBLIC_URL / CRS_PUBLIC_URL / CCH_PUBLIC_URL);"
-	@echo "     then restart make run."
-	@echo "  3. CLIProxyAPI only: fill the key pool (admin, API keys, Reconcile now; or"
-	@echo "     $(BIN)/python manage.py reconcile_keys) and turn its usage statistics on."
-	@echo "  4. Count usage: $(BIN)/python manage.py sync_usage --follow (or sync_usage from cron)."
+	@echo "     then restart make run; or add it in the admin under Upstreams."
+	@echo "  3. Sign in at /admin/ and follow its Getting started checklist: the public URL people's"
+	@echo "     tools get, the key pool, usage statistics, a first sync (docs/first-run.md)."
+	@echo "  4. Keep usage counted: $(BIN)/python manage.py sync_usage --follow (or sync_usage from cron)."
 	@echo ""
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 

@@ -34,8 +34,9 @@ HOURS = 48
 FIXTURE = json.loads((ROOT / "tests/fixtures/usage-queue-v7.2.140.json").read_text())[0]
 
 
-def setup_django(db_path: str) -> None:
-    # PostgreSQL when DATABASE_URL points at one (its tables are emptied first); otherwise a
+def setup_django(db_path: str, *, flush: bool = True) -> None:
+    # PostgreSQL when DATABASE_URL points at one (its tables are emptied first, unless
+    # `flush` is False: a bench that keeps its database between runs); otherwise a
     # throw-away SQLite file.
     url = os.environ.get("DATABASE_URL", "")
     os.environ.update({
@@ -51,7 +52,8 @@ def setup_django(db_path: str) -> None:
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
-    call_command("flush", interactive=False, verbosity=0)
+    if flush:
+        call_command("flush", interactive=False, verbosity=0)
 
 
 def make_keys(count: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Page benchmark: the staff leaderboard and /my-keys at scale. Not part of the test suite.
+"""Page benchmark: the staff pages (leaderboard, the admin index's dashboard, a person's
+staff page) and /my-keys at scale. Not part of the test suite.
 
     .venv/bin/python bench/pages.py [--people 10000] [--keys 30000] [--rows 2000000] [--runs 30]
 
@@ -7,7 +8,8 @@ Builds a throw-away SQLite database (migrated like production) with `people` peo
 (person n gets a share proportional to 1 / (n + 20): the heaviest has ~8 % of all rows) and
 work-day hours. The person × day rollup is filled by the real `usage_days_rebuild()`. Then
 each page is fetched `runs` times with Django's test Client (a warm-up first) and the median
-and p95 latency and the number of queries are printed.
+and p95 latency and the number of queries are printed. Staff are signed in as the admin
+requires (a password session, no emailed link), the way the tests sign them in.
 """
 
 from __future__ import annotations
@@ -120,13 +122,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["ALLOWED_HOSTS"] = "testserver"
-        setup_django(args.db or str(Path(tmp) / "bench.sqlite3"))
+        # --db keeps the database: not emptied, so the build is skipped the next time.
+        setup_django(args.db or str(Path(tmp) / "bench.sqlite3"), flush=not args.db)
         from django.db import connection
         from django.test import Client, override_settings
 
         from accounts.models import User
         from pool.models import ApiKey
-        from usage.models import UsageDay, UsageSnapshot
+        from usage.models import UsageDay, UsageModelDay, UsageSnapshot
         from usage.rollups import usage_days_rebuild
 
         if not User.objects.exists():
@@ -141,7 +144,7 @@ def main() -> None:
             print(f"built in {t1 - t0:.0f} s; rollup rebuilt in {t2 - t1:.0f} s")
         print(f"{User.objects.count() - 1:,} people, {ApiKey.objects.count():,} keys, "
               f"{UsageSnapshot.objects.count():,} usage rows, {UsageDay.objects.count():,} "
-              "person-day rows; heaviest person: "
+              f"person-day rows, {UsageModelDay.objects.count():,} model-day rows; heaviest person: "
               f"{UsageSnapshot.objects.filter(api_key__owner_id=1).count():,} rows")
 
         staff = User.objects.get(email="boss@example.com")
@@ -151,6 +154,9 @@ def main() -> None:
                  for p in ("today", "7d", "30d", "all")]
         pages += [("leaderboard period=30d by=cost", staff,
                    "/staff/leaderboard?period=30d&by=cost")]
+        pages += [("admin index (dashboard)", staff, "/admin/"),
+                  ("admin index, 90-day trend", staff, "/admin/?days=90"),
+                  ("staff person page (heaviest)", staff, f"/staff/people/{heavy.pk}")]
         pages += [("/my-keys (heaviest person)", heavy, "/my-keys"),
                   ("/my-keys/<id> (heaviest key)", heavy, f"/my-keys/{heavy_key.pk}")]
         storages = {"staticfiles": {

@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 
 from accounts.models import User, normalize_email
@@ -89,10 +90,36 @@ class PortalAdminSite(admin.AdminSite):
               ) -> HttpResponse:
         # The dashboard on top of the index (templates/admin/index.html). Imported here:
         # keyportal sits under the apps, and usage reads the pool and the proxy's state.
-        from usage.selectors import admin_dashboard
+        from usage.charts import chart, chart_days
+        from usage.selectors import admin_dashboard, getting_started
 
-        context = {"dashboard": admin_dashboard(now=timezone.now()), **(extra_context or {})}
+        # The trend chart's period picker (?days=7/30/90), as on the person pages.
+        days, unknown = chart_days(request.GET)
+        # The checklist first: its look at the upstreams (at most once a minute) also leaves
+        # their health where the dashboard reads it, so one visit asks them once.
+        checklist = getting_started(user=request.user)
+        dashboard = admin_dashboard(now=timezone.now(), days=days)
+        context = {
+            "checklist": checklist,
+            "dashboard": dashboard,
+            "usage_chart": chart(
+                dashboard.trend, query=request.GET, chart_id="dashboard-trend",
+                title=_("Everyone's daily usage by model"), unknown_days=unknown,
+                measures=("requests", "tokens", "cost"),
+            ) if dashboard.trend is not None else None,
+            **(extra_context or {}),
+        }
         return super().index(request, context)
+
+
+def back_to(request: HttpRequest, default: str) -> str:
+    """Where an admin button's POST returns: its `next` (the admin index's getting-started
+    checklist sends it) when it is a path on this site, else `default`."""
+    target = request.GET.get("next") or request.POST.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return target
+    return default
 
 
 def staff_password_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:

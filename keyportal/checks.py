@@ -94,7 +94,8 @@ def _bad_url(url: str) -> bool:
     return parts.scheme not in ("http", "https") or not parts.netloc
 
 
-def _loopback(url: str) -> bool:
+def is_loopback(url: str) -> bool:
+    """Whether `url` points at this machine only (localhost, 127.0.0.0/8, ::1)."""
     host = (urlparse(url).hostname or "").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
@@ -115,13 +116,18 @@ def _public_urls() -> list[Any]:
         ("CCH", settings.CCH_URL, settings.CCH_PUBLIC_URL),
     ):
         given = public or url
-        if url and not _bad_url(given) and _loopback(given):
+        if url and not _bad_url(given) and is_loopback(given):
             unset = "" if public and public != url else f" ({prefix}_PUBLIC_URL is not set)"
             problems.append(Warning(
                 f"People's tools are given {given}{unset}, a loopback address: the settings "
                 "they copy work only on this machine.",
+                # A check runs before migrate and never reads the database, so it cannot see
+                # a public URL staff typed in the admin: the hint says so, and the admin
+                # index's getting-started checklist judges the value in use.
                 hint=f"Set {prefix}_PUBLIC_URL to the address their tools reach, e.g. "
-                     "https://relay.example.com.",
+                     "https://relay.example.com, or set the upstream's public URL in the admin "
+                     "(Upstreams; this check cannot see that one: the admin index's "
+                     "getting-started checklist does).",
                 id="keyportal.W008",
             ))
     return problems

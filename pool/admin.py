@@ -18,9 +18,10 @@ from django.utils.translation import ngettext
 
 from accounts.admin import HasLimitsFilter, UserAdmin
 from accounts.models import Limits, User
+from keyportal.admin_site import back_to
 from keyportal.audit import audit_form_changes, client_ip
 from pool.models import ApiKey, Upstream, UpstreamAccount
-from pool.selectors import health_within, pool_status
+from pool.selectors import health_within, pool_status, upstream_probes_forget
 from pool.services import (
     PersonKeysReport,
     key_resume,
@@ -34,7 +35,8 @@ from pool.services import (
 from pool.upstream import ProxyClient, UpstreamError
 from pool.upstreams.base import Health
 from pool.upstreams.registry import (
-    cliproxyapi_in_use, driver_for, endpoint, environment_sync,
+    PUBLIC_URL_SETTINGS, cliproxyapi_in_use, driver_for, endpoint, environment_sync,
+    public_url_from_environment,
 )
 from pool.upstreams.relays import relays_reconcile
 
@@ -110,8 +112,9 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if not self.has_change_permission(request):
             raise PermissionDenied
 
-    def _back(self) -> HttpResponseRedirect:
-        return HttpResponseRedirect(reverse("admin:pool_apikey_changelist"))
+    def _back(self, request: HttpRequest | None = None) -> HttpResponseRedirect:
+        default = reverse("admin:pool_apikey_changelist")
+        return HttpResponseRedirect(back_to(request, default) if request else default)
 
     def generate_view(self, request: HttpRequest) -> HttpResponse:
         self._require_change(request)
@@ -141,7 +144,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     def reconcile_view(self, request: HttpRequest) -> HttpResponse:
         self._require_change(request)
         if request.method != "POST":
-            return self._back()
+            return self._back(request)
         # Each relay that makes its own keys, then the CLIProxyAPI's list (when there is one),
         # as reconcile_keys does.
         try:
@@ -152,7 +155,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
         except UpstreamError as exc:
             self.message_user(request, str(exc), messages.ERROR)
         if not cliproxyapi_in_use():
-            return self._back()
+            return self._back(request)
         try:
             with ProxyClient.from_settings() as client:
                 report = keys_reconcile(client=client, by=request.user, ip=client_ip(request))
@@ -162,7 +165,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             level = messages.SUCCESS if report.changed else messages.INFO
             for line in report.lines():
                 self.message_user(request, line, level)
-        return self._back()
+        return self._back(request)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).defer("value", "escrow")
@@ -358,6 +361,16 @@ class UpstreamForm(forms.ModelForm):
         fields = ("name", "kind", "management_url", "public_url", "username", "open_to_everyone",
                   "open_to", "enabled")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.from_environment and "public_url" in self.fields:
+            # Shown only while the environment leaves it unset (UpstreamAdmin): say which
+            # variable would win, so nobody wonders later why a value typed here is ignored.
+            self.fields["public_url"].help_text = _(
+                "The address people's tools use, e.g. https://relay.example.com. %(name)s is "
+                "not set in the environment, so this one counts (%(name)s wins once set); "
+                "empty: the management URL.") % {"name": PUBLIC_URL_SETTINGS[self.instance.kind]}
+
     def _url(self, name: str) -> str:
         value = (self.cleaned_data.get(name) or "").strip().rstrip("/")
         if value and urlsplit(value).scheme not in ("http", "https"):
@@ -417,8 +430,8 @@ class UpstreamAdmin(admin.ModelAdmin):
     list_filter = ("kind", "enabled", "from_environment")
     search_fields = ("name",)
     filter_horizontal = ("open_to",)
-    ENVIRONMENT_FIELDS = ("kind", "management_address", "public_address", "username_shown",
-                          "environment_note")
+    ENVIRONMENT_FIELDS = ("kind", "management_address", "public_address_environment",
+                          "username_shown", "environment_note")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Upstream]:
         return super().get_queryset(request).annotate(
@@ -432,9 +445,17 @@ class UpstreamAdmin(admin.ModelAdmin):
         environment_sync()  # the environment's upstreams are listed from their first visit
         return super().changelist_view(request, extra_context)
 
+    def _environment_fields(self, obj: Upstream) -> tuple[str, ...]:
+        # The public URL of an environment upstream is staff's to set here (no shell step)
+        # unless the environment sets it: then the environment's value wins and is shown.
+        if public_url_from_environment(obj.kind):
+            return self.ENVIRONMENT_FIELDS
+        return tuple("public_url" if name == "public_address_environment" else name
+                     for name in self.ENVIRONMENT_FIELDS)
+
     def get_fieldsets(self, request: HttpRequest, obj: Upstream | None = None) -> Any:
         if obj is not None and obj.from_environment:
-            return ((None, {"fields": ("name", *self.ENVIRONMENT_FIELDS)}),
+            return ((None, {"fields": ("name", *self._environment_fields(obj))}),
                     (_("Who may add keys here"), {"fields": ("open_to_everyone", "open_to",
                                                             "enabled")}))
         return ((None, {"fields": ("name", "kind", "management_url", "public_url", "username",
@@ -444,7 +465,7 @@ class UpstreamAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Upstream | None = None) -> Any:
         if obj is not None and obj.from_environment:
-            return self.ENVIRONMENT_FIELDS
+            return tuple(n for n in self._environment_fields(obj) if n != "public_url")
         # A kind never changes once keys may exist there: they were made by that kind.
         return ("secret_state",) if obj is None else ("kind", "secret_state")
 
@@ -460,6 +481,11 @@ class UpstreamAdmin(admin.ModelAdmin):
     @admin.display(description=_("public URL"))
     def public_address(self, obj: Upstream) -> str:
         return endpoint(obj).public_url or "—"
+
+    @admin.display(description=_("public URL"))
+    def public_address_environment(self, obj: Upstream) -> str:
+        return _("%(url)s (set by %(name)s in the environment, which wins)") % {
+            "url": endpoint(obj).public_url, "name": PUBLIC_URL_SETTINGS[obj.kind]}
 
     @admin.display(description=_("admin username"))
     def username_shown(self, obj: Upstream) -> str:
@@ -492,6 +518,7 @@ class UpstreamAdmin(admin.ModelAdmin):
 
     def save_model(self, request: HttpRequest, obj: Upstream, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)
+        upstream_probes_forget()  # the index's checklist asks the upstreams afresh
         # Said, never blocking: an upstream may be saved before it runs.
         health = upstream_health_now(obj)
         self.message_user(

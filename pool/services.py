@@ -31,6 +31,7 @@ from keyportal.notify import person_email, staff_alert
 from pool.escrow import EscrowUnreadable, escrow_open, escrow_seal
 from pool.models import ON_CLIPROXYAPI, ApiKey, Upstream, key_digest
 from pool.upstream import ProxyClient, UpstreamError
+from pool.upstreams.base import Health
 from pool.upstreams.registry import (
     cliproxyapi_endpoint, cliproxyapi_in_use, open_to, open_to_everyone, relays,
 )
@@ -1080,3 +1081,46 @@ def _person_keys_follow(
         else:
             report.restored += moved
     return report
+
+
+# --- upstream health, remembered for the staff dashboard ---------------------------------------
+
+
+def upstream_health_remember(*, found: list[tuple[Upstream, Health]], now: datetime) -> None:
+    """Stores each upstream's answer as its last known health (pool.selectors.health_known).
+    Two processes storing at once may each drop the other's newest answer for a minute: an
+    acceptable race for a status display, which a lock would not be worth."""
+    from pool.selectors import HEALTH_CACHE_KEY, HEALTH_KEEP
+
+    if not found:
+        return
+    stored = dict(cache.get(HEALTH_CACHE_KEY) or {})
+    for upstream, health in found:
+        stored[upstream.pk] = {"ok": health.ok, "detail": health.detail[:300],
+                               "at": now.isoformat()}
+    cache.set(HEALTH_CACHE_KEY, stored, HEALTH_KEEP)
+
+
+def upstream_health_refresh(*, rows: list[Upstream], budget: float, now: datetime) -> bool:
+    """Asks every upstream in `rows` for its health, all at once, waiting at most `budget`
+    seconds, and remembers the answers; an upstream that has not answered by then is
+    remembered as not answering (its question finishes in the background and is dropped).
+    At most once per HEALTH_EVERY seconds across processes (a cache add() is the lock, and
+    it is never released early): a relay that is down costs one page at most `budget` a
+    minute, never every page. Returns whether this call asked."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from pool.selectors import HEALTH_EVERY, HEALTH_REFRESH_LOCK, _health_of
+
+    if not rows or not cache.add(HEALTH_REFRESH_LOCK, now.isoformat(), HEALTH_EVERY):
+        return False
+    executor = ThreadPoolExecutor(max_workers=min(len(rows), 8), thread_name_prefix="health")
+    futures = [executor.submit(_health_of, u) for u in rows]
+    executor.shutdown(wait=False)  # the threads end with their question
+    wait(futures, timeout=budget)
+    slow = Health(False, _("It did not answer within %(s)g seconds.") % {"s": budget})
+    upstream_health_remember(
+        found=[(u, f.result() if f.done() else slow) for u, f in zip(rows, futures, strict=True)],
+        now=now,
+    )
+    return True

@@ -53,6 +53,7 @@ from pool.proxy_admin import (
     pick_entry,
     read_all,
 )
+from pool.selectors import upstream_probes_forget
 from pool.upstream import UpstreamError, UpstreamNotFound
 from pool.upstreams.registry import cliproxyapi_in_use
 
@@ -252,6 +253,7 @@ def _setting_change(request: HttpRequest) -> HttpResponse:
         return _failed(request, exc, back)
     _audit(request, Action.PROXY_SETTING_CHANGED, name, {name: _shown(name, before)},
            {name: _shown(name, value)}, detail=f"proxy setting {name}")
+    upstream_probes_forget()  # the admin index's checklist shows the statistics switch
     messages.success(request, _("%(setting)s is now %(value)s.")
                      % {"setting": label, "value": _shown(name, value)})
     return HttpResponseRedirect(back)

@@ -30,7 +30,7 @@ from pool.forms import KeyAddForm, KeyLabelForm, KeyRevokeForm
 from pool.keytest import KeyTestError, key_models
 from pool.models import ApiKey, Upstream, key_digest
 from pool.selectors import pool_status
-from pool.upstreams.registry import cliproxyapi_endpoint, open_to, public_url
+from pool.upstreams.registry import cliproxyapi_public_url, open_to, public_url
 from pool.services import (
     IssuedKey,
     KeyRefused,
@@ -72,8 +72,7 @@ def _proxy_urls(key: ApiKey | None = None) -> dict[str, Any]:
     # A key with no upstream is the CLIProxyAPI's (the pool's): no query for its row.
     upstream = key.upstream if key is not None and key.upstream_id is not None else None
     kind = upstream.kind if upstream is not None else Upstream.Kind.CLIPROXYAPI
-    base = public_url(key) if key is not None else (
-        settings.CLIPROXY_PUBLIC_URL or cliproxyapi_endpoint().public_url)
+    base = public_url(key) if key is not None else cliproxyapi_public_url()
     paths = _PATHS[kind]
 
     def at(name: str) -> str | None:

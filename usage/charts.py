@@ -30,7 +30,8 @@ LEFT, RIGHT, TOP, BOTTOM = 58, 22, 10, 28
 PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 PALETTE = 10  # colour classes .series-0 ... .series-9 in charts.css
 DEFAULT_DAYS = 30
-MEASURES = {"tokens": gettext_lazy("Tokens"), "cost": gettext_lazy("Cost (USD, known part)")}
+MEASURES = {"tokens": gettext_lazy("Tokens"), "cost": gettext_lazy("Cost (USD, known part)"),
+            "requests": gettext_lazy("Requests")}
 
 
 def series_class(name: str) -> str:
@@ -46,6 +47,8 @@ def series_label(name: str) -> str:
 
 
 def _value(t: Totals, measure: str) -> Decimal:
+    if measure == "requests":
+        return Decimal(t.requests)
     return Decimal(t.tokens) if measure == "tokens" else t.cost
 
 
@@ -128,7 +131,7 @@ def stacked(daily: Daily, *, measure: str) -> Stacked:
     top = max((_value(daily.per_day.get(d, Totals()), measure) for d in daily.days),
               default=Decimal(0))
     axis_max, step = nice_ceiling(top)
-    if measure == "tokens" and step < 1:  # no quarter tokens on the axis
+    if measure != "cost" and step < 1:  # no quarter tokens (or requests) on the axis
         axis_max, step = Decimal(4), Decimal(1)
     slot = PLOT_W / len(daily.days)
     bar = max(slot * 0.8, 1.0)

@@ -337,3 +337,40 @@ class DisplayCurrency(models.Model):
 
     def __str__(self) -> str:
         return self.code
+
+
+_MODEL_DAY_SUMS = ["requests", "total_tokens", "cost", "unpriced_requests",
+                   "incomplete_requests", "input_tokens", "cached_tokens",
+                   "cache_creation_tokens"]
+
+
+class UsageModelDay(models.Model):
+    """Everyone's usage of one model on one day of the portal's TIME_ZONE: the staff
+    dashboard's rollup (trend, top models, cache-hit share), kept by the same upsert as
+    UsageDay (usage/services.py `_ingest_rows`) and rebuilt with it
+    (`usage.rollups.usage_days_rebuild()`). Like UsageDay, usage on keys nobody holds is not
+    in it, so both rollups add up to the same totals. A few hundred rows a month."""
+
+    model = models.CharField(_("model"), max_length=200)
+    day = models.DateField(_("day"))
+    requests = models.PositiveBigIntegerField(_("requests"), default=0)
+    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
+    cost = models.DecimalField(
+        _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
+    )
+    unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
+    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
+    input_tokens = models.PositiveBigIntegerField(_("uncached input tokens"), default=0)
+    cached_tokens = models.PositiveBigIntegerField(_("cache-read tokens"), default=0)
+    cache_creation_tokens = models.PositiveBigIntegerField(_("cache-write tokens"), default=0)
+
+    class Meta:
+        verbose_name = _("usage (model × day)")
+        verbose_name_plural = _("usage (model × day)")
+        constraints = [
+            # Day first: the dashboard reads a range of days.
+            models.UniqueConstraint(fields=["day", "model"], name="usagemodelday_one_row"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.day}"

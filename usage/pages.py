@@ -31,7 +31,7 @@ from pool.selectors import HealthCheck, PoolStatus, pool_status
 from pool.services import (
     ImplausibleKeyList, KeyRefused, PoolEmpty, ReconcileReport, RelayUnavailable,
     UpstreamClosed, key_assign, key_rename, key_revoke, keys_reconcile,
-    keys_reconcile_in_request,
+    keys_reconcile_in_request, upstream_health_remember,
 )
 from pool.upstream import ProxyClient, UpstreamError
 from pool.upstreams.registry import cliproxyapi_endpoint, cliproxyapi_in_use, open_to
@@ -337,6 +337,10 @@ def staff_proxy(request: HttpRequest) -> HttpResponse:
     has_proxy = cliproxyapi_in_use()
     report = _proxy_report() if has_proxy else ProxyReport(configured=False)
     health = check.results()
+    # What the staff dashboard shows as each relay's last known health (it asks at most
+    # once a minute itself).
+    upstream_health_remember(found=[(h.upstream, h.health) for h in health],
+                             now=timezone.now())
     pool: PoolStatus = pool_status()
     sync: SyncRun | None = last_sync()
     backlog = sync_backlog(now=timezone.now())

@@ -1,5 +1,5 @@
-"""The person × day rollup (UsageDay): how an hour in UTC maps to a day of the portal's
-TIME_ZONE, and a full rebuild from UsageSnapshot. The incremental part is in
+"""The person × day rollup (UsageDay) and the model × day rollup (UsageModelDay): how an hour
+in UTC maps to a day of the portal's TIME_ZONE, and a full rebuild from UsageSnapshot. The incremental part is in
 usage/services.py `_ingest_rows`, next to the upsert it mirrors."""
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ def local_day_of(hour: datetime) -> date:
 
 def usage_days_rebuild(*, snapshot_model: Any = None, day_model: Any = None) -> int:
     """Recomputes every UsageDay row from UsageSnapshot (after a price recompute or a change
-    of TIME_ZONE; the migration that adds the rollup runs it with its historical models).
-    Returns the number of rows written."""
+    of TIME_ZONE; the migration that adds the rollup runs it with its historical models),
+    and, called without models, the model × day rollup too. Returns the number of person ×
+    day rows written."""
     if snapshot_model is None or day_model is None:
-        from usage.models import UsageDay, UsageSnapshot
+        from usage.models import UsageDay, UsageModelDay, UsageSnapshot
 
         snapshot_model, day_model = UsageSnapshot, UsageDay
+        model_days_rebuild(snapshot_model=UsageSnapshot, model_day_model=UsageModelDay)
     # Migrations older than the token split run this with models that have no incomplete
     # counts yet.
     incomplete = any(f.name == "incomplete_requests" for f in day_model._meta.get_fields())
@@ -59,6 +61,37 @@ def usage_days_rebuild(*, snapshot_model: Any = None, day_model: Any = None) -> 
                 day_model(person_id=p, day=d, requests=r, total_tokens=t, cost=c,
                           unpriced_requests=u, **({"incomplete_requests": i} if incomplete else {}))
                 for (p, d), (r, t, c, u, i) in days.items()
+            ),
+            batch_size=2000,
+        )
+    return len(days)
+
+
+def model_days_rebuild(*, snapshot_model: Any, model_day_model: Any) -> int:
+    """Recomputes every UsageModelDay row from UsageSnapshot (the people's keys only, as
+    UsageDay). Returns the number of rows written."""
+    days: dict[tuple[str, date], list[Any]] = defaultdict(
+        lambda: [0, 0, Decimal(0), 0, 0, 0, 0, 0])
+    grouped = (
+        snapshot_model.objects.filter(api_key__owner__isnull=False)
+        .values_list("model", "hour").annotate(
+            r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
+            u=Sum("requests", filter=Q(cost__isnull=True)), i=Sum("incomplete_requests"),
+            n=Sum("input_tokens"), cr=Sum("cached_tokens"), cw=Sum("cache_creation_tokens"),
+        ).order_by()
+    )
+    for model, hour, *sums in grouped.iterator(chunk_size=5000):
+        row = days[(model, local_day_of(hour))]
+        for n, value in enumerate(sums):
+            row[n] += value or 0
+    with transaction.atomic():
+        model_day_model.objects.all().delete()
+        model_day_model.objects.bulk_create(
+            (
+                model_day_model(model=m, day=d, requests=r, total_tokens=t, cost=c,
+                                unpriced_requests=u, incomplete_requests=i, input_tokens=n,
+                                cached_tokens=cr, cache_creation_tokens=cw)
+                for (m, d), (r, t, c, u, i, n, cr, cw) in days.items()
             ),
             batch_size=2000,
         )

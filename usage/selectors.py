@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -10,18 +10,30 @@ from typing import Any
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models import Count, Max, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, ExtractHour, TruncDate
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from accounts.models import User
+from keyportal.checks import is_loopback
 from keyportal.models import AuditEvent
-from pool.models import ApiKey
-from pool.selectors import pool_status
-from pool.services import IMPLAUSIBLE_NOTIFIED
+from pool.models import ApiKey, Upstream
+from pool.selectors import (
+    HEALTH_CACHE_KEY, KnownHealth, Probes, health_known, pool_status, upstream_probes,
+)
+from pool.services import IMPLAUSIBLE_NOTIFIED, upstream_health_refresh
 from pool.upstream import ProxyClient
-from pool.upstreams.registry import cliproxyapi_in_use
-from usage.models import QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageSnapshot
+from pool.upstreams.registry import (
+    PUBLIC_URL_SETTINGS, cliproxyapi_in_use, endpoint,
+    public_url_from_environment, public_url_is_set, upstreams,
+)
+from usage.models import (
+    QuarantinedRecord, SyncRun, UsageBatch, UsageDay, UsageModelDay, UsageSnapshot,
+)
 from usage.pricing import PriceBook
 
 _ZERO = 0
@@ -421,12 +433,34 @@ def person_audit(*, person: User, keys: list[ApiKey], limit: int = 30) -> list[A
 
 # --- the admin index dashboard ------------------------------------------------------------------
 
-UNPRICED_LOOKBACK = timedelta(days=30)
+DASHBOARD_DAYS = 30  # top people and models, cache-hit share
+DASHBOARD_TOP = 10
+
+
+@dataclass(frozen=True)
+class TopPerson:
+    person_id: int
+    email: str
+    totals: Totals
+
+
+def _change(now: int | Decimal, before: int | Decimal) -> str:
+    """Today against yesterday in words: "+12 % vs yesterday", "same as yesterday" (within
+    half a percent), "none yesterday", "" when neither day had any."""
+    if not now and not before:
+        return ""
+    if not before:
+        return _("none yesterday")
+    percent = round(100 * (Decimal(now) - Decimal(before)) / Decimal(before))
+    if percent == 0:
+        return _("same as yesterday")
+    sign = "+" if percent > 0 else "−"
+    return _("%(change)s vs yesterday") % {"change": f"{sign}{abs(percent)} %"}
 
 
 @dataclass(frozen=True)
 class Dashboard:
-    today: Totals  # people's usage today (portal's TIME_ZONE), from the person × day rollup
+    today: Totals  # people's usage today (portal's TIME_ZONE), from the model × day rollup
     pool_unused: int
     pool_ready: int
     pool_min: int
@@ -438,6 +472,15 @@ class Dashboard:
     # False on a portal with no CLIProxyAPI (only relays that make their own keys): no pool
     # to keep above its low-water mark, no proxy pages.
     has_pool: bool = True
+    yesterday: Totals = Totals()
+    trend: Daily | None = None  # per day and model over the chart's period (default 30 days)
+    month: Totals = Totals()  # the last DASHBOARD_DAYS days, with the input split
+    top_people: list[TopPerson] = field(default_factory=list)
+    top_models: list[tuple[str, Totals]] = field(default_factory=list)
+    last_ok_sync: datetime | None = None  # when the last successful sync finished
+    backlog: SyncBacklog | None = None
+    upstreams: list[KnownHealth] = field(default_factory=list)
+    now: datetime | None = None  # when it was read: the ages shown count from it
 
     @property
     def pool_low(self) -> bool:
@@ -449,47 +492,286 @@ class Dashboard:
                     or self.quarantined_week or self.proxy_refused or self.key_list_refused
                     or self.unpriced_models)
 
+    @property
+    def changes(self) -> dict[str, str]:
+        """Today against yesterday, per measure, in words (cost: the known part)."""
+        return {
+            "requests": _change(self.today.requests, self.yesterday.requests),
+            "tokens": _change(self.today.tokens, self.yesterday.tokens),
+            "cost": _change(self.today.cost, self.yesterday.cost),
+        }
 
-def unpriced_models_seen(*, since: datetime) -> list[str]:
-    """Models used since `since` that had no price when counted and still have none (one
-    priced since then needs a recompute, not a price): two queries, the hour index and the
-    price book, as the admin's "Unpriced models seen" page decides."""
+
+def unpriced_models_seen(*, since: date) -> list[str]:
+    """Models used on people's keys since the local day `since` that had no price when
+    counted and still have none (one priced since then needs a recompute, not a price): two
+    small queries, the model × day rollup and the price book, as the admin's "Unpriced
+    models seen" page decides. (The hourly table's hour index served this before: a third of
+    the dashboard's database time at 2,000,000 rows.)"""
     seen = (
-        UsageSnapshot.objects.filter(hour__gte=since, cost__isnull=True)
+        UsageModelDay.objects.filter(day__gte=since, unpriced_requests__gt=0)
         .values_list("model", flat=True).distinct().order_by("model")
     )
     book = PriceBook.load()
     return [model for model in seen if book.price_for(model) is None]
 
 
-def admin_dashboard(*, now: datetime) -> Dashboard:
-    """What the admin index shows, in a constant number of queries (seven with the database
-    cache: today, pool, last sync, unpriced models and the price book, quarantined, and both
-    cache flags read together)."""
-    today = timezone.localdate(now, timezone=timezone.get_default_timezone())
-    row = UsageDay.objects.filter(day=today).aggregate(**{
-        "r": Coalesce(Sum("requests"), _ZERO), "t": Coalesce(Sum("total_tokens"), _ZERO),
-        "c": Sum("cost"), "u": Coalesce(Sum("unpriced_requests"), _ZERO),
-        "i": Coalesce(Sum("incomplete_requests"), _ZERO),
-    })
+def _model_days(*, since: date) -> dict[tuple[date, str], Totals]:
+    """The model × day rollup from `since`, one query: a few rows per model and day."""
+    rows = UsageModelDay.objects.filter(day__gte=since).values_list(
+        "day", "model", "requests", "total_tokens", "cost", "unpriced_requests",
+        "incomplete_requests", "input_tokens", "cached_tokens", "cache_creation_tokens",
+    )
+    return {(day, model): Totals(r, t, _decimal(c), u, i, n, cr, cw)
+            for day, model, r, t, c, u, i, n, cr, cw in rows}
+
+
+def _top_people(*, since: date, limit: int) -> list[TopPerson]:
+    """The people who cost most since `since` (then most tokens), from the person × day
+    rollup read through its (day, person, sums) covering index; one query with their emails."""
+    grouped = (
+        UsageDay.objects.filter(day__gte=since).values("person", "person__email")
+        .annotate(r=Sum("requests"), t=Sum("total_tokens"), c=Sum("cost"),
+                  u=Sum("unpriced_requests"), i=Sum("incomplete_requests"))
+        .order_by("-c", "-t", "person")[:limit]
+    )
+    return [TopPerson(row["person"], row["person__email"],
+                      Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"]),
+                             int(row["i"])))
+            for row in grouped]
+
+
+def admin_dashboard(*, now: datetime, days: int = DASHBOARD_DAYS) -> Dashboard:
+    """What the admin index shows, in a constant number of queries whatever the usage: the
+    model × day rollup (today, yesterday, the trend, top models, cache-hit share), the person
+    × day rollup (top people), pool, last sync and last good sync, unpriced models and the
+    price book, the sync backlog (two), the upstreams, and one cache read for the refusal
+    flags and the upstreams' last known health. `days` is the trend chart's period.
+
+    No upstream is asked anything here, except once a minute at most across processes (see
+    pool.services.upstream_health_refresh), within the page's proxy budget."""
+    zone = timezone.get_default_timezone()
+    today = timezone.localdate(now, timezone=zone)
+    yesterday = today - timedelta(days=1)
+    trend_since = today - timedelta(days=days - 1)
+    month_since = today - timedelta(days=DASHBOARD_DAYS - 1)
+    cells = _model_days(since=min(trend_since, month_since, yesterday))
+
+    day_totals: dict[date, Totals] = {}
+    month_cells: dict[str, Totals] = {}
+    for (day, model), t in cells.items():
+        day_totals[day] = _add(day_totals.get(day, Totals()), t)
+        if day >= month_since:
+            month_cells[model] = _add(month_cells.get(model, Totals()), t)
+    month = Totals()
+    for t in month_cells.values():
+        month = _add(month, t)
+    top_models = sorted(month_cells.items(), key=lambda mt: (-mt[1].cost, -mt[1].tokens, mt[0]))
+
     pool = pool_status()
+    # As cliproxyapi_in_use(), from the one list of upstreams the health section needs too.
+    rows = list(upstreams())
+    has_pool = bool(settings.CLIPROXY_URL) or any(u.is_cliproxyapi for u in rows) or not rows
     latch_key = ""
-    has_pool = cliproxyapi_in_use()
     if settings.CLIPROXY_URL:
         # The refusal latch the client keeps in the shared cache (pool/upstream.py): read,
         # never probed, so that the index page sends nothing to the proxy.
         with ProxyClient.from_settings() as client:
             latch_key = client.refusal_cache_key
-    flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED) if k])
+    flags = cache.get_many([k for k in (latch_key, IMPLAUSIBLE_NOTIFIED, HEALTH_CACHE_KEY) if k])
+    health = health_known(rows=rows, stored=flags.get(HEALTH_CACHE_KEY))
+    if any(h.stale(now=now) for h in health) and upstream_health_refresh(
+            rows=rows, budget=settings.PORTAL_REQUEST_PROXY_BUDGET, now=now):
+        health = health_known(rows=rows, stored=cache.get(HEALTH_CACHE_KEY))
+    backlog = sync_backlog(now=now)
+    last_ok = SyncRun.objects.filter(ok=True).aggregate(at=Max("finished_at"))["at"]
     return Dashboard(
-        today=Totals(int(row["r"]), int(row["t"]), _decimal(row["c"]), int(row["u"]),
-                     int(row["i"])),
+        today=day_totals.get(today, Totals()),
         pool_unused=pool.unused, pool_ready=pool.ready, pool_min=settings.PORTAL_POOL_MIN,
         sync=last_sync(),
-        unpriced_models=unpriced_models_seen(since=now - UNPRICED_LOOKBACK),
-        quarantined_week=QuarantinedRecord.objects.filter(
-            created_at__gte=now - timedelta(days=7)).count(),
+        unpriced_models=unpriced_models_seen(since=month_since),
+        quarantined_week=backlog.quarantined_week,
         proxy_refused=bool(latch_key) and latch_key in flags,
         key_list_refused=IMPLAUSIBLE_NOTIFIED in flags,
         has_pool=has_pool,
+        yesterday=day_totals.get(yesterday, Totals()),
+        trend=_daily(trend_since, days, {k: t for k, t in cells.items() if k[0] >= trend_since}),
+        month=month,
+        top_people=_top_people(since=month_since, limit=DASHBOARD_TOP),
+        top_models=top_models[:DASHBOARD_TOP],
+        last_ok_sync=last_ok, backlog=backlog, upstreams=health, now=now,
     )
+
+
+# --- the getting-started checklist --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChecklistItem:
+    """One step of a first run: done or not, in words, and what to do about it (a link, or a
+    button that POSTs to `action_url`; a shell step only where there is no other way)."""
+
+    name: str  # stable: staff, upstream, pool, statistics, sync, public_url
+    title: str
+    done: bool
+    lines: list[str]
+    action_label: str = ""
+    action_url: str = ""
+    action_post: bool = False
+
+
+@dataclass(frozen=True)
+class Checklist:
+    items: list[ChecklistItem]
+
+    @property
+    def done(self) -> bool:
+        return all(item.done for item in self.items)
+
+    @property
+    def remaining(self) -> int:
+        return sum(not item.done for item in self.items)
+
+
+def _change_url(upstream: Upstream) -> str:
+    return reverse("admin:pool_upstream_change", args=[upstream.pk])
+
+
+def _upstream_item(rows: list[Upstream], probes: Probes) -> ChecklistItem:
+    title = _("An upstream the portal reaches with the right key")
+    if not rows:
+        return ChecklistItem("upstream", title, False,
+                             [_("No relay is configured yet: the portal cannot make keys.")],
+                             _("Add an upstream"), reverse("admin:pool_upstream_add"))
+    problems: list[str] = []
+    action_label, action_url = "", ""
+    proxy_row = next((row for row in rows if row.is_cliproxyapi), None)
+    proxy = probes.proxy
+    if proxy_row is not None and proxy is not None and not (proxy.reachable and not proxy.refused):
+        if proxy.refused or proxy.no_key:
+            if proxy.refused:
+                problems.append(_("%(name)s refused the portal's management key.")
+                                % {"name": proxy_row.name})
+            problems.append(proxy.error)
+            problems.append(
+                _("Set CLIPROXY_MANAGEMENT_KEY in the environment (.env) to the proxy's "
+                  "remote-management secret-key and restart the portal.")
+                if proxy_row.from_environment else
+                _("Give the upstream the proxy's remote-management secret-key as its secret."))
+            if not proxy_row.from_environment:
+                action_label, action_url = _("Edit the upstream"), _change_url(proxy_row)
+        else:
+            problems.append(_("%(name)s does not answer: %(error)s")
+                            % {"name": proxy_row.name, "error": proxy.error})
+            action_label, action_url = _("Proxy status"), reverse("staff-proxy")
+    for relay in probes.relays:
+        if not relay.ok:
+            problems.append(_("%(name)s does not answer as expected: %(detail)s")
+                            % {"name": relay.name, "detail": relay.detail})
+            action_label = action_label or _("Upstreams")
+            action_url = action_url or reverse("admin:pool_upstream_changelist")
+    if problems:
+        return ChecklistItem("upstream", title, False, problems, action_label, action_url)
+    return ChecklistItem("upstream", title, True, [
+        ngettext("%(names)s answers.", "%(names)s answer.", len(rows))
+        % {"names": ", ".join(row.name for row in rows)}])
+
+
+def _public_url_item(rows: list[Upstream]) -> ChecklistItem:
+    title = _("The address people's tools are given")
+    if not rows:
+        return ChecklistItem("public_url", title, False, [_("Add an upstream first.")])
+    problems: list[str] = []
+    fine: list[str] = []
+    action_label, action_url = "", ""
+    for row in rows:
+        given = endpoint(row).public_url
+        chosen = public_url_is_set(row)
+        by_environment = row.from_environment and public_url_from_environment(row.kind)
+        if chosen and not is_loopback(given):
+            fine.append(_("%(name)s: people are given %(url)s.") % {"name": row.name, "url": given})
+            continue
+        if chosen:
+            problems.append(_("%(name)s: people are given %(url)s, a loopback address: what they "
+                              "paste works only on this machine.")
+                            % {"name": row.name, "url": given})
+        else:
+            problems.append(_("%(name)s: no public URL is set, so people are given its "
+                              "management URL %(url)s.")
+                            % {"name": row.name, "url": given or "—"})
+        if by_environment:
+            problems.append(_("It is set by %(setting)s in the environment (.env): change it "
+                              "there and restart the portal.")
+                            % {"setting": PUBLIC_URL_SETTINGS[row.kind]})
+        elif not action_url:
+            action_label, action_url = _("Set the public URL"), _change_url(row)
+    if problems:
+        return ChecklistItem("public_url", title, False, problems + fine, action_label,
+                             action_url)
+    return ChecklistItem("public_url", title, True, fine)
+
+
+def _pool_items(probes: Probes, index: str) -> list[ChecklistItem]:
+    """The CLIProxyAPI's own steps: its pool and its statistics switch. Their buttons only
+    once the portal knows where the proxy is (they would fail before)."""
+    no_proxy = [_("The CLIProxyAPI comes first (see above).")]
+    pool = pool_status()
+    if pool.ready or pool.assigned:
+        pool_item = ChecklistItem("pool", _("The key pool"), True, [
+            _("%(ready)d keys are ready for people; %(assigned)d are handed out.")
+            % {"ready": pool.ready, "assigned": pool.assigned}])
+    elif probes.proxy is None:
+        pool_item = ChecklistItem("pool", _("The key pool"), False, no_proxy)
+    else:
+        pool_item = ChecklistItem(
+            "pool", _("The key pool"), False,
+            [_("No key is in the pool yet: people who register now would get none. The "
+               "button makes the keys and pushes them to CLIProxyAPI.")],
+            _("Fill the pool"), f"{reverse('admin:pool_apikey_reconcile')}?next={index}",
+            action_post=True)
+    title = _("Usage statistics on at CLIProxyAPI")
+    if probes.proxy is None:
+        return [pool_item, ChecklistItem("statistics", title, False, no_proxy)]
+    statistics = probes.proxy.statistics
+    if statistics:
+        return [pool_item, ChecklistItem("statistics", title, True, [
+            _("CLIProxyAPI records every request for the portal to count.")])]
+    lines = ([_("CLIProxyAPI's usage statistics are off: it records no usage, so usage pages, "
+                "limits and the leaderboard would not move.")] if statistics is False
+             else [_("Not known until CLIProxyAPI answers (see above).")])
+    return [pool_item, ChecklistItem("statistics", title, False, lines, _("Proxy settings"),
+                                     reverse("staff-proxy-settings"))]
+
+
+def getting_started(*, user: User) -> Checklist:
+    """The admin index's first-run checklist: each step done or not and what to do next.
+    Reads the database (a few queries) and the upstreams through `upstream_probes`, which
+    asks them at most once a minute within a short budget (a down proxy cannot make the index
+    hang)."""
+    rows = list(upstreams())
+    has_pool = cliproxyapi_in_use(rows=rows)
+    probes = upstream_probes(rows=rows)
+    index = reverse("admin:index")
+    items = [ChecklistItem("staff", _("A staff account"), True, [
+        _("You are signed in as %(email)s. Give others staff status under People.")
+        % {"email": user.email}])]
+    items.append(_upstream_item(rows, probes))
+    if has_pool:
+        items.extend(_pool_items(probes, index))
+    # One query: the latest good run when there is one, else the latest failed one.
+    run = SyncRun.objects.order_by("-ok", "-started_at", "-id").first()
+    synced = run if run is not None and run.ok else None
+    if synced is not None:
+        items.append(ChecklistItem("sync", _("A usage sync has run"), True, [
+            _("The last good one started %(when)s. Keep usage flowing with `manage.py "
+              "sync_usage --follow` as a service, or `sync_usage` from cron.")
+            % {"when": date_format(timezone.localtime(synced.started_at), "DATETIME_FORMAT")}]))
+    else:
+        lines = ([_("The last sync failed: %(message)s") % {"message": run.message}]
+                 if run is not None else [_("No usage sync has run yet.")])
+        items.append(ChecklistItem("sync", _("A usage sync has run"), False, lines,
+                                   _("Sync now"),
+                                   f"{reverse('admin:usage_syncrun_sync')}?next={index}",
+                                   action_post=True))
+    items.append(_public_url_item(rows))
+    return Checklist(items)

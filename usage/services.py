@@ -58,7 +58,7 @@ from usage import spool
 from usage.relays import relay_usage_sync
 from usage.models import (
     QuarantinedRecord, SnapshotCursor, SyncRun, UnissuedKeyUsage, UsageBatch, UsageDay,
-    UsageSnapshot,
+    UsageModelDay, UsageSnapshot,
 )
 from usage.limits import LimitsReport, limits_enforce
 from usage.pricing import PriceBook, cost_of
@@ -144,6 +144,9 @@ _UPSERT_COLUMNS = (
 _COUNTERS = _UPSERT_COLUMNS[3:12]
 _DAY_COLUMNS = ("person_id", "day", "requests", "total_tokens", "cost", "unpriced_requests",
                 "incomplete_requests")
+_MODEL_DAY_COLUMNS = ("day", "model", "requests", "total_tokens", "cost", "unpriced_requests",
+                      "incomplete_requests", "input_tokens", "cached_tokens",
+                      "cache_creation_tokens")
 
 
 def _upsert_sql(table: str, columns: Sequence[str], conflict: Sequence[str],
@@ -168,6 +171,7 @@ def _upsert_sql(table: str, columns: Sequence[str], conflict: Sequence[str],
 _PG_TYPES = {
     "usage": ("bigint", "text", "timestamptz", *["bigint"] * 9, "numeric"),
     "day": ("bigint", "date", "bigint", "bigint", "numeric", "bigint", "bigint"),
+    "model_day": ("date", "text", "bigint", "bigint", "numeric", *["bigint"] * 5),
 }
 
 
@@ -193,10 +197,14 @@ def _pg_array(values: Iterable[Any], kind: str = "text") -> str:
 
 
 def _write(cursor: Any, kind: str, params: list[tuple[Any, ...]]) -> None:
-    """Adds `params` (one tuple per row) to UsageSnapshot (`kind` "usage") or UsageDay."""
+    """Adds `params` (one tuple per row) to UsageSnapshot (`kind` "usage"), UsageDay ("day")
+    or UsageModelDay ("model_day")."""
     if kind == "usage":
         table, columns = UsageSnapshot._meta.db_table, _UPSERT_COLUMNS
         conflict, adds = ("api_key_id", "model", "hour"), (*_COUNTERS, "cost")
+    elif kind == "model_day":
+        table, columns = UsageModelDay._meta.db_table, _MODEL_DAY_COLUMNS
+        conflict, adds = ("day", "model"), _MODEL_DAY_COLUMNS[2:]
     else:
         table, columns = UsageDay._meta.db_table, _DAY_COLUMNS
         conflict, adds = ("person_id", "day"), _DAY_COLUMNS[2:]
@@ -280,6 +288,8 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
     params = []
     # The person × day rollup moves in the same transaction as the rows it sums.
     days: dict[tuple[int, date], list[Any]] = {}
+    # And the model × day rollup (the staff dashboard's), for the same people's keys.
+    model_days: dict[tuple[date, str], list[Any]] = {}
     local_days: dict[str, date] = {}
     for (key_hash, model, hour), c in groups.items():
         key = keys.get(key_hash)
@@ -315,6 +325,19 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
                 d[3] += c[0]
             else:
                 d[2] += cost
+            m = model_days.get((local_days[hour], model))
+            if m is None:
+                m = model_days[(local_days[hour], model)] = [0, 0, Decimal(0), 0, 0, 0, 0, 0]
+            m[0] += c[0]
+            m[1] += c[7]
+            m[4] += c[8]
+            m[5] += c[2]
+            m[6] += c[5]
+            m[7] += c[6]
+            if cost is None:
+                m[3] += c[0]
+            else:
+                m[2] += cost
     as_db = _db_datetime_for(connection.vendor)
     used = {keys[h][0]: as_db(ts) for h, ts in last_seen.items() if h in keys}
     if params:
@@ -326,6 +349,11 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
                     (p, day if connection.vendor == "postgresql" else day_of(day), r, t,
                      str(cost), u, i)
                     for (p, day), (r, t, cost, u, i) in days.items()
+                ])
+                _write(cursor, "model_day", [
+                    (day if connection.vendor == "postgresql" else day_of(day), model, r, t,
+                     str(cost), u, i, n, cr, cw)
+                    for (day, model), (r, t, cost, u, i, n, cr, cw) in model_days.items()
                 ])
     # Last in the transaction, after the lock every multi-row key writer takes first (see
     # pool.services.keys_lock): a revoke's reconcile and a sync never wait on each other in

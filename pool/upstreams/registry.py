@@ -9,7 +9,7 @@ secret sealed in the database.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from django.conf import settings
@@ -67,11 +67,37 @@ def _declared() -> dict[str, Endpoint]:
     return found
 
 
+# The environment variable that sets each kind's public URL.
+PUBLIC_URL_SETTINGS = {
+    Kind.CLIPROXYAPI: "CLIPROXY_PUBLIC_URL",
+    Kind.CRS: "CRS_PUBLIC_URL",
+    Kind.CCH: "CCH_PUBLIC_URL",
+}
+
+
+def public_url_from_environment(kind: str) -> str:
+    """The public URL the environment sets for `kind` ("" when unset): when set it wins over
+    the one staff typed in the admin."""
+    value = getattr(settings, PUBLIC_URL_SETTINGS.get(kind, ""), "") or ""
+    if kind == Kind.CLIPROXYAPI and value == settings.CLIPROXY_URL.rstrip("/"):
+        # keyportal.settings fills an unset CLIPROXY_PUBLIC_URL with CLIPROXY_URL: that is
+        # no choice of anyone's (W008 reads it the same way).
+        return ""
+    return value
+
+
 def endpoint(upstream: Upstream) -> Endpoint:
     """The upstream's address and credentials: from the settings for the environment's
-    upstreams (empty when the environment no longer declares it), else from its row."""
+    upstreams (empty when the environment no longer declares it), else from its row. An
+    environment upstream's public URL may come from its row (staff set it in the admin, so
+    that no shell step is needed) when the environment does not set one."""
     if upstream.from_environment:
-        return _declared().get(upstream.kind) or Endpoint("", "", "", "")
+        declared = _declared().get(upstream.kind)
+        if declared is None:
+            return Endpoint("", "", "", "")
+        if upstream.public_url and not public_url_from_environment(upstream.kind):
+            return replace(declared, public_url=upstream.public_url.rstrip("/"))
+        return declared
     url = upstream.management_url.rstrip("/")
     return Endpoint(url, (upstream.public_url or url).rstrip("/"), upstream.username,
                     upstream.secret or "")
@@ -131,14 +157,15 @@ def cliproxyapi_endpoint() -> Endpoint:
     return endpoint(row) if row else Endpoint("", "", "", "")
 
 
-def cliproxyapi_in_use() -> bool:
+def cliproxyapi_in_use(*, rows: list[Upstream] | None = None) -> bool:
     """Whether the portal has a CLIProxyAPI (and so a pool, the proxy pages, the pool alerts):
     one is configured, or no upstream is declared at all (as before upstreams existed, the
     portal is a CLIProxyAPI portal waiting for its address). False on a portal with only
     claude-relay-service or Claude Code Hub."""
     if settings.CLIPROXY_URL:
         return True  # no query: pages call this on every visit
-    rows = list(upstreams())  # one query: a CLIProxyAPI staff added, or no relay at all
+    if rows is None:  # `rows`: the enabled upstreams, when the caller has them already
+        rows = list(upstreams())  # one query: a CLIProxyAPI staff added, or no relay at all
     return any(u.is_cliproxyapi for u in rows) or not rows
 
 
@@ -164,13 +191,37 @@ def upstream_of(key: ApiKey) -> Upstream | None:
     return cliproxyapi()
 
 
+def cliproxyapi_public_url() -> str:
+    """The base URL people's tools use for the CLIProxyAPI's (the pool's) keys:
+    CLIPROXY_PUBLIC_URL when set to its own value (no query), else the public URL staff gave
+    its row in the admin, else its management URL."""
+    chosen = public_url_from_environment(Kind.CLIPROXYAPI)
+    if chosen:
+        # It may be set alone (the proxy's address for people, while the portal reaches it
+        # elsewhere or not yet).
+        return chosen
+    if settings.CLIPROXY_URL:
+        # One query: the environment's row may not exist yet (made at its first use), and
+        # then nobody has typed a public URL for it.
+        typed = (Upstream.objects.filter(kind=Kind.CLIPROXYAPI, from_environment=True)
+                 .values_list("public_url", flat=True).first())
+        return (typed or settings.CLIPROXY_URL).rstrip("/")
+    return cliproxyapi_endpoint().public_url
+
+
+def public_url_is_set(upstream: Upstream) -> bool:
+    """Whether someone chose the address people's tools get (in the environment or in the
+    admin), rather than it defaulting to the management URL."""
+    if upstream.from_environment and public_url_from_environment(upstream.kind):
+        return True
+    return bool(upstream.public_url)
+
+
 def public_url(key: ApiKey) -> str:
     """The base URL people's tools use for `key`."""
     upstream = key.upstream if key.upstream_id is not None else None
     if upstream is None:
-        # CLIPROXY_PUBLIC_URL may be set alone (the proxy's address for people, while the
-        # portal reaches it elsewhere or not yet): no query then.
-        return settings.CLIPROXY_PUBLIC_URL or cliproxyapi_endpoint().public_url
+        return cliproxyapi_public_url()
     return endpoint(upstream).public_url
 
 

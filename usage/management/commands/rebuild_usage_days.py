@@ -1,4 +1,5 @@
-"""Rebuilds the person × day rollup the leaderboard reads, from the hourly usage rows."""
+"""Rebuilds the person × day rollup the leaderboard reads, and the model × day rollup the
+staff dashboard reads, from the hourly usage rows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from usage.rollups import usage_days_rebuild
 
 class Command(BaseCommand):
     help = (
-        "Recompute the person × day usage rollup (UsageDay) from UsageSnapshot: after "
+        "Recompute the person × day and model × day usage rollups (UsageDay, UsageModelDay) "
+        "from UsageSnapshot: after "
         "changing TIME_ZONE or recomputing past cost. Running it twice changes nothing."
     )
 
