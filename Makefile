@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 2
 
-.PHONY: run test setup setup-dev serve migrate clean messages translations
+.PHONY: run test setup setup-dev serve migrate clean messages translations ldap
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,16 @@ $(VENV)/.run-deps: requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev-deps: requirements.txt requirements-dev.txt | $(BIN)/python
+# python-ldap (LDAP sign-in) is built from source: scripts/ldap.sh installs its headers and a
+# compiler first when they are missing (apt-get, as root). Only `make ldap` and `make test`.
+$(VENV)/.ldap-deps: requirements.txt requirements-ldap.txt | $(BIN)/python
+	bash scripts/ldap.sh build
+	$(BIN)/pip install --quiet -r requirements-ldap.txt
+	touch $@
+
+ldap: $(VENV)/.ldap-deps
+
+$(VENV)/.dev-deps: requirements.txt requirements-ldap.txt requirements-dev.txt | $(VENV)/.ldap-deps
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -59,15 +68,18 @@ run: setup
 	exec $(BIN)/gunicorn keyportal.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS) --timeout 60
 
 # The browser tests drive Debian's chromium, tests/test_i18n.py gettext's xgettext and msgfmt,
-# tests/upstreams/test_crs_contract.py node, npm and redis-server; scripts/browser.sh,
-# scripts/crs.sh and scripts/gettext.sh install them when missing.
+# tests/upstreams/test_crs_contract.py node, npm and redis-server, tests/accounts/test_ldap.py
+# slapd; scripts/browser.sh, scripts/crs.sh, scripts/gettext.sh and scripts/ldap.sh install them
+# when missing.
 setup-dev: $(VENV)/.dev-deps translations
 	bash scripts/browser.sh
 	bash scripts/crs.sh
 	bash scripts/gettext.sh
+	bash scripts/ldap.sh server
 
+# Under `make test` a missing slapd fails the LDAP tests instead of skipping them.
 test: setup-dev
-	bash scripts/test.sh
+	KEYPORTAL_REQUIRE_SLAPD=1 bash scripts/test.sh
 
 clean:
 	rm -rf $(VENV) staticfiles .pytest_cache locale/*/LC_MESSAGES/*.mo

@@ -18,6 +18,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext_lazy as _
 
 from accounts.models import ApiToken, LimitDefaults, Limits, User, normalize_email
+from accounts.ldap import PROVIDER_LDAP, ldap_enabled
 from accounts.oidc import signin_providers
 from accounts.services import api_token_new, api_tokens_revoke
 from keyportal.audit import Action, audit_form_changes, audit_record, client_ip
@@ -101,7 +102,7 @@ class SignInProviderFilter(admin.SimpleListFilter):
         # From settings, not from the rows: the filter costs the list page no query.
         return [("any", _("an identity provider")), ("none", _("emailed link only"))] + [
             (p["id"], p["name"]) for p in signin_providers()
-        ]
+        ] + ([(PROVIDER_LDAP, _("company directory (LDAP)"))] if ldap_enabled() else [])
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         value = self.value()
@@ -168,6 +169,7 @@ class UserAdmin(BaseUserAdmin):
         if obj.pk is None:
             return "—"
         names = {p["id"]: p["name"] for p in signin_providers()}
+        names[PROVIDER_LDAP] = str(_("company directory (LDAP)"))
         methods = [str(_("emailed link"))] if settings.PORTAL_EMAIL_LINK_SIGNIN else []
         if obj.is_staff and obj.has_usable_password():
             methods.append(str(_("password (admin)")))

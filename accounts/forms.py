@@ -58,3 +58,18 @@ class RegisterForm(forms.Form):
         required=False,
         help_text=_("Where you will use the key, e.g. “laptop” or “CI”."),
     )
+
+
+class LdapLoginForm(forms.Form):
+    """The company-account (LDAP / Active Directory) sign-in on /login."""
+
+    # Prefixed: the page also holds the emailed-link form, whose field ids must not collide.
+    prefix = "ldap"
+    username = forms.CharField(
+        label=_("Username"), max_length=256, strip=True,
+        widget=forms.TextInput(attrs={"autocomplete": "username"}),
+    )
+    password = forms.CharField(
+        label=_("Password"), max_length=1024, strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+    )

@@ -68,3 +68,28 @@ def link_requests_limited(*, form_name: str, ip: str | None, email: str) -> bool
         scope=f"{form_name}:email", ident=mailbox_email(email), limit=settings.PORTAL_RATE_PER_EMAIL,
         window=window,
     )
+
+
+# The company-account (LDAP) form on /login: every attempt counts per client address, as on
+# the link forms; per username only the refused passwords count, so that a person signing in
+# again and again is never stopped, while guessing stops well before the directory's own
+# lockout (Active Directory locks the account itself after a few wrong passwords).
+LDAP_BY_IP = "ldap-login:ip"
+LDAP_FAILED_BY_USERNAME = "ldap-login-failed:username"
+
+
+def ldap_attempt_limited(*, ip: str | None, username: str) -> bool:
+    """Counts one attempt; True when this address, or this username's wrong passwords, are over
+    their limits in the current window (then the directory is not asked)."""
+    window = settings.PORTAL_RATE_WINDOW_SECONDS
+    if rate_limited(scope=LDAP_BY_IP, ident=ip or "", limit=settings.PORTAL_RATE_PER_IP,
+                    window=window):
+        return True
+    return rate_hits(scope=LDAP_FAILED_BY_USERNAME, ident=username.strip().lower()) >= (
+        settings.PORTAL_RATE_PER_EMAIL
+    )
+
+
+def ldap_failure_count(*, username: str) -> None:
+    rate_hit(scope=LDAP_FAILED_BY_USERNAME, ident=username.strip().lower(),
+             window=settings.PORTAL_RATE_WINDOW_SECONDS)

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from django.urls import path
 
-from accounts import oidc, views
+from accounts import ldap, oidc, views
 
 urlpatterns = [
     path("login", views.login_view, name="login"),
+    # Before login/<token>, which would take "ldap" for a link's token.
+    path("login/ldap", ldap.ldap_login, name="ldap-login"),
     path("login/<str:token>", views.login_link, name="login-link"),
     path("register", views.register_view, name="register"),
     path("logout", views.logout_view, name="logout"),

@@ -13,7 +13,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django.views.i18n import LANGUAGE_QUERY_PARAMETER, set_language
 
-from accounts.forms import LoginForm, RegisterForm
+from accounts.forms import LdapLoginForm, LoginForm, RegisterForm
+from accounts.ldap import ldap_enabled
 from accounts.models import SignInLink
 from accounts.oidc import provider_form_origins, signin_providers
 from accounts.platforms import platform_form_origins
@@ -49,13 +50,30 @@ def send_link(request: HttpRequest, *, purpose: str, email: str, **extra: str) -
     )
 
 
+def login_page_context(
+    request: HttpRequest, *, form: LoginForm | RegisterForm | None = None,
+    ldap_form: LdapLoginForm | None = None,
+) -> dict:
+    """What the sign-in page shows: the emailed-link form, a button per identity provider
+    that is on, and the company-account (LDAP) form when a directory is configured."""
+    if ldap_form is None and ldap_enabled():
+        ldap_form = LdapLoginForm()
+    return {"form": form if form is not None else LoginForm(), "providers": signin_providers(),
+            "links": settings.PORTAL_EMAIL_LINK_SIGNIN, "ldap_form": ldap_form}
+
+
+def with_provider_policy(response: HttpResponse) -> HttpResponse:
+    origins = provider_form_origins() + platform_form_origins()
+    if origins:  # the provider buttons' POST is redirected to the provider
+        response["Content-Security-Policy"] = policy_with_form_action(*origins)
+    return response
+
+
 def _link_form(
     request: HttpRequest, form: LoginForm | RegisterForm, *, purpose: str, template: str
 ) -> HttpResponse:
-    # The identity providers that are on: a button each on the sign-in page.
-    links = settings.PORTAL_EMAIL_LINK_SIGNIN
-    context = {"form": form, "providers": signin_providers(), "links": links}
-    if request.method == "POST" and not links:
+    context = login_page_context(request, form=form)
+    if request.method == "POST" and not context["links"]:
         # PORTAL_EMAIL_LINK_SIGNIN is off: no link is sent, whatever the form says.
         return render(request, template, context, status=403)
     if request.method == "POST" and form.is_valid():
@@ -77,13 +95,6 @@ def _link_form(
     return render(request, template, context, status=status)
 
 
-def with_provider_form_action(response: HttpResponse) -> HttpResponse:
-    origins = provider_form_origins() + platform_form_origins()
-    if origins:  # the provider buttons' POST is redirected to the provider
-        response["Content-Security-Policy"] = policy_with_form_action(*origins)
-    return response
-
-
 def links_off() -> None:
     """PORTAL_EMAIL_LINK_SIGNIN is off: a link sent before still opens nothing."""
     if not settings.PORTAL_EMAIL_LINK_SIGNIN:
@@ -100,8 +111,9 @@ def login_view(request: HttpRequest) -> HttpResponse:
     if request.method == "GET" and request.user.is_authenticated:
         return redirect("my-keys")
     form = LoginForm(request.POST if request.method == "POST" else None)
-    response = _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
-    return with_provider_form_action(response)
+    return with_provider_policy(
+        _link_form(request, form, purpose=Purpose.LOGIN, template="accounts/login.html")
+    )
 
 
 @require_http_methods(["GET", "POST"])
@@ -109,7 +121,7 @@ def register_view(request: HttpRequest) -> HttpResponse:
     form = RegisterForm(request.POST if request.method == "POST" else None)
     response = _link_form(request, form, purpose=Purpose.REGISTER,
                           template="accounts/register.html")
-    return with_provider_form_action(response)
+    return with_provider_policy(response)
 
 
 def link_gone(request: HttpRequest) -> HttpResponse:

@@ -241,13 +241,14 @@ def signin_methods(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     person could sign in at all."""
     if getattr(settings, "PORTAL_EMAIL_LINK_SIGNIN", True):
         return []
+    from accounts.ldap import ldap_enabled
     from accounts.oidc import signin_providers
 
-    if signin_providers():
+    if signin_providers() or ldap_enabled():
         return []
     return [Error(
         "PORTAL_EMAIL_LINK_SIGNIN is off but no identity provider is on: nobody could sign in.",
         hint="Turn on a provider (PORTAL_OIDC_DISCOVERY_URL, PORTAL_DINGTALK_CLIENT_ID or "
-             "PORTAL_FEISHU_APP_ID; docs/sign-in.md) or set PORTAL_EMAIL_LINK_SIGNIN=true.",
+             "PORTAL_FEISHU_APP_ID, PORTAL_LDAP_URL; docs/sign-in.md) or set PORTAL_EMAIL_LINK_SIGNIN=true.",
         id="keyportal.E018",
     )]

@@ -12,7 +12,7 @@ from django.conf import settings
 # host. Django logs the path of a refused request (CSRF failures, 4xx/5xx) and the link still
 # works when the POST was refused, so the token must not reach the log.
 # (The identity provider's callback, /auth/oidc/<id>/login/callback/, is not a token.)
-LINK_TOKEN = re.compile(r"(/(?:login|register)/)(?!callback/)[^/\s?#\"'<>]+")
+LINK_TOKEN = re.compile(r"(/(?:login|register)/)(?!callback/|ldap(?![^/\s?#\"'<>]))[^/\s?#\"'<>]+")
 # The identity provider's answer on the callback (?code=...&state=...): a code works once and
 # only with the session that asked for it, but it is a credential all the same.
 # DingTalk answers with `authCode` instead of `code`.

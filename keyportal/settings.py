@@ -458,6 +458,40 @@ ACCOUNT_USER_MODEL_USERNAME_FIELD = None
 ACCOUNT_EMAIL_VERIFICATION = "none"
 ACCOUNT_DEFAULT_HTTP_PROTOCOL = "https" if PORTAL_HTTPS else "http"
 
+# --- Sign-in with a company account from an LDAP directory (docs/sign-in.md) -------------------
+# Off unless PORTAL_LDAP_URL is set (ldap://host[:port] or ldaps://host[:port]). The account
+# is found by a search under PORTAL_LDAP_USER_SEARCH_BASE (as the service account
+# PORTAL_LDAP_BIND_DN, or anonymously), or named directly by PORTAL_LDAP_USER_DN_TEMPLATE; the
+# person's password is then checked by binding as it. The email attribute is the identity.
+PORTAL_LDAP_URL = setting("PORTAL_LDAP_URL", "")
+PORTAL_LDAP_BIND_DN = env.str("PORTAL_LDAP_BIND_DN", default="")
+PORTAL_LDAP_BIND_PASSWORD = env.str("PORTAL_LDAP_BIND_PASSWORD", default="")
+PORTAL_LDAP_USER_SEARCH_BASE = setting("PORTAL_LDAP_USER_SEARCH_BASE", "")
+# %(user)s is the username as typed, escaped for the filter. Active Directory:
+# (sAMAccountName=%(user)s), or (userPrincipalName=%(user)s) for ann@corp.example.com.
+PORTAL_LDAP_USER_FILTER = setting("PORTAL_LDAP_USER_FILTER", "(uid=%(user)s)")
+# Instead of a search: uid=%(user)s,ou=people,dc=example,dc=com (no service account needed).
+PORTAL_LDAP_USER_DN_TEMPLATE = setting("PORTAL_LDAP_USER_DN_TEMPLATE", "")
+PORTAL_LDAP_EMAIL_ATTR = setting("PORTAL_LDAP_EMAIL_ATTR", "mail")
+# StartTLS on an ldap:// URL (ldaps:// is TLS from the start); the CA file that signed the
+# directory's certificate when it is not in the system's store.
+PORTAL_LDAP_START_TLS = env.bool("PORTAL_LDAP_START_TLS", default=False)
+PORTAL_LDAP_CA_FILE = setting("PORTAL_LDAP_CA_FILE", "")
+# Seconds the connection, and each bind or search, may take.
+PORTAL_LDAP_TIMEOUT = number("PORTAL_LDAP_TIMEOUT", "5", float)
+if PORTAL_LDAP_URL and not (PORTAL_LDAP_USER_SEARCH_BASE or PORTAL_LDAP_USER_DN_TEMPLATE):
+    raise ImproperlyConfigured(
+        "PORTAL_LDAP_URL is set but neither PORTAL_LDAP_USER_SEARCH_BASE nor "
+        "PORTAL_LDAP_USER_DN_TEMPLATE is: say where the directory keeps its people."
+    )
+if PORTAL_LDAP_URL and "%(user)s" not in (
+    PORTAL_LDAP_USER_DN_TEMPLATE or PORTAL_LDAP_USER_FILTER
+):
+    raise ImproperlyConfigured(
+        "PORTAL_LDAP_USER_FILTER (or PORTAL_LDAP_USER_DN_TEMPLATE) must contain %(user)s, "
+        "where the username goes."
+    )
+
 # --- Usage ---
 # How sync_usage reads the proxy: "auto" asks it (queue on 6.10.8+, snapshot before), or force
 # "queue" (GET /usage-queue) or "snapshot" (GET /usage).
