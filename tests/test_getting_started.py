@@ -114,8 +114,13 @@ def test_every_step_done_leaves_one_line_on_the_index(fake_proxy, boss, settings
     assert "every step is done" in page and "data-step=" not in page
 
 
-def test_a_pool_of_handed_out_keys_counts_as_created(fake_proxy, boss):
-    issue(1, ["ann@example.com"])  # the pool's one key, handed out
+def test_a_pool_whose_keys_are_all_handed_out_is_not_done_and_offers_the_button(fake_proxy, boss):
+    issue(1, ["ann@example.com"])  # the pool's one key, handed out: none left for the next
+    pool = step(getting_started(user=boss), "pool")
+    assert not pool.done and "All 1 keys are handed out" in pool.lines[0]
+    assert pool.action_post and pool.action_url.startswith(reverse("admin:pool_apikey_reconcile"))
+    pool_ready()
+    upstream_probes_forget()
     assert steps(getting_started(user=boss))["pool"] is True
 
 
@@ -416,3 +421,12 @@ def test_saving_an_upstream_forgets_the_checklists_cached_look(fake_proxy, boss,
     before = fake_proxy.requests_to("/usage-statistics-enabled")
     getting_started(user=boss)
     assert fake_proxy.requests_to("/usage-statistics-enabled") == before + 1
+
+
+def test_a_command_in_a_step_is_shown_as_code_and_the_rest_escaped():
+    from usage.templatetags.usage_tags import commands
+
+    assert commands("Run `manage.py sync_usage` <now>") == (
+        "Run <code>manage.py sync_usage</code> &lt;now&gt;")
+    assert commands("a `<b>` c") == "a <code>&lt;b&gt;</code> c"
+    assert commands("odd ` one") == "odd ` one"

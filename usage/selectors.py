@@ -720,17 +720,21 @@ def _pool_items(probes: Probes, index: str) -> list[ChecklistItem]:
     once the portal knows where the proxy is (they would fail before)."""
     no_proxy = [_("The CLIProxyAPI comes first (see above).")]
     pool = pool_status()
-    if pool.ready or pool.assigned:
+    if pool.ready:
         pool_item = ChecklistItem("pool", _("The key pool"), True, [
             _("%(ready)d keys are ready for people; %(assigned)d are handed out.")
             % {"ready": pool.ready, "assigned": pool.assigned}])
     elif probes.proxy is None:
         pool_item = ChecklistItem("pool", _("The key pool"), False, no_proxy)
     else:
+        # Handed-out keys are no help to the next person: a pool with none ready is not done.
+        said = (_("All %(assigned)d keys are handed out and none is ready: people who register "
+                  "now would get none. The button makes more and pushes them to CLIProxyAPI.")
+                % {"assigned": pool.assigned} if pool.assigned else
+                _("No key is in the pool yet: people who register now would get none. The "
+                  "button makes the keys and pushes them to CLIProxyAPI."))
         pool_item = ChecklistItem(
-            "pool", _("The key pool"), False,
-            [_("No key is in the pool yet: people who register now would get none. The "
-               "button makes the keys and pushes them to CLIProxyAPI.")],
+            "pool", _("The key pool"), False, [said],
             _("Fill the pool"), f"{reverse('admin:pool_apikey_reconcile')}?next={index}",
             action_post=True)
     title = _("Usage statistics on at CLIProxyAPI")

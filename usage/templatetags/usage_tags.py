@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from django import template
 from django.utils.formats import number_format
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext as _
 
@@ -106,3 +106,14 @@ def money_tag(usd: Decimal | None) -> str:
     """A plain amount stored in USD (a limit, a sum) in the display currency, by the one
     rounding rule; `—` for none."""
     return "—" if usd is None else money(usd)
+
+
+@register.filter
+def commands(text: str) -> SafeString:
+    """`text` escaped, with each `command` in backticks shown as code: the checklist's lines
+    name shell commands inside translated sentences."""
+    parts = str(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: leave the text as it is
+        return format_html("{}", text)
+    return format_html_join("", "{}", ((format_html("<code>{}</code>", p) if i % 2 else p,)
+                                        for i, p in enumerate(parts)))
