@@ -22,28 +22,16 @@ from django.utils import timezone
 from keyportal.models import Delivery, Webhook
 from keyportal.notify import backoff, deliver_due, failing_webhooks, person_notify, staff_alert
 from keyportal.services import webhook_save
-from tests.fakes.chat import (
+from tests.fakes.chat import (  # noqa: F401 - receivers is a fixture
     ChatReceiver,
     dingtalk_expected,
     feishu_expected,
     json_expected,
+    receivers,
 )
 
 pytestmark = pytest.mark.django_db
 SECRET = "SECtest-signing-secret-0123456789"
-
-
-@pytest.fixture
-def receivers():
-    made: list[ChatReceiver] = []
-
-    def make(kind: str, **kwargs) -> ChatReceiver:
-        made.append(ChatReceiver(kind, **kwargs).start())
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -13,24 +13,11 @@ from keyportal.models import Delivery, Webhook
 from keyportal.notify import deliver_due, failing_webhooks
 from keyportal.services import webhook_save
 from pool.services import pool_keys_create
-from tests.fakes.chat import ChatReceiver
+from tests.fakes.chat import ChatReceiver, receivers  # noqa: F401 - a fixture
 from tests.usage.conftest import sync
 
 SECRET = "SECpage-secret-0123456789"
 HIDDEN = ("dt-token-0123456789", "slack-secret-0123456789", SECRET)
-
-
-@pytest.fixture
-def receivers():
-    made: list[ChatReceiver] = []
-
-    def make(kind: str, **kwargs) -> ChatReceiver:
-        made.append(ChatReceiver(kind, **kwargs).start())
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -266,7 +266,24 @@ class LimitNotice(models.Model):
 _DAY_SUMS = ["total_tokens", "requests", "cost", "unpriced_requests", "incomplete_requests"]
 
 
-class UsageDay(models.Model):
+class DayRollup(models.Model):
+    """What a day's rollup row sums (UsageDay per person, UsageModelDay per model): the same
+    columns, added to by the same upsert."""
+
+    day = models.DateField(_("day"))
+    requests = models.PositiveBigIntegerField(_("requests"), default=0)
+    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
+    cost = models.DecimalField(
+        _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
+    )
+    unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
+    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
+
+    class Meta:
+        abstract = True
+
+
+class UsageDay(DayRollup):
     """One person's usage on one day of the portal's TIME_ZONE: a rollup of UsageSnapshot
     kept by the same upsert that adds to it (usage/services.py `_ingest_rows`), so the
     leaderboard sums thousands of rows instead of millions. Usage on keys nobody holds is
@@ -281,14 +298,6 @@ class UsageDay(models.Model):
         # alone made SQLite's planner scan every row for a one-day leaderboard.
         db_index=False,
     )
-    day = models.DateField(_("day"))
-    requests = models.PositiveBigIntegerField(_("requests"), default=0)
-    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
-    cost = models.DecimalField(
-        _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
-    )
-    unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
-    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
 
     class Meta:
         verbose_name = _("usage (person × day)")
@@ -344,7 +353,7 @@ _MODEL_DAY_SUMS = ["requests", "total_tokens", "cost", "unpriced_requests",
                    "cache_creation_tokens"]
 
 
-class UsageModelDay(models.Model):
+class UsageModelDay(DayRollup):
     """Everyone's usage of one model on one day of the portal's TIME_ZONE: the staff
     dashboard's rollup (trend, top models, cache-hit share), kept by the same upsert as
     UsageDay (usage/services.py `_ingest_rows`) and rebuilt with it
@@ -352,14 +361,6 @@ class UsageModelDay(models.Model):
     in it, so both rollups add up to the same totals. A few hundred rows a month."""
 
     model = models.CharField(_("model"), max_length=200)
-    day = models.DateField(_("day"))
-    requests = models.PositiveBigIntegerField(_("requests"), default=0)
-    total_tokens = models.PositiveBigIntegerField(_("total tokens"), default=0)
-    cost = models.DecimalField(
-        _("known cost (USD)"), max_digits=COST_DIGITS, decimal_places=COST_PLACES, default=0
-    )
-    unpriced_requests = models.PositiveBigIntegerField(_("requests without a price"), default=0)
-    incomplete_requests = models.PositiveBigIntegerField(_("incomplete requests"), default=0)
     input_tokens = models.PositiveBigIntegerField(_("uncached input tokens"), default=0)
     cached_tokens = models.PositiveBigIntegerField(_("cache-read tokens"), default=0)
     cache_creation_tokens = models.PositiveBigIntegerField(_("cache-write tokens"), default=0)

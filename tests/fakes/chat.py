@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
 PATHS = {
     "dingtalk": "/robot/send?access_token=dt-token-0123456789",
     "feishu": "/open-apis/bot/v2/hook/fs-hook-0123456789",
@@ -175,3 +177,18 @@ class ChatReceiver:
         if self.kind == "slack":
             return (200, b"ok") if good else (400, b"invalid_payload")
         return (200, b"{}") if good else (401, b"{}")
+
+
+@pytest.fixture
+def receivers():
+    """Starts a receiver per call (`receivers("slack", mode=...)`), all stopped after the test.
+    Tests import it by name."""
+    made: list[ChatReceiver] = []
+
+    def make(kind: str, **kwargs: Any) -> ChatReceiver:
+        made.append(ChatReceiver(kind, **kwargs).start())
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.stop()
