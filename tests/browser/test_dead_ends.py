@@ -110,6 +110,10 @@ def test_the_leaderboards_chart_follows_its_period_and_the_page_fits_a_phone(
         expect(chart.locator("h2")).to_contain_text(f"{days} days")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], (period, width)
+        # The board itself fits its column (a card per person), not only the page.
+        board = page.evaluate("(() => { const t = document.getElementById('leaderboard');"
+                              " return [t.scrollWidth, t.parentElement.clientWidth]; })()")
+        assert board[0] <= board[1], (period, board)
     # The chart's own picker keeps the period, and the chart's title says its own.
     page.goto(f"{live_server.url}/staff/leaderboard?period=7d&by=tokens")
     page.locator("#trend .chart-days").get_by_role("link", name="90 days").click()
