@@ -252,6 +252,18 @@ class Books:
         return cls(PriceBook.load(), KeyIndex())
 
 
+def _day_sums_add(sums: list[Any], c: list[int], cost: Decimal | None) -> None:
+    """Adds one hourly row to a day rollup's sums (UsageDay's and UsageModelDay's first five
+    columns): requests, total tokens, known cost, unpriced requests, incomplete requests."""
+    sums[0] += c[0]
+    sums[1] += c[7]
+    sums[4] += c[8]
+    if cost is None:
+        sums[3] += c[0]
+    else:
+        sums[2] += cost
+
+
 def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
     """Adds rows to UsageSnapshot; the caller holds the transaction."""
     result = IngestResult()
@@ -319,26 +331,14 @@ def _ingest_rows(rows: Iterable[R.Row], *, books: Books) -> IngestResult:
             d = days.get(day_key)
             if d is None:
                 d = days[day_key] = [0, 0, Decimal(0), 0, 0]
-            d[0] += c[0]
-            d[1] += c[7]
-            d[4] += c[8]
-            if cost is None:
-                d[3] += c[0]
-            else:
-                d[2] += cost
+            _day_sums_add(d, c, cost)
             m = model_days.get((local_days[hour], model))
             if m is None:
                 m = model_days[(local_days[hour], model)] = [0, 0, Decimal(0), 0, 0, 0, 0, 0]
-            m[0] += c[0]
-            m[1] += c[7]
-            m[4] += c[8]
+            _day_sums_add(m, c, cost)
             m[5] += c[2]
             m[6] += c[5]
             m[7] += c[6]
-            if cost is None:
-                m[3] += c[0]
-            else:
-                m[2] += cost
     as_db = _db_datetime_for(connection.vendor)
     used = {keys[h][0]: as_db(ts) for h, ts in last_seen.items() if h in keys}
     if params:
