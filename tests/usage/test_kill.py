@@ -15,8 +15,10 @@ def test_sigkill_while_popping_loses_nothing_that_arrived_and_never_locks_out(tm
     assert result.popped == result.served == 6000
     # Every body that reached the database was counted, exactly once.
     assert result.lost_after_store == 0, result.summary()
-    # What is missing is exactly what was cut on the wire: whole pops, nothing else.
+    # What is missing is exactly what was cut on the wire, nothing else: at most one pop per
+    # kill during a pop (the complete records of a cut answer that reached the spool file are
+    # recovered, so the loss need not be whole pops: one run lost 94 of a 200-record pop).
     assert result.counted + result.lost_on_wire == result.served, result.summary()
-    assert result.lost_on_wire % 200 == 0, result.summary()
+    assert 0 <= result.lost_on_wire <= 200 * result.kills_while_popping, result.summary()
     # Each restart found the killed holder's process gone and took the lease at once.
     assert result.waits_for_lease == 0, result.summary()
